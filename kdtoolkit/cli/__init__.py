@@ -1,0 +1,66 @@
+"""The `kdtoolkit` command: a thin Typer layer over the library.
+
+Errors a user can cause print one line on stderr and exit non-zero (2 input, 1 check failed,
+3 missing dependency, 4 training diverged); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="kdtoolkit",
+    help="Distill, quantize, export, build and profile PyTorch models for a target device.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from kdtoolkit import __version__
+
+        typer.echo(f"kdtoolkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks instead of one-line errors"),
+) -> None:
+    """kdtoolkit: teacher -> student -> distill -> export -> build -> profile -> bundle."""
+
+
+def _register() -> None:
+    from kdtoolkit.cli import compress, info, stages  # noqa: F401  (modules register their commands)
+
+
+_register()
+
+
+def main() -> None:
+    """Run the app; Typer handles usage errors (exit 2), --help and exit codes, we map our own errors."""
+    from kdtoolkit.errors import KdtError
+
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app(prog_name="kdtoolkit")
+    except KdtError as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished stages are kept; rerun the same command to resume", err=True)
+        sys.exit(130)
+    except Exception as exc:  # an unexpected bug: still one line, with a way to see more
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        typer.echo(f"error: unexpected {type(exc).__name__}: {first[:400]} (rerun with --debug for the traceback)", err=True)
+        sys.exit(1)

@@ -1,0 +1,118 @@
+"""`kdtoolkit compress` and `kdtoolkit demo`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kdtoolkit.cli import app
+from kdtoolkit.cli.options import Arch, Data, JsonOut, Out, Quiet, TrustPickle, parse_floats, parse_ints
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t, s = summary["teacher"], summary["student"]
+    bs = sorted(t["latency_by_batch"], key=int)
+    table = Table(title=f"kdtoolkit: {summary['profile']} ({summary['latency_runtime']})")
+    for col in ["model", "top-1", "params", "size"] + [f"p50/p90 b{b} (ms)" for b in bs]:
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for name, r in (("teacher", t), (f"student ({s.get('precision', 'fp32')})", s)):
+        table.add_row(name, f"{100 * r['accuracy']:.2f} %", f"{r['params']:,}", f"{r['size_bytes'] / 1e6:.2f} MB",
+                      *[f"{r['latency_by_batch'][b]['p50']:.3f} / {r['latency_by_batch'][b]['p90']:.3f}" for b in bs])
+    table.add_row("speedup", f"{-summary['accuracy_drop_points']:+.2f} pts", "", "", *[f"{summary['speedup']['b' + b]:.2f}x" for b in bs])
+    Console().print(table)
+    typer.echo(f"run folder: {run_dir}")
+    for name, path in summary["stages"].items():
+        typer.echo(f"  {name:15s} {path}")
+    typer.echo(f"summary: {run_dir / 'summary.json'}\nreport:  {run_dir / 'report.md'}")
+
+
+@app.command("compress")
+def compress_cmd(
+    model: Annotated[Optional[str], typer.Argument(help="teacher model file or artifact folder")] = None,
+    arch: Arch = None,
+    trust_pickle: TrustPickle = False,
+    data: Data = None,
+    profile: Annotated[str, typer.Option("--profile", help="target profile name or YAML path")] = "ort-cpu",
+    out: Annotated[Optional[Path], typer.Option("--out", help="run folder")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="rerun a saved RUN/config.yaml exactly")] = None,
+    student_arch: Annotated[Optional[str], typer.Option("--student-arch", help="build this student instead of converting the teacher")] = None,
+    depth: Annotated[Optional[float], typer.Option("--depth", help="fraction of repeated blocks kept per stage (0-1]")] = None,
+    no_separable: Annotated[bool, typer.Option("--no-separable", help="keep standard convs in the student")] = False,
+    student_init: Annotated[Optional[str], typer.Option("--student-init", help="svd (teacher-initialised) or random")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="distillation epochs")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="cap on optimiser steps (a short budget)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="training batch size")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="peak learning rate")] = None,
+    augment: Annotated[Optional[str], typer.Option("--augment", help="none, crop, flip or crop_flip")] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="KD weight of the soft targets")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="KD temperature")] = None,
+    train_limit: Annotated[Optional[int], typer.Option("--train-limit", help="seeded subset of the training split")] = None,
+    test_limit: Annotated[Optional[int], typer.Option("--test-limit", help="seeded subset of the test split")] = None,
+    input_size: Annotated[Optional[str], typer.Option("--input-size", help="H,W of the model input")] = None,
+    channels: Annotated[Optional[int], typer.Option("--channels", help="model input channels")] = None,
+    mean: Annotated[Optional[str], typer.Option("--mean", help="normalisation mean, e.g. 0.485,0.456,0.406")] = None,
+    std: Annotated[Optional[str], typer.Option("--std", help="normalisation std, e.g. 0.229,0.224,0.225")] = None,
+    class_names: Annotated[Optional[str], typer.Option("--class-names", help="comma-separated class order")] = None,
+    on_bad_image: Annotated[str, typer.Option("--on-bad-image", help="fail or skip unreadable images")] = "fail",
+    seed: Annotated[Optional[int], typer.Option("--seed", help="seed for splits, order and init")] = None,
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: the profile's, at most 17)")] = None,
+    iters: Annotated[Optional[int], typer.Option("--iters", help="timed interleaved rounds per batch size")] = None,
+    json_out: JsonOut = None,
+    quiet: Quiet = False,
+) -> None:
+    """Teacher -> student -> distill -> export -> optimise -> profile -> report, resumable, in one run folder."""
+    from kdtoolkit import fsutil
+    from kdtoolkit.errors import InputError
+    from kdtoolkit.pipeline import CompressConfig, DataConfig, compress, load_config
+
+    if config is not None:
+        cfg = load_config(config)
+        run_dir = out or config.parent
+    else:
+        if model is None or data is None:
+            raise InputError("compress needs MODEL and --data (or --config RUN/config.yaml)")
+        if out is None:
+            raise InputError("compress needs --out RUN_DIR")
+        dc = DataConfig(source=data, input_size=parse_ints(input_size, "--input-size"), channels=channels,
+                        mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
+                        class_names=class_names.split(",") if class_names else None, on_bad_image=on_bad_image,
+                        train_limit=train_limit, test_limit=test_limit)
+        cfg = CompressConfig(model=model, arch=arch, trust_pickle=trust_pickle, data=dc, profile=profile, opset=opset)
+        if on_bad_image not in ("fail", "skip"):
+            raise InputError("--on-bad-image must be fail or skip")
+        run_dir = out
+    if seed is not None:
+        cfg.data.seed = seed
+        cfg.train.seed = seed
+    st, tr = cfg.student, cfg.train
+    for obj, key, val in ((st, "arch", student_arch), (st, "depth", depth), (st, "init", student_init), (tr, "epochs", epochs),
+                          (tr, "max_steps", max_steps), (tr, "batch_size", batch_size), (tr, "lr", lr), (tr, "augment", augment),
+                          (cfg.measure, "iters", iters)):
+        if val is not None:
+            setattr(obj, key, val)
+    if no_separable:
+        st.separable = False
+    if alpha is not None:
+        tr.loss.alpha.start = alpha
+    if temperature is not None:
+        tr.loss.temperature.start = temperature
+    cfg = CompressConfig.model_validate(cfg.model_dump())  # re-validate values set from flags
+    summary = compress(cfg, run_dir, progress=not quiet)
+    if json_out:
+        fsutil.write_json(json_out, summary)
+    print_summary(summary, run_dir)
+
+
+@app.command("demo")
+def demo_cmd(out: Out = Path("runs/demo"), quiet: Quiet = False,
+             epochs: Annotated[int, typer.Option("--epochs", help="distillation epochs")] = 3) -> None:
+    """The whole chain offline on the built-in MNIST subset: train a teacher, then compress it (a few minutes)."""
+    from kdtoolkit.demo import run_demo
+
+    summary = run_demo(out, progress=not quiet, epochs=epochs)
+    print_summary(summary, out / "compress")

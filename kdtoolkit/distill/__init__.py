@@ -1,0 +1,1 @@
+"""Distillation: losses, schedules, the trainer (checkpoint/resume, DDP), the teacher-output cache."""

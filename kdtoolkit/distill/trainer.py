@@ -1,0 +1,345 @@
+"""One trainer for distillation, training alone and fine-tuning.
+
+It checkpoints atomically every epoch (and every N steps) with everything needed to continue:
+weights, optimiser, EMA, step, RNG states and history. The batch order and augmentation are pure
+functions of (seed, epoch), so a run killed at any point and started again with the same command
+ends with the same metrics on CPU. A NaN/inf loss stops with a clear error and keeps the last
+good checkpoint. Under ``torchrun`` it trains with DistributedDataParallel (gloo on CPU, nccl on
+GPU) and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from kdtoolkit import fsutil
+from kdtoolkit.data.datasets import ArrayData, DataSpec, Splits, batches
+from kdtoolkit.distill.losses import LOSSES
+from kdtoolkit.distill.schedules import Schedule, lr_factor
+from kdtoolkit.errors import InputError, TrainingDiverged
+from kdtoolkit.progress import Progress, log
+
+
+class LossConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("kd", description="registered loss: kd (Hinton 2015) or ce (labels only)")
+    alpha: Schedule = Field(default_factory=lambda: Schedule(start=0.9), description="weight of the soft-target term")
+    temperature: Schedule = Field(default_factory=lambda: Schedule(start=4.0), description="softmax temperature T")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the hard-label term")
+
+
+class TrainConfig(BaseModel):
+    """Everything that decides a training run; hashed to decide whether a stage can be skipped."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(3, ge=0, description="passes over the training split")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (a budget)")
+    batch_size: int = Field(128, ge=1, description="per-process batch size")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="optimiser")
+    lr: float = Field(0.05, gt=0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Nesterov)")
+    weight_decay: float = Field(5e-4, ge=0, description="decoupled for AdamW, L2 for SGD")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
+    grad_clip: float | None = Field(5.0, gt=0, description="max gradient norm, None to disable")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the weights and evaluate it")
+    patience: int | None = Field(None, ge=1, description="early stopping: epochs without val improvement")
+    augment: Literal["none", "crop", "flip", "crop_flip"] = Field("none", description="batch augmentation")
+    mixup: float = Field(0.0, ge=0, description="mixup Beta(a, a); 0 = off")
+    cutmix: float = Field(0.0, ge=0, description="cutmix Beta(a, a); 0 = off")
+    amp: bool = Field(False, description="mixed precision (CUDA only)")
+    seed: int = Field(0, description="seed for order, augmentation and init")
+    checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps")
+    cache_teacher: bool = Field(True, description="cache teacher logits on disk when augmentation is off")
+    sync_bn: bool = Field(True, description="SyncBatchNorm under DDP so N processes match one")
+    loss: LossConfig = Field(default_factory=LossConfig)
+    eval_batch_size: int = Field(512, ge=1, description="batch for validation")
+
+
+def dist_info() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+class TeacherCache:
+    """Teacher logits for the whole training split, computed once, stored as a memory-mapped .npy."""
+
+    def __init__(self, teacher: Any, data: ArrayData, spec: DataSpec, path: Path, batch_size: int = 512) -> None:
+        self.path = path
+        if not path.exists():
+            from kdtoolkit.evaluate import predict
+
+            logits = predict(teacher, data, spec, batch_size).astype(np.float32)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with fsutil.atomic_path(path, suffix=".npy") as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, logits)
+        self.logits = np.load(path, mmap_mode="r")
+        if self.logits.shape[0] != len(data):
+            raise InputError(f"teacher cache {path} has {self.logits.shape[0]} rows for {len(data)} samples; delete it")
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.logits[idx.numpy()]))
+
+
+def _mix(x: torch.Tensor, y: torch.Tensor, n_cls: int, cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or cutmix (chosen at random when both are on); returns soft targets."""
+    use = [m for m, a in (("mixup", cfg.mixup), ("cutmix", cfg.cutmix)) if a > 0]
+    soft = torch.nn.functional.one_hot(y, n_cls).float()
+    if not use:
+        return x, soft
+    kind = use[int(torch.randint(len(use), (1,), generator=gen))]
+    a = cfg.mixup if kind == "mixup" else cfg.cutmix
+    lam = float(torch.distributions.Beta(a, a).sample()) if a > 0 else 1.0
+    perm = torch.randperm(x.shape[0], generator=gen)
+    if kind == "mixup":
+        x = lam * x + (1 - lam) * x[perm]
+    else:
+        h, w = x.shape[2:]
+        rh, rw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+        cy, cx = int(torch.randint(h, (1,), generator=gen)), int(torch.randint(w, (1,), generator=gen))
+        y0, y1, x0, x1 = max(cy - rh // 2, 0), min(cy + rh // 2, h), max(cx - rw // 2, 0), min(cx + rw // 2, w)
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    return x, lam * soft + (1 - lam) * soft[perm]
+
+
+class Trainer:
+    """Train ``student`` (optionally distilling from ``teacher``) with checkpoints in ``work_dir``."""
+
+    def __init__(self, cfg: TrainConfig, work_dir: str | os.PathLike[str], *, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.work_dir = Path(work_dir)
+        self.progress = progress
+        self.rank, self.world, self.local_rank = dist_info()
+        self.is_main = self.rank == 0
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _ckpt_path(self) -> Path:
+        return self.work_dir / "last.pt"
+
+    def _save(self, state: dict[str, Any]) -> None:
+        if self.is_main:
+            fsutil.torch_save(state, self._ckpt_path())
+
+    def _load(self) -> dict[str, Any] | None:
+        p = self._ckpt_path()
+        if not p.exists():
+            return None
+        try:
+            return torch.load(p, map_location="cpu", weights_only=True)
+        except Exception:
+            log(f"warning: checkpoint {p} unreadable, starting over", enabled=self.is_main)
+            return None
+
+    # -- training -----------------------------------------------------------------------------
+    def fit(self, student: nn.Module, splits: Splits, teacher: Any = None) -> dict[str, Any]:
+        cfg = self.cfg
+        spec = splits.spec
+        train = splits.train
+        if cfg.batch_size * self.world > len(train):
+            raise InputError(f"batch size {cfg.batch_size} x {self.world} process(es) is larger than the training split ({len(train)} samples)")
+        if teacher is not None:
+            from kdtoolkit.evaluate import check_outputs
+
+            n_t = check_outputs(teacher, spec)
+            n_s = check_outputs(student, spec)
+            if n_t != n_s:
+                raise InputError(f"teacher has {n_t} outputs but the student has {n_s}")
+        loss_fn = LOSSES.get(cfg.loss.name)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        device = torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() and os.environ.get("KDTOOLKIT_CPU") != "1" else "cpu")
+        student.to(device)
+        if teacher is not None and isinstance(teacher, nn.Module):
+            teacher.to(device).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        model: nn.Module = student
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            if cfg.sync_bn:
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        raw = model.module if hasattr(model, "module") else model
+        params = [p for p in raw.parameters() if p.requires_grad]
+        if cfg.optimizer == "sgd":
+            decay = [p for p in params if p.ndim > 1]
+            no_decay = [p for p in params if p.ndim <= 1]
+            opt: torch.optim.Optimizer = torch.optim.SGD(
+                [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+            )
+        else:
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        for g in opt.param_groups:
+            g["base_lr"] = cfg.lr * g.get("lr_scale", 1.0)
+        ema = copy.deepcopy(raw).eval() if cfg.ema_decay else None
+        scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
+
+        steps_per_epoch = len(train) // (cfg.batch_size * self.world)
+        total = cfg.epochs * steps_per_epoch
+        if cfg.max_steps:
+            total = min(total, cfg.max_steps)
+        cache = None
+        use_cache = teacher is not None and cfg.cache_teacher and cfg.augment == "none" and not cfg.mixup and not cfg.cutmix
+        if use_cache:
+            cache = TeacherCache(teacher, train, spec, self.work_dir / "teacher_logits.npy")
+
+        state = self._load()
+        step, epoch, batch_in_epoch = 0, 0, 0
+        history: list[dict[str, Any]] = []
+        best = {"val_accuracy": -1.0, "epoch": -1}
+        bad_epochs = 0
+        mix_gen = torch.Generator().manual_seed(cfg.seed + 17)
+        if state is not None:
+            raw.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if ema is not None and state.get("ema") is not None:
+                ema.load_state_dict(state["ema"])
+            step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+            history, best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
+            torch.set_rng_state(state["torch_rng"])
+            mix_gen.set_state(state["mix_rng"])
+            log(f"resuming from {self._ckpt_path()} at epoch {epoch + 1}, step {step}", enabled=self.is_main and self.progress)
+
+        def snapshot(done_epoch: bool) -> dict[str, Any]:
+            return {
+                "model": raw.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                "step": step, "epoch": epoch + (1 if done_epoch else 0), "batch_in_epoch": 0 if done_epoch else batch_in_epoch,
+                "history": history, "best": best, "bad_epochs": bad_epochs,
+                "torch_rng": torch.get_rng_state(), "mix_rng": mix_gen.get_state(),
+            }
+
+        metrics_log = self.work_dir / "metrics.jsonl"
+        stop = False
+        t_start = time.perf_counter()
+        while epoch < cfg.epochs and step < total and not stop:
+            model.train()
+            if teacher is not None and isinstance(teacher, nn.Module):
+                teacher.eval()
+            it = batches(train, spec, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, augment=cfg.augment,
+                         drop_last=True, rank=self.rank, world_size=self.world, with_index=True, start_batch=batch_in_epoch)
+            run_loss, run_n, t_epoch = 0.0, 0, time.perf_counter()
+            with Progress(f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch, enabled=self.progress and self.is_main) as bar:
+                if batch_in_epoch:
+                    bar.advance(batch_in_epoch)
+                for x, y, idx in it:
+                    if step >= total:
+                        break
+                    x, y = x.to(device, non_blocking=True), y.to(device)
+                    progress_t = step / max(1, total)
+                    alpha = cfg.loss.alpha.at(progress_t)
+                    temp = cfg.loss.temperature.at(progress_t)
+                    xm, target = _mix(x, y, len(spec.classes), cfg, mix_gen) if (cfg.mixup or cfg.cutmix) else (x, y)
+                    t_logits = None
+                    if teacher is not None and alpha > 0:
+                        if cache is not None:
+                            t_logits = cache(idx).to(device)
+                        else:
+                            with torch.no_grad():
+                                t_logits = teacher(xm).float()
+                    factor = lr_factor(step, total, cfg.warmup_steps, cfg.schedule)
+                    for g in opt.param_groups:
+                        g["lr"] = g["base_lr"] * factor
+                    with torch.autocast(device.type, enabled=scaler is not None):
+                        out = model(xm)
+                        loss = loss_fn(out.float(), t_logits, target, alpha=alpha, temperature=temp, label_smoothing=cfg.loss.label_smoothing)
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(
+                            f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; the last good checkpoint is kept at "
+                            f"{self._ckpt_path()} (lower the learning rate, or enable --grad-clip)"
+                        )
+                    opt.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(opt)
+                    else:
+                        loss.backward()
+                    if cfg.grad_clip:
+                        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    if scaler is not None:
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        opt.step()
+                    if ema is not None:
+                        with torch.no_grad():
+                            for pe, pm in zip(ema.state_dict().values(), raw.state_dict().values()):
+                                if pe.dtype.is_floating_point:
+                                    pe.mul_(cfg.ema_decay).add_(pm.detach(), alpha=1 - cfg.ema_decay)
+                                else:
+                                    pe.copy_(pm)
+                    step += 1
+                    batch_in_epoch += 1
+                    run_loss += loss.item() * len(y)
+                    run_n += len(y)
+                    bar.advance(1, loss=run_loss / run_n, lr=opt.param_groups[0]["lr"])
+                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                        self._save(snapshot(False))
+            eval_model = ema if ema is not None else raw
+            val = self.evaluate(eval_model, splits.val, spec) if len(splits.val) else {"accuracy": float("nan")}
+            rec = {"epoch": epoch + 1, "step": step, "train_loss": run_loss / max(run_n, 1), "val_accuracy": val["accuracy"],
+                   "epoch_time_s": time.perf_counter() - t_epoch, "steps_per_s": (batch_in_epoch) / max(time.perf_counter() - t_epoch, 1e-9)}
+            history.append(rec)
+            if self.is_main:
+                with open(metrics_log, "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+                log(f"epoch {epoch + 1}: train loss {rec['train_loss']:.4f}, val top-1 {100 * rec['val_accuracy']:.2f} %", enabled=self.progress)
+            improved = val["accuracy"] > best["val_accuracy"]
+            if improved:
+                best = {"val_accuracy": val["accuracy"], "epoch": epoch + 1}
+                bad_epochs = 0
+                if self.is_main:
+                    fsutil.torch_save(eval_model.state_dict(), self.work_dir / "best.pt")
+            else:
+                bad_epochs += 1
+            if cfg.patience and bad_epochs >= cfg.patience:
+                log(f"early stopping: no val improvement for {bad_epochs} epoch(s)", enabled=self.progress and self.is_main)
+                stop = True
+            self._save(snapshot(True))
+            epoch += 1
+            batch_in_epoch = 0
+        # the returned model is the best on validation (the test split is never looked at here)
+        best_path = self.work_dir / "best.pt"
+        final = ema if ema is not None else raw
+        if best_path.exists():
+            final.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
+        final.to("cpu").eval()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return {"model": final, "history": history, "best": best, "steps": step, "train_time_s": time.perf_counter() - t_start}
+
+    @staticmethod
+    def evaluate(model: nn.Module, data: ArrayData, spec: DataSpec, batch_size: int = 512) -> dict[str, Any]:
+        from kdtoolkit.evaluate import evaluate
+
+        device = next(model.parameters()).device
+        was = model.training
+        model.eval()
+        if device.type == "cpu":
+            r = evaluate(model, data, spec, batch_size=batch_size)
+        else:
+            correct = 0
+            with torch.no_grad():
+                for x, y in batches(data, spec, batch_size):
+                    correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+            r = {"accuracy": correct / max(len(data), 1)}
+        model.train(was)
+        return r

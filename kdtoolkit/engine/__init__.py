@@ -1,0 +1,1 @@
+"""Runtimes: ONNX Runtime sessions, the TensorRT builder and runner, the static check."""

@@ -1,0 +1,1 @@
+"""ONNX export, checks, simplification and parity against PyTorch."""

@@ -1,0 +1,107 @@
+"""Export to ONNX with a dynamic batch axis, check it, simplify it, and compare it with PyTorch.
+
+The TorchScript-based exporter (``dynamo=False``) is used by default because it emits opset 17
+directly; torch's dynamo exporter starts at opset 18 and its down-conversion fails on common
+graphs, while the TensorRT 8.5/8.6 parsers of JetPack 5 and 6.0 accept no newer than 17.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdtoolkit.errors import InputError
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+def export_onnx(
+    module: Any,
+    input_shape: tuple[int, ...],
+    path: str | os.PathLike[str],
+    *,
+    opset: int = 17,
+    dynamic_batch: bool = True,
+    input_name: str = INPUT_NAME,
+    output_name: str = OUTPUT_NAME,
+) -> Path:
+    """Write ``module`` as ONNX (atomically) and run the ONNX checker and shape inference on it."""
+    import torch
+
+    from kdtoolkit import fsutil
+
+    module = module.eval() if hasattr(module, "eval") else module
+    example = torch.zeros(*input_shape)
+    dyn = {input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
+    with fsutil.atomic_path(path, suffix=".onnx") as tmp:
+        try:
+            with torch.no_grad():
+                torch.onnx.export(
+                    module, (example,), str(tmp), dynamo=False, opset_version=opset,
+                    input_names=[input_name], output_names=[output_name], dynamic_axes=dyn, do_constant_folding=True,
+                )
+        except Exception as exc:
+            raise InputError(f"ONNX export failed: {_export_error(exc)}") from None
+        check_onnx(tmp)
+    return Path(path)
+
+
+def _export_error(exc: Exception) -> str:
+    msg = str(exc).strip().splitlines()
+    first = next((m for m in msg if m.strip()), type(exc).__name__)
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
+def check_onnx(path: str | os.PathLike[str]) -> Any:
+    """onnx.checker (full) and strict shape inference; raise one clear line on failure."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as exc:
+        raise InputError(f"{path}: not a valid ONNX model ({str(exc).splitlines()[0][:300]})") from None
+    return model
+
+
+def simplify(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> dict[str, Any]:
+    """Simplify with onnxslim (constant folding, dead-node and redundant-op removal); keep the result checked."""
+    import onnx
+    import onnxslim
+
+    from kdtoolkit import fsutil
+
+    before = onnx.load(str(src))
+    slim = onnxslim.slim(before)
+    with fsutil.atomic_path(dst, suffix=".onnx") as tmp:
+        onnx.save(slim, str(tmp))
+        check_onnx(tmp)
+    return {"nodes_before": len(before.graph.node), "nodes_after": len(slim.graph.node), "simplifier": f"onnxslim {onnxslim.__version__}"}
+
+
+def opset_of(path_or_model: Any) -> int:
+    import onnx
+
+    m = onnx.load(str(path_or_model)) if not hasattr(path_or_model, "opset_import") else path_or_model
+    return max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def parity(module: Any, onnx_path: str | os.PathLike[str], data: Any, spec: Any, *, limit: int | None = 2000) -> dict[str, Any]:
+    """Compare PyTorch and ONNX Runtime logits on real inputs: max abs difference and top-1 agreement."""
+    from kdtoolkit.engine.ort import make_session
+    from kdtoolkit.evaluate import predict
+
+    if limit is not None and len(data) > limit:
+        data = data.subset(np.arange(limit))
+    ref = predict(module, data, spec)
+    got = predict(make_session(onnx_path), data, spec)
+    return {
+        "n": int(len(data)),
+        "max_abs_diff": float(np.abs(ref - got).max()) if len(data) else 0.0,
+        "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()) if len(data) else 1.0,
+    }

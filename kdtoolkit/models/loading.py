@@ -1,0 +1,244 @@
+"""Load a teacher or student in any supported form.
+
+Forms: a kdtoolkit model artifact folder or checkpoint (recipe + weights), a state dict plus an
+architecture name, a TorchScript archive, a ``torch.export`` program, and a full pickled module
+only with ``trust_pickle`` (unpickling runs code). ``torch.load(weights_only=True)`` is the default.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kdtoolkit.errors import InputError
+
+Form = Literal["eager", "torchscript", "exported", "pickle"]
+CKPT_FORMAT = "kdtoolkit.model/1"
+_STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+_IGNORABLE_MISSING = ("num_batches_tracked", "_extra_state")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with how it was loaded and what is known about it."""
+
+    module: Any
+    form: Form
+    source: str
+    arch: str | None = None
+    recipe: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rewritable(self) -> bool:
+        """Only eager nn.Modules can be rewritten module by module (student surgery)."""
+        return self.form in ("eager", "pickle")
+
+
+def known_archs() -> list[str]:
+    from kdtoolkit.models.zoo import ARCHS
+
+    return ARCHS.names()
+
+
+def build_arch(name: str, **kwargs: Any):
+    """Build an architecture: built-in zoo name, ``torchvision:NAME``, ``timm:NAME`` or ``module:callable``."""
+    from kdtoolkit.models.zoo import ARCHS
+
+    if name in ARCHS:
+        return ARCHS.get(name)(**kwargs)
+    prefix, _, rest = name.partition(":")
+    if prefix == "torchvision" and rest:
+        from kdtoolkit.errors import lazy_import
+
+        tvm = lazy_import("torchvision.models", extra="vision", purpose=f"architecture {name}")
+        try:
+            return tvm.get_model(rest, weights=None, **kwargs)
+        except ValueError:
+            raise InputError(f"unknown torchvision model {rest!r}; known: {', '.join(tvm.list_models())}") from None
+    if prefix == "timm" and rest:
+        from kdtoolkit.errors import lazy_import
+
+        timm = lazy_import("timm", purpose=f"architecture {name}")
+        if not timm.is_model(rest):
+            raise InputError(f"unknown timm model {rest!r}")
+        return timm.create_model(rest, pretrained=False, **kwargs)
+    if ":" in name and rest:
+        import importlib
+
+        try:
+            fn = getattr(importlib.import_module(prefix), rest)
+        except (ImportError, AttributeError) as exc:
+            raise InputError(f"cannot import architecture {name!r}: {exc}") from None
+        return fn(**kwargs)
+    raise InputError(
+        f"unknown architecture {name!r}; known: {', '.join(ARCHS.names())}, or torchvision:NAME, timm:NAME, module:callable"
+    )
+
+
+def _arch_kwargs(name: str, num_classes: int | None, in_channels: int | None) -> dict[str, Any]:
+    from kdtoolkit.models.zoo import ARCHS
+
+    kw: dict[str, Any] = {}
+    if num_classes is not None:
+        kw["num_classes"] = num_classes
+    if in_channels is not None and name in ARCHS:
+        kw["in_channels"] = in_channels
+    return kw
+
+
+def extract_state_dict(obj: Any, source: str) -> dict[str, Any]:
+    """Find the tensors in a checkpoint: a plain state dict or one nested under a usual key."""
+    import torch
+
+    if isinstance(obj, dict):
+        for key in _STATE_KEYS:
+            if key in obj and isinstance(obj[key], dict):
+                return extract_state_dict(obj[key], source)
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor) or k.endswith("_extra_state")}
+        if tensors and len(tensors) >= len(obj) - 2:
+            return {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items() if k in tensors}
+    raise InputError(f"{source}: no state dict found (expected a dict of tensors, or one under {', '.join(_STATE_KEYS)})")
+
+
+def load_weights(model: Any, state: dict[str, Any], source: str, *, strict: bool = True) -> None:
+    """Load a state dict, naming missing and unexpected keys in the error instead of torch's wall of text."""
+    state = {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith(_IGNORABLE_MISSING)]
+    unexpected = [k for k in state if k not in own]
+    shape_bad = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and hasattr(state[k], "shape") and hasattr(own[k], "shape") and state[k].shape != own[k].shape
+    ]
+    if strict and (missing or unexpected or shape_bad):
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_short(unexpected)}")
+        if shape_bad:
+            parts.append(f"shape mismatch: {_short(shape_bad)}")
+        raise InputError(f"{source} does not match the architecture: " + "; ".join(parts))
+    model.load_state_dict(state, strict=False)
+
+
+def _short(items: list[str], n: int = 6) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def _zip_kind(path: Path) -> str | None:
+    if not zipfile.is_zipfile(path):
+        return None
+    names = zipfile.ZipFile(path).namelist()
+    if any(n.endswith("archive_format") or "/models/" in n or n.endswith("serialized_exported_program.json") for n in names):
+        return "exported"
+    if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
+        return "torchscript"
+    return "torch"
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: Any, recipe: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:
+    """Write a model as recipe + weights: loadable with weights_only=True and without the teacher's code."""
+    from kdtoolkit import fsutil
+
+    state = {k: v.detach().cpu() if hasattr(v, "detach") else v for k, v in model.state_dict().items()}
+    return fsutil.torch_save({"format": CKPT_FORMAT, "recipe": recipe, "meta": meta or {}, "state_dict": state}, path)
+
+
+def build_from_recipe(recipe: dict[str, Any], state: dict[str, Any] | None = None, source: str = "recipe"):
+    """Rebuild a (possibly converted and shrunk) model from its recipe, then fit widths to the weights."""
+    from kdtoolkit.student.transforms import apply_transforms, fit_to_state_dict
+
+    model = build_arch(recipe["arch"], **recipe.get("arch_kwargs", {}))
+    model = apply_transforms(model, recipe.get("transforms", []))
+    if state is not None:
+        fit_to_state_dict(model, state)
+        load_weights(model, state, source)
+    return model
+
+
+def load_model(
+    spec: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+) -> LoadedModel:
+    """Load any supported model form; see the module docstring."""
+    import torch
+
+    path = Path(spec)
+    if not path.exists():
+        raise InputError(f"model file not found: {path}")
+    if path.is_dir():
+        from kdtoolkit.artifact import Artifact
+
+        art = Artifact.load(path)
+        if art.kind != "torch":
+            raise InputError(f"{path} is a {art.kind} artifact; a torch model artifact is needed here")
+        name = art.info.get("model_file")
+        target = art.file(name) if name else art.first_file(".pt")
+        loaded = load_model(target, arch=arch or art.info.get("arch"), trust_pickle=trust_pickle, num_classes=num_classes)
+        loaded.meta = {**art.info.get("model", {}), **loaded.meta}
+        return loaded
+
+    kind = _zip_kind(path)
+    if kind == "exported":
+        try:
+            ep = torch.export.load(str(path))
+        except Exception as exc:  # torch raises many types for a bad archive
+            raise InputError(f"{path}: cannot load torch.export program ({exc})") from None
+        return LoadedModel(ep.module(), "exported", str(path), arch=arch)
+    if kind == "torchscript":
+        try:
+            mod = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:
+            raise InputError(f"{path}: cannot load TorchScript ({exc})") from None
+        return LoadedModel(mod.eval(), "torchscript", str(path), arch=arch)
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        import pickle
+
+        if not isinstance(exc, pickle.UnpicklingError):
+            raise InputError(f"{path}: not a loadable PyTorch file ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        if not trust_pickle:
+            raise InputError(
+                f"{path} contains pickled Python objects beyond tensors; unpickling can run arbitrary code. "
+                "Pass --trust-pickle only if you trust where this file came from"
+            ) from None
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        if isinstance(obj, torch.nn.Module):
+            return LoadedModel(obj.eval(), "pickle", str(path), arch=arch or type(obj).__name__)
+        # a trusted pickle holding a dict falls through to the state-dict path
+
+    if isinstance(obj, dict) and obj.get("format") == CKPT_FORMAT:
+        model = build_from_recipe(obj["recipe"], obj["state_dict"], str(path))
+        return LoadedModel(model.eval(), "eager", str(path), arch=obj["recipe"]["arch"], recipe=obj["recipe"], meta=dict(obj.get("meta", {})))
+
+    state = extract_state_dict(obj, str(path))
+    if arch is None:
+        raise InputError(f"{path} holds only weights (a state dict); name its architecture with --arch NAME (known: {', '.join(known_archs())})")
+    kwargs = _arch_kwargs(arch, num_classes if num_classes is not None else _infer_classes(state), in_channels)
+    model = build_arch(arch, **kwargs)
+    load_weights(model, state, str(path))
+    meta = {k: v for k, v in obj.items() if k not in _STATE_KEYS and isinstance(v, (int, float, str))} if isinstance(obj, dict) else {}
+    recipe = {"arch": arch, "arch_kwargs": kwargs, "transforms": []}
+    return LoadedModel(model.eval(), "eager", str(path), arch=arch, recipe=recipe, meta=meta)
+
+
+def _infer_classes(state: dict[str, Any]) -> int | None:
+    """The class count from the last 2-D weight (the classifier), so heads of any size load."""
+    last = None
+    for k, v in state.items():
+        if k.endswith("weight") and getattr(v, "ndim", 0) == 2:
+            last = v
+    return int(last.shape[0]) if last is not None else None

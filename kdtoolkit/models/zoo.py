@@ -1,0 +1,140 @@
+"""Built-in architectures: the CIFAR ResNets of He et al. 2016 (section 4.2) and small CNNs.
+
+Key names follow the widely shared CIFAR ResNet code (``conv1``, ``bn1``, ``layer{1,2,3}.{i}``,
+``linear``) so pretrained state dicts from it load as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdtoolkit.registry import Registry
+
+ARCHS: Registry = Registry("architecture")
+
+
+class ShortcutA(nn.Module):
+    """Option-A shortcut: subsample by stride 2 and zero-pad the new channels (no parameters).
+
+    The channel counts travel in the state dict (``_extra_state``) so that a width-shrunk student
+    rebuilds exactly from its weights.
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int = 2) -> None:
+        super().__init__()
+        self.in_planes, self.out_planes, self.stride = in_planes, out_planes, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        extra = self.out_planes - self.in_planes
+        if extra:
+            x = F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
+        return x
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"in_planes": self.in_planes, "out_planes": self.out_planes, "stride": self.stride}
+
+    def set_extra_state(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.in_planes = int(state["in_planes"])
+            self.out_planes = int(state["out_planes"])
+            self.stride = int(state.get("stride", self.stride))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_planes}->{self.out_planes}, stride={self.stride}"
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = ShortcutA(in_planes, planes, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs; ``width`` scales the 16/32/64 channels."""
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        w = [max(1, int(round(c * width))) for c in (16, 32, 64)]
+        self.conv1 = nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w[0])
+        self.in_planes = w[0]
+        self.layer1 = self._make_layer(w[0], n, 1)
+        self.layer2 = self._make_layer(w[1], n, 2)
+        self.layer3 = self._make_layer(w[2], n, 2)
+        self.linear = nn.Linear(w[2], num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (blocks - 1):
+            layers.append(BasicBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+def _cifar(depth: int):
+    def build(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> CifarResNet:
+        return CifarResNet(depth, num_classes, in_channels, width)
+
+    build.__name__ = f"cifar_resnet{depth}"
+    build.__doc__ = f"CIFAR ResNet-{depth} (He et al. 2016, option-A shortcuts)"
+    return build
+
+
+for _d in (8, 14, 20, 32, 44, 56, 110):
+    ARCHS.register(f"cifar_resnet{_d}")(_cifar(_d))
+
+
+class SmallCNN(nn.Module):
+    """A compact conv net for 28x28 to 64x64 inputs (MNIST-like data, the built-in demo)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> None:
+        super().__init__()
+        c = [max(1, int(round(v * width))) for v in (32, 64, 96, 128)]
+
+        def block(i: int, o: int, s: int) -> list[nn.Module]:
+            return [nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(
+            *block(in_channels, c[0], 1), *block(c[0], c[1], 2), *block(c[1], c[2], 1), *block(c[2], c[3], 2)
+        )
+        self.classifier = nn.Linear(c[3], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+@ARCHS.register("small_cnn")
+def small_cnn(num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> SmallCNN:
+    """Four conv/BN/ReLU layers and a linear head."""
+    return SmallCNN(num_classes, in_channels, width)

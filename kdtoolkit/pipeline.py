@@ -1,0 +1,183 @@
+"""``compress``: the ordered list of stages over a run folder.
+
+Each stage is ``run(inputs, config, out_dir) -> Artifact``. Its folder is named by its position
+and name; its manifest stores a key hashed from the stage name, its configuration and the
+fingerprints of its input artifacts. A stage whose key matches the finished folder is skipped,
+so a repeated or interrupted run resumes where it stopped (make-like, content-addressed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kdtoolkit import fsutil
+from kdtoolkit.artifact import Artifact, ArtifactWriter
+from kdtoolkit.distill.trainer import TrainConfig
+from kdtoolkit.errors import InputError
+from kdtoolkit.progress import log
+from kdtoolkit.student.build import StudentConfig
+
+STAGE_VERSION = 1  # bump when a stage's output for the same inputs changes
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(description="ImageFolder, .tar.gz, .npz, or a built-in dataset name")
+    input_size: tuple[int, int] | None = Field(None, description="H, W of the model input; default: the images'")
+    channels: int | None = Field(None, description="model input channels; default: the images'")
+    mean: tuple[float, ...] | None = Field(None, description="normalisation mean per channel; default: teacher metadata or measured")
+    std: tuple[float, ...] | None = Field(None, description="normalisation std per channel")
+    class_names: list[str] | None = Field(None, description="class order; default: teacher metadata, else sorted folder names")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="validation carved from train")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="test share when the data has no split")
+    seed: int = Field(0, description="split seed")
+    on_bad_image: str = Field("fail", description="fail or skip on unreadable images")
+    train_limit: int | None = Field(None, ge=1, description="use a seeded subset of the training split")
+    test_limit: int | None = Field(None, ge=1, description="use a seeded subset of the test split")
+
+
+class MeasureConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    batches: list[int] = Field(default_factory=lambda: [1, 64], description="batch sizes to time")
+    warmup: int = Field(10, ge=0, description="untimed runs per candidate and batch")
+    iters: int = Field(60, ge=5, description="timed interleaved rounds per batch")
+
+
+class CompressConfig(BaseModel):
+    """The resolved configuration of a run; saved as RUN/config.yaml and re-runnable with --config."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="teacher model file or artifact folder")
+    arch: str | None = Field(None, description="architecture for a state-dict teacher")
+    trust_pickle: bool = Field(False, description="allow unpickling a full module (runs code)")
+    data: DataConfig
+    profile: str = Field("ort-cpu", description="profile name or YAML path")
+    profile_overrides: dict[str, Any] = Field(default_factory=dict, description="dotted profile fields set from flags")
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    opset: int | None = Field(None, description="ONNX opset; default: the profile's max (at most 17)")
+    measure: MeasureConfig = Field(default_factory=MeasureConfig)
+
+
+def load_config(path: str | os.PathLike[str]) -> CompressConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+        return CompressConfig.model_validate(raw)
+    except yaml.YAMLError as exc:
+        raise InputError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        raise InputError(f"{p}: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+
+
+def save_config(cfg: CompressConfig, path: Path) -> None:
+    fsutil.write_text(path, yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+
+
+class Context:
+    """What stages share within one run: config, profile, data, loaded models (lazily)."""
+
+    def __init__(self, cfg: CompressConfig, run_dir: Path, *, progress: bool = True) -> None:
+        from kdtoolkit.profiles import load_profile
+
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.progress = progress
+        self.profile = load_profile(cfg.profile, cfg.profile_overrides)
+        self._splits = None
+        self._teacher = None
+        self.artifacts: dict[str, Artifact] = {}
+        self.skipped: list[str] = []
+
+    @property
+    def teacher(self):
+        if self._teacher is None:
+            from kdtoolkit.models.loading import load_model
+
+            self._teacher = load_model(self.cfg.model, arch=self.cfg.arch, trust_pickle=self.cfg.trust_pickle)
+        return self._teacher
+
+    @property
+    def splits(self):
+        if self._splits is None:
+            from kdtoolkit.data import load_data
+
+            d = self.cfg.data
+            meta = self.teacher.meta if self._teacher is not None or Path(self.cfg.model).exists() else {}
+            mean = d.mean or (tuple(meta["mean"]) if meta.get("mean") else None)
+            std = d.std or (tuple(meta["std"]) if meta.get("std") else None)
+            classes = d.class_names or meta.get("classes")
+            size = d.input_size or (tuple(meta["input_size"]) if meta.get("input_size") else None)
+            self._splits = load_data(
+                d.source, input_size=size, channels=d.channels or meta.get("channels"), mean=mean, std=std,
+                class_names=classes, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed,
+                on_bad_image=d.on_bad_image, train_limit=d.train_limit, test_limit=d.test_limit,
+            )
+        return self._splits
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        s = self.splits.spec
+        return (1, s.channels, s.input_size[0], s.input_size[1])
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        return self.cfg.data.model_dump(mode="json")
+
+
+Stage = Callable[[Context, list[Artifact], Path, str], Artifact]
+
+
+def run_stage(ctx: Context, index: int, name: str, fn: Stage, inputs: list[Artifact], config: dict[str, Any]) -> Artifact:
+    """Run ``fn`` unless a finished artifact with the same key is already in place."""
+    out_dir = ctx.run_dir / f"{index:02d}-{name}"
+    key = fsutil.stable_hash({"stage": name, "v": STAGE_VERSION, "config": config, "inputs": [a.fingerprint() for a in inputs]})
+    if Artifact.is_artifact(out_dir):
+        try:
+            art = Artifact.load(out_dir)
+            if art.manifest.input_key == key and not art.verify():
+                ctx.skipped.append(name)
+                log(f"[{name}] up to date, skipped ({out_dir})", enabled=ctx.progress)
+                ctx.artifacts[name] = art
+                return art
+        except InputError:
+            pass
+    log(f"[{name}] running -> {out_dir}", enabled=ctx.progress)
+    art = fn(ctx, inputs, out_dir, key)
+    ctx.artifacts[name] = art
+    return art
+
+
+def compress(cfg: CompressConfig, run_dir: str | os.PathLike[str], *, progress: bool = True) -> dict[str, Any]:
+    """Run every stage for the profile; return the summary (also written to RUN/summary.json)."""
+    from kdtoolkit import stages as S
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = Context(cfg, run_dir, progress=progress)
+    save_config(cfg, run_dir / "config.yaml")
+    data_cfg = ctx.data_fingerprint()
+    teacher_cfg = {"model": cfg.model, "model_sha": fsutil.sha256_file(cfg.model) if Path(cfg.model).is_file() else cfg.model,
+                   "arch": cfg.arch, "data": data_cfg}
+    teacher = run_stage(ctx, 0, "teacher", S.teacher_stage, [], teacher_cfg)
+    student = run_stage(ctx, 1, "student", S.student_stage, [teacher], {"student": cfg.student.model_dump(mode="json"), "data": data_cfg})
+    distilled = run_stage(ctx, 2, "distill", S.distill_stage, [teacher, student],
+                          {"train": cfg.train.model_dump(mode="json"), "data": data_cfg})
+    opset = min(cfg.opset or ctx.profile.max_opset, ctx.profile.max_opset if cfg.opset is None else cfg.opset)
+    exp_cfg = {"opset": opset, "data": data_cfg, "batch": ctx.profile.batch.model_dump()}
+    t_onnx = run_stage(ctx, 3, "export-teacher", S.export_stage, [teacher], exp_cfg)
+    s_onnx = run_stage(ctx, 4, "export", S.export_stage, [distilled], exp_cfg)
+    deploy = run_stage(ctx, 5, "optimize", S.optimize_stage, [s_onnx], {"profile": ctx.profile.model_dump(mode="json")})
+    prof = run_stage(ctx, 6, "profile", S.profile_stage, [t_onnx, deploy],
+                     {"measure": cfg.measure.model_dump(), "profile": ctx.profile.model_dump(mode="json"), "data": data_cfg})
+    summary = S.write_summary(ctx, teacher=teacher, student=distilled, deploy=deploy, profile=prof)
+    return summary

@@ -1,0 +1,1 @@
+"""Latency measurement: runners (ONNX Runtime, torch, TensorRT), interleaved timing, statistics."""

@@ -1,0 +1,223 @@
+"""The stages of ``compress``; each is ``fn(ctx, inputs, out_dir, key) -> Artifact``.
+
+Later capabilities (QAT, TensorRT builds, bundles) deepen these functions in place or add a
+stage to the list in ``pipeline.compress``; the artifact hand-over stays the same.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from kdtoolkit import fsutil
+from kdtoolkit.artifact import Artifact, ArtifactWriter
+from kdtoolkit.progress import log
+
+
+def _load(art: Artifact):
+    from kdtoolkit.models.loading import load_model
+
+    return load_model(art.path)
+
+
+def teacher_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
+    from kdtoolkit.evaluate import check_outputs, evaluate
+    from kdtoolkit.models.loading import save_checkpoint
+    from kdtoolkit.student.build import count_macs, count_params
+
+    t = ctx.teacher
+    spec = ctx.splits.spec
+    check_outputs(t.module, spec)
+    with ArtifactWriter(out_dir, kind="torch", stage="teacher", config={"model": ctx.cfg.model, "arch": ctx.cfg.arch}, input_key=key) as w:
+        meta = {**t.meta, **spec.to_dict()}
+        if t.form == "eager" and t.recipe is not None:
+            save_checkpoint(w.path("model.pt"), t.module, t.recipe, meta)
+            name = "model.pt"
+        else:
+            name = "model.pt2" if t.form == "exported" else "model.pt"
+            shutil.copyfile(ctx.cfg.model, w.path(name))
+        log("[teacher] evaluating on the test split", enabled=ctx.progress)
+        r = evaluate(t.module, ctx.splits.test, spec)
+        w.metrics.update({"accuracy": r["accuracy"], "n_test": r["n"], "params": count_params(t.module) if hasattr(t.module, "parameters") else None})
+        try:
+            w.metrics["macs"] = count_macs(t.module, ctx.input_shape) if t.rewritable else None
+        except Exception:
+            w.metrics["macs"] = None
+        w.info.update({"model": meta, "model_file": name, "form": t.form, "arch": t.arch, "recipe": t.recipe})
+        fsutil.write_json(w.path("test_logits_summary.json"), {"accuracy": r["accuracy"], "n": r["n"]})
+    return w.artifact
+
+
+def student_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
+    from kdtoolkit.data import batches
+    from kdtoolkit.models.loading import save_checkpoint
+    from kdtoolkit.student.build import count_macs, count_params, make_student
+
+    (teacher_art,) = inputs
+    teacher = _load(teacher_art)
+    spec = ctx.splits.spec
+    calib = batches(ctx.splits.train, spec, 64, shuffle=True, seed=ctx.cfg.train.seed)
+    student, recipe, info = make_student(teacher, ctx.cfg.student, input_shape=ctx.input_shape,
+                                         num_classes=len(spec.classes), calib_batches=calib)
+    with ArtifactWriter(out_dir, kind="torch", stage="student", config=ctx.cfg.student.model_dump(mode="json"),
+                        parents=[teacher_art], input_key=key) as w:
+        save_checkpoint(w.path("model.pt"), student, recipe, spec.to_dict())
+        w.metrics.update({"params": count_params(student), "macs": count_macs(student, ctx.input_shape)})
+        w.info.update({"model": spec.to_dict(), "model_file": "model.pt", "recipe": recipe, "surgery": info})
+    return w.artifact
+
+
+def distill_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
+    from kdtoolkit.distill.trainer import Trainer
+    from kdtoolkit.evaluate import evaluate
+    from kdtoolkit.models.loading import save_checkpoint
+    from kdtoolkit.student.build import count_params
+
+    teacher_art, student_art = inputs
+    teacher = _load(teacher_art)
+    student = _load(student_art)
+    work = ctx.run_dir / ".work" / f"distill-{key[:12]}"
+    trainer = Trainer(ctx.cfg.train, work, progress=ctx.progress)
+    result = trainer.fit(student.module.train(), ctx.splits, teacher=teacher.module)
+    model = result["model"]
+    spec = ctx.splits.spec
+    log("[distill] evaluating the student on the test split", enabled=ctx.progress)
+    t_logits = evaluate(teacher.module, ctx.splits.test, spec)["logits"]
+    r = evaluate(model, ctx.splits.test, spec, reference=t_logits)
+    with ArtifactWriter(out_dir, kind="torch", stage="distill", config=ctx.cfg.train.model_dump(mode="json"),
+                        parents=[teacher_art, student_art], input_key=key) as w:
+        save_checkpoint(w.path("model.pt"), model, student.recipe, spec.to_dict())
+        fsutil.write_json(w.path("history.json"), result["history"])
+        w.metrics.update({"accuracy": r["accuracy"], "teacher_agreement": r["agreement"], "params": count_params(model),
+                          "best_val_accuracy": result["best"]["val_accuracy"], "steps": result["steps"],
+                          "train_time_s": result["train_time_s"]})
+        w.info.update({"model": spec.to_dict(), "model_file": "model.pt", "recipe": student.recipe})
+    return w.artifact
+
+
+def export_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
+    from kdtoolkit.export.onnx_export import export_onnx, opset_of, parity, simplify
+
+    (src,) = inputs
+    loaded = _load(src)
+    opset = ctx.cfg.opset or min(ctx.profile.max_opset, 17)
+    if opset > 17:
+        log(f"[export] note: opset {opset} is newer than the TensorRT 8.5/8.6 parsers (JetPack 5, 6.0) accept", enabled=ctx.progress)
+    with ArtifactWriter(out_dir, kind="onnx", stage="export", config={"opset": opset}, parents=[src], input_key=key) as w:
+        raw = w.dir / ".raw.onnx"
+        export_onnx(loaded.module, ctx.input_shape, raw, opset=opset, dynamic_batch=ctx.profile.static_input_shape is None)
+        w.info["simplify"] = simplify(raw, w.path("model.onnx"))
+        raw.unlink()
+        w.metrics["parity"] = parity(loaded.module, w.path("model.onnx"), ctx.splits.test, ctx.splits.spec)
+        w.info.update({"model": src.info.get("model", {}), "opset": opset_of(w.path("model.onnx")), "precision": "fp32",
+                       "input": {"name": "input", "shape": ["batch", *ctx.input_shape[1:]], "dtype": "float32"},
+                       "output": {"name": "logits", "shape": ["batch", len(ctx.splits.spec.classes)], "dtype": "float32"}})
+        w.metrics.update({k: src.metrics.get(k) for k in ("params", "macs") if k in src.metrics})
+    return w.artifact
+
+
+def optimize_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
+    """Make the deployable model for the profile and measure its accuracy on the runtime that serves it."""
+    from kdtoolkit.engine.ort import make_session, optimize_for_ort
+    from kdtoolkit.evaluate import evaluate
+
+    (src,) = inputs
+    prof = ctx.profile
+    with ArtifactWriter(out_dir, kind="onnx", stage="optimize", config={"profile": prof.name}, parents=[src], input_key=key) as w:
+        w.info.update({k: v for k, v in src.info.items()})
+        if prof.backend == "onnxruntime":
+            optimize_for_ort(src.file("model.onnx"), w.path("model.onnx"), level="extended")
+            w.info["ort_optimization"] = "extended (portable across x86 CPUs; layout transforms are applied at load)"
+            label = "onnxruntime"
+        else:
+            shutil.copyfile(src.file("model.onnx"), w.path("model.onnx"))
+            label = "onnxruntime-cpu proxy (TensorRT not on this machine; build on the device)"
+            w.info["target_latency"] = "not measured: needs the target device"
+        sess = make_session(w.path("model.onnx"))
+        r = evaluate(sess, ctx.splits.test, ctx.splits.spec)
+        w.metrics.update({"accuracy": r["accuracy"], "accuracy_runtime": label, "precision": "fp32"})
+        w.metrics.update({k: src.metrics.get(k) for k in ("params", "macs", "parity") if k in src.metrics})
+    return w.artifact
+
+
+def profile_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
+    from kdtoolkit.profile.runners import OrtRunner, measure
+
+    teacher_onnx, student_onnx = inputs
+    m = ctx.cfg.measure
+    threads = ctx.profile.onnxruntime.intra_op_threads
+    batches = sorted({b for b in m.batches if ctx.profile.batch.min <= b <= ctx.profile.batch.max} or {ctx.profile.batch.opt})
+    log(f"[profile] timing teacher and student interleaved at batch {batches} (ONNX Runtime CPU)", enabled=ctx.progress)
+    with OrtRunner(teacher_onnx.file("model.onnx"), name="teacher", threads=threads) as rt, \
+         OrtRunner(student_onnx.file("model.onnx"), name="student", threads=threads) as rs:
+        res = measure([rt, rs], batches, warmup=m.warmup, iters=m.iters, progress=None)
+    from kdtoolkit.envinfo import environment
+
+    with ArtifactWriter(out_dir, kind="profile", stage="profile", config=m.model_dump(), parents=[teacher_onnx, student_onnx], input_key=key) as w:
+        fsutil.write_json(w.path("profile.json"), {"runtime": "onnxruntime", "threads": threads, "interleaved": True,
+                                                   "results": res, "environment": environment()})
+        w.metrics["latency_ms"] = {name: {str(b): {k: v for k, v in s.items() if k != "samples_ms"} for b, s in per.items()} for name, per in res.items()}
+        if ctx.profile.is_tensorrt:
+            w.info["note"] = "ONNX Runtime CPU latency is a proxy; TensorRT latency on the target is not measured here"
+    return w.artifact
+
+
+def write_summary(ctx, *, teacher: Artifact, student: Artifact, deploy: Artifact, profile: Artifact) -> dict[str, Any]:
+    lat = profile.metrics["latency_ms"]
+    b1 = min(int(b) for b in lat["teacher"])
+    bmax = max(int(b) for b in lat["teacher"])
+
+    def row(name: str, art: Artifact, onnx: Path, acc: float) -> dict[str, Any]:
+        per = lat[name]
+        return {
+            "accuracy": acc,
+            "params": art.metrics.get("params"),
+            "macs": art.metrics.get("macs"),
+            "size_bytes": onnx.stat().st_size,
+            "latency_ms": {"p50": per[str(b1)]["p50"], "p90": per[str(b1)]["p90"], "batch": b1},
+            "latency_by_batch": {b: {"p50": s["p50"], "p90": s["p90"]} for b, s in per.items()},
+        }
+
+    t_onnx = ctx.artifacts["export-teacher"].file("model.onnx")
+    s_row = row("student", student, deploy.file("model.onnx"), deploy.metrics["accuracy"])
+    s_row["accuracy_torch"] = student.metrics.get("accuracy")
+    s_row["teacher_agreement"] = student.metrics.get("teacher_agreement")
+    s_row["precision"] = deploy.metrics.get("precision")
+    t_row = row("teacher", teacher, t_onnx, teacher.metrics["accuracy"])
+    speed = {f"b{b}": lat["teacher"][b]["p50"] / lat["student"][b]["p50"] for b in lat["teacher"]}
+    summary = {
+        "profile": ctx.profile.name,
+        "backend": ctx.profile.backend,
+        "teacher": t_row,
+        "student": s_row,
+        "speedup": speed,
+        "accuracy_drop_points": 100 * (t_row["accuracy"] - s_row["accuracy"]),
+        "latency_runtime": "onnxruntime-cpu" + (" (proxy for a TensorRT target: not measured on the device)" if ctx.profile.is_tensorrt else ""),
+        "stages": {name: str(a.path) for name, a in ctx.artifacts.items()},
+        "skipped": ctx.skipped,
+        "data": ctx.splits.spec.to_dict(),
+        "environment": profile.manifest.environment.get("cpu"),
+    }
+    fsutil.write_json(ctx.run_dir / "summary.json", summary)
+    fsutil.write_text(ctx.run_dir / "report.md", render_report(summary))
+    return summary
+
+
+def render_report(s: dict[str, Any]) -> str:
+    t, st = s["teacher"], s["student"]
+    bs = sorted(int(b) for b in t["latency_by_batch"])
+    lines = [
+        f"# kdtoolkit run: profile `{s['profile']}` ({s['backend']})", "",
+        f"Latency measured with {s['latency_runtime']}, candidates interleaved in one process; "
+        f"CPU: {(s.get('environment') or {}).get('model', '?')}.", "",
+        "| model | top-1 (test) | params | size | " + " | ".join(f"p50 b{b} (ms)" for b in bs) + " |",
+        "|---|---|---|---|" + "---|" * len(bs),
+    ]
+    for name, r in (("teacher", t), ("student", st)):
+        lat = " | ".join(f"{r['latency_by_batch'][str(b)]['p50']:.3f}" for b in bs)
+        lines.append(f"| {name} | {100 * r['accuracy']:.2f} % | {r['params']:,} | {r['size_bytes'] / 1e6:.2f} MB | {lat} |")
+    lines += ["", "Speedup (teacher p50 / student p50): " + ", ".join(f"{k}: {v:.2f}x" for k, v in s["speedup"].items()),
+              f"Accuracy change: {-s['accuracy_drop_points']:+.2f} points.", "", "## Stages", ""]
+    lines += [f"- `{k}`: {v}" + (" (skipped: up to date)" if k in s["skipped"] else "") for k, v in s["stages"].items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,137 @@
+"""The student stage: derive a student from the teacher (or build a named architecture).
+
+Surgery works on eager ``nn.Module`` teachers. TorchScript and ``torch.export`` teachers cannot
+be rewritten module by module; their student comes from ``student_arch``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kdtoolkit.errors import InputError
+
+
+class StudentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    arch: str | None = Field(None, description="build this architecture instead of converting the teacher")
+    arch_width: float | None = Field(None, gt=0, description="width multiplier for a zoo student_arch")
+    separable: bool = Field(True, description="depthwise-separable conversion of standard KxK convs")
+    skip_stem: bool = Field(True, description="keep the first conv standard (few input channels: rank-1 is poor there)")
+    skip_first: int = Field(0, ge=0, description="also keep the first N convertible convs")
+    skip: list[str] = Field(default_factory=list, description="module names or patterns to keep standard")
+    only: list[str] = Field(default_factory=list, description="convert only inside these module names (stages)")
+    depth: float = Field(1.0, gt=0, le=1, description="fraction of shape-preserving blocks kept per stage")
+    init: Literal["svd", "random"] = Field("svd", description="teacher-initialised rank-1 weights, or fresh init")
+    bn_recalib_batches: int = Field(20, ge=0, description="batches to re-estimate BatchNorm statistics after surgery")
+
+
+def count_params(model: Any) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def count_macs(model: Any, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of convs and linears at batch 1 (forward hooks; no extra dependency)."""
+    import torch
+    from torch import nn
+
+    total = 0
+    hooks = []
+
+    def conv_hook(m: nn.Conv2d, _inp: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        k = m.kernel_size[0] * m.kernel_size[1] * (m.in_channels // m.groups)
+        total += int(out.numel() // out.shape[0]) * k
+
+    def lin_hook(m: nn.Linear, _inp: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        total += m.in_features * m.out_features
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(lin_hook))
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, *input_shape[1:]))
+    model.train(was)
+    for h in hooks:
+        h.remove()
+    return total
+
+
+def make_student(teacher: Any, cfg: StudentConfig, *, input_shape: tuple[int, ...], num_classes: int,
+                 calib_batches: Any = None) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Return (student module, recipe, info). ``teacher`` is a LoadedModel."""
+    import torch
+
+    from kdtoolkit.models.loading import build_arch
+    from kdtoolkit.student import transforms as T
+
+    info: dict[str, Any] = {}
+    if cfg.arch:
+        kwargs: dict[str, Any] = {"num_classes": num_classes}
+        from kdtoolkit.models.zoo import ARCHS
+
+        if cfg.arch in ARCHS:
+            kwargs["in_channels"] = input_shape[1]
+            if cfg.arch_width:
+                kwargs["width"] = cfg.arch_width
+        model = build_arch(cfg.arch, **kwargs)
+        recipe: dict[str, Any] = {"arch": cfg.arch, "arch_kwargs": kwargs, "transforms": []}
+        base_init = "random"
+    else:
+        if not teacher.rewritable:
+            raise InputError(
+                f"the teacher is a {teacher.form} model, which cannot be rewritten module by module; "
+                "name a student architecture with --student-arch NAME (e.g. cifar_resnet20, torchvision:mobilenet_v2)"
+            )
+        if teacher.recipe is None:
+            raise InputError("the teacher was loaded from a full pickle with no known architecture; give --arch so the student can be rebuilt")
+        model = copy.deepcopy(teacher.module).cpu()
+        recipe = copy.deepcopy(teacher.recipe)
+        base_init = "teacher"
+    model.eval()
+    example = torch.zeros(1, *input_shape[1:])
+    if cfg.depth < 1.0:
+        plan = T.plan_depth(model, example, cfg.depth)
+        if not plan:
+            raise InputError("depth reduction found no stage of repeated shape-preserving blocks to shorten")
+        info.update(T.reduce_depth(model, plan))
+        recipe["transforms"].append({"op": "depth", "keep": plan})
+    if cfg.separable:
+        sel = {"skip_stem": cfg.skip_stem, "skip_first": cfg.skip_first, "skip": cfg.skip, "only": cfg.only}
+        conv_info = T.to_separable(model, init="svd" if cfg.init == "svd" and base_init == "teacher" else "none", **sel)
+        info["converted"] = conv_info["converted"]
+        if conv_info["rank1_energy"]:
+            e = list(conv_info["rank1_energy"].values())
+            info["rank1_energy_mean"] = float(sum(e) / len(e))
+        recipe["transforms"].append({"op": "separable", **sel})
+    if cfg.init == "random" or base_init == "random":
+        model = _reinit(model)
+        info["init"] = "random"
+    else:
+        info["init"] = "teacher-svd"
+        if calib_batches is not None and cfg.bn_recalib_batches:
+            info["bn_recalibrated_batches"] = T.recalibrate_bn(model, calib_batches, cfg.bn_recalib_batches)
+    if not cfg.separable and cfg.depth >= 1.0 and not cfg.arch:
+        raise InputError("the student would be a copy of the teacher: enable separable conversion, depth < 1, or --student-arch")
+    return model, recipe, info
+
+
+def _reinit(model: Any) -> Any:
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_parameters()
+            m.reset_running_stats()
+    return model
