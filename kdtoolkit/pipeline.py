@@ -116,13 +116,19 @@ class Context:
             meta = self.teacher.meta if self._teacher is not None or Path(self.cfg.model).exists() else {}
             mean = d.mean or (tuple(meta["mean"]) if meta.get("mean") else None)
             std = d.std or (tuple(meta["std"]) if meta.get("std") else None)
-            classes = d.class_names or meta.get("classes")
+            classes = d.class_names
             size = d.input_size or (tuple(meta["input_size"]) if meta.get("input_size") else None)
             self._splits = load_data(
                 d.source, input_size=size, channels=d.channels or meta.get("channels"), mean=mean, std=std,
                 class_names=classes, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed,
                 on_bad_image=d.on_bad_image, train_limit=d.train_limit, test_limit=d.test_limit,
             )
+            names = meta.get("classes")
+            if not d.class_names and names:
+                if len(names) != len(self._splits.spec.classes):
+                    raise InputError(f"the model has {len(names)} outputs (classes in its metadata) but the data has "
+                                     f"{len(self._splits.spec.classes)} classes")
+                self._splits.spec.classes = list(names)  # class order comes from the teacher's metadata
         return self._splits
 
     @property
@@ -161,12 +167,17 @@ def compress(cfg: CompressConfig, run_dir: str | os.PathLike[str], *, progress: 
     """Run every stage for the profile; return the summary (also written to RUN/summary.json)."""
     from kdtoolkit import stages as S
 
+    from kdtoolkit.evaluate import check_outputs
+
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ctx = Context(cfg, run_dir, progress=progress)
+    # preflight: bad input fails here, in one line, before anything is written
+    check_outputs(ctx.teacher.module, ctx.splits.spec)
+    run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     data_cfg = ctx.data_fingerprint()
-    teacher_cfg = {"model": cfg.model, "model_sha": fsutil.sha256_file(cfg.model) if Path(cfg.model).is_file() else cfg.model,
+    model_id = fsutil.sha256_file(cfg.model) if Path(cfg.model).is_file() else Artifact.load(cfg.model).fingerprint()
+    teacher_cfg = {"model": cfg.model, "model_sha": model_id,
                    "arch": cfg.arch, "data": data_cfg}
     teacher = run_stage(ctx, 0, "teacher", S.teacher_stage, [], teacher_cfg)
     student = run_stage(ctx, 1, "student", S.student_stage, [teacher], {"student": cfg.student.model_dump(mode="json"), "data": data_cfg})

@@ -136,10 +136,11 @@ def _zip_kind(path: Path) -> str | None:
     if not zipfile.is_zipfile(path):
         return None
     names = zipfile.ZipFile(path).namelist()
-    if any(n.endswith("archive_format") or "/models/" in n or n.endswith("serialized_exported_program.json") for n in names):
-        return "exported"
-    if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
+    tops = {n.split("/", 1)[1] for n in names if "/" in n}
+    if "constants.pkl" in tops and any(t.startswith("code/") for t in tops):
         return "torchscript"
+    if "archive_format" in tops or "models/model.json" in tops or any(t.endswith("serialized_exported_program.json") for t in tops):
+        return "exported"
     return "torch"
 
 

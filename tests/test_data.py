@@ -1,0 +1,88 @@
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kdtoolkit.data import batches, load_data
+from kdtoolkit.errors import InputError
+
+
+def _folder(root, classes=("cat", "dog"), n=6, size=(12, 10), split=None):
+    rng = np.random.default_rng(0)
+    base = root / split if split else root
+    for c in classes:
+        (base / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(base / c / f"{i}.png")
+
+
+def test_builtin_example_splits_are_disjoint_and_seeded():
+    s = load_data("mnist-mini")
+    assert (len(s.train), len(s.val), len(s.test)) == (9000, 1000, 2000)
+    assert s.spec.input_size == (28, 28) and s.spec.channels == 1 and len(s.spec.classes) == 10
+    again = load_data("mnist-mini")
+    assert np.array_equal(s.val.y, again.val.y)
+    # stratified validation: every class present
+    assert set(np.unique(s.val.y)) == set(range(10))
+
+
+def test_imagefolder_with_split_and_resize(tmp_path):
+    _folder(tmp_path, split="train")
+    _folder(tmp_path, split="val", n=3)
+    s = load_data(str(tmp_path), input_size=(8, 8), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert s.spec.classes == ["cat", "dog"] and s.train.x.shape[1:] == (8, 8, 3)
+    assert len(s.test) == 6 and len(s.train) + len(s.val) == 12
+
+
+def test_imagefolder_without_split_gets_seeded_split_and_grey_mapping(tmp_path):
+    _folder(tmp_path, n=10)
+    s = load_data(str(tmp_path), channels=1, test_fraction=0.2)
+    assert len(s.test) == 4 and s.train.x.shape[-1] == 1
+    assert s.spec.input_size == (12, 10)
+
+
+def test_tar_gz_is_unpacked_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDTOOLKIT_CACHE", str(tmp_path / "cache"))
+    _folder(tmp_path / "src" / "ds", split="train")
+    _folder(tmp_path / "src" / "ds", split="test", n=2)
+    with tarfile.open(tmp_path / "ds.tar.gz", "w:gz") as tf:
+        tf.add(tmp_path / "src" / "ds", arcname="ds")
+    s = load_data(str(tmp_path / "ds.tar.gz"))
+    assert len(s.test) == 4
+    assert len(list((tmp_path / "cache" / "extracted").iterdir())) == 1
+
+
+def test_npz_and_bad_inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 255, (50, 8, 8), dtype=np.uint8), y_train=np.arange(50) % 5,
+             x_test=rng.integers(0, 255, (10, 8, 8), dtype=np.uint8), y_test=np.arange(10) % 5)
+    s = load_data(str(tmp_path / "d.npz"))
+    assert len(s.spec.classes) == 5 and s.train.x.shape[-1] == 1
+    np.savez(tmp_path / "bad.npz", a=np.zeros(3))
+    with pytest.raises(InputError, match="x_train and y_train"):
+        load_data(str(tmp_path / "bad.npz"))
+    with pytest.raises(InputError, match="data not found"):
+        load_data(str(tmp_path / "nope"))
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(InputError, match="no images found"):
+        load_data(str(tmp_path / "empty"))
+
+
+def test_corrupt_image_fails_with_name_or_is_skipped(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDTOOLKIT_CACHE", str(tmp_path / "cache"))
+    _folder(tmp_path / "d", n=5)
+    (tmp_path / "d" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(InputError, match="broken.jpg"):
+        load_data(str(tmp_path / "d"))
+    s = load_data(str(tmp_path / "d"), on_bad_image="skip")
+    assert len(s.train) + len(s.val) + len(s.test) == 10
+
+
+def test_batches_are_reproducible_and_resume_mid_epoch():
+    s = load_data("mnist-mini", train_limit=600)
+    full = list(batches(s.train, s.spec, 64, shuffle=True, seed=3, epoch=1, augment="crop_flip", drop_last=True))
+    tail = list(batches(s.train, s.spec, 64, shuffle=True, seed=3, epoch=1, augment="crop_flip", drop_last=True, start_batch=4))
+    assert len(tail) == len(full) - 4
+    for (xa, ya), (xb, yb) in zip(full[4:], tail):
+        assert np.array_equal(ya.numpy(), yb.numpy()) and np.allclose(xa.numpy(), xb.numpy())

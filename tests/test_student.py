@@ -1,0 +1,58 @@
+import pytest
+import torch
+from torch import nn
+
+from kdtoolkit.errors import InputError
+from kdtoolkit.models import build_arch
+from kdtoolkit.student.transforms import SeparableConv2d, droppable_blocks, plan_depth, rank1_init, to_separable
+
+
+def test_rank1_init_is_exact_for_rank1_kernels():
+    torch.manual_seed(0)
+    out_c, in_c = 6, 4
+    p = torch.randn(in_c, out_c)
+    d = torch.randn(in_c, 3, 3)
+    w = torch.einsum("io,ikl->oikl", p, d)  # every W[:, i] is rank 1
+    conv = nn.Conv2d(in_c, out_c, 3, stride=2, padding=2, dilation=2, bias=True)
+    with torch.no_grad():
+        conv.weight.copy_(w)
+    sep = SeparableConv2d(conv)
+    energy = rank1_init(sep, conv.weight, conv.bias)
+    assert energy == pytest.approx(1.0, abs=1e-6)
+    x = torch.randn(2, in_c, 11, 11)
+    torch.testing.assert_close(sep(x), conv(x), atol=1e-4, rtol=1e-4)
+    assert sep.depthwise.stride == (2, 2) and sep.depthwise.dilation == (2, 2) and sep.depthwise.padding == (2, 2)
+
+
+def test_rank1_init_is_the_best_rank1_approximation():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(5, 7, 3, bias=False)
+    sep = SeparableConv2d(conv)
+    rank1_init(sep, conv.weight, None)
+    approx = (sep.pointwise.weight[:, :, 0, 0][:, :, None, None] * sep.depthwise.weight[:, 0][None]).detach()
+    err = (approx - conv.weight).pow(2).sum()
+    # a random perturbation of the factors cannot do better
+    noisy = approx + 0.01 * torch.randn_like(approx)
+    assert err <= (noisy - conv.weight).pow(2).sum()
+
+
+def test_conversion_options_and_nothing_to_convert():
+    m = build_arch("cifar_resnet20")
+    info = to_separable(m, skip=["layer3"])
+    assert "conv1" not in info["converted"]  # stem kept by default
+    assert not any(n.startswith("layer3") for n in info["converted"])
+    assert len(info["converted"]) == 12
+    m2 = build_arch("cifar_resnet20")
+    assert len(to_separable(m2, only=["layer2"])["converted"]) == 6
+    m3 = build_arch("cifar_resnet20")
+    assert len(to_separable(m3, skip_stem=False, skip_first=3)["converted"]) == 16
+    with pytest.raises(InputError, match="nothing to convert"):
+        to_separable(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Linear(8, 2)))
+
+
+def test_depth_plan_only_drops_shape_preserving_blocks():
+    m = build_arch("cifar_resnet56")
+    x = torch.zeros(1, 3, 32, 32)
+    dropp = droppable_blocks(m, x)
+    assert dropp["layer2"] == list(range(1, 9))  # block 0 changes shape
+    assert plan_depth(m, x, 0.34) == {"layer1": 3, "layer2": 3, "layer3": 3}
