@@ -1,0 +1,381 @@
+"""Static check of an ONNX file against a target Profile; runs anywhere (no TensorRT, no GPU).
+
+Users need to know before they fly to a Jetson whether their ONNX will parse, whether the Q/DQ
+layout is one TensorRT takes, whether the shapes fit the profile, and which layers would fall
+off the DLA. Each problem is a :class:`Finding` (severity, node, rule, message); the report is
+one line per finding for people and JSON for machines.
+
+Sources, kept next to the tables they fed:
+- ONNX ops the TensorRT parser takes: onnx-tensorrt ``docs/operators.md`` ("TensorRT 8.5 supports
+  operators up to Opset 17"), release/8.5-GA, with the additions of later parsers listed in
+  ``ADDED_IN``. https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md
+- DLA limits: TensorRT developer guide, "DLA Supported Layers and Restrictions"
+  (https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/dla-layer-restrictions.html):
+  batch <= 4096, non-batch dims <= 8192, no dynamic dimensions (min = opt = max), FP16/INT8 only;
+  convolution kernel 1..32, padding 0..31, stride 1..8, dilation 1..32, groups and output maps
+  <= 8192; deconvolution padding 0; pooling 2D max/average with window 1..8, padding 0..7, stride
+  1..16; activations ReLU, Sigmoid, TanH, clipped ReLU, leaky ReLU; concatenation along channels;
+  LRN window 3, 5, 7 or 9. Layers outside these fall back to the GPU (GPU_FALLBACK) or fail the build.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdtoolkit.errors import InputError
+from kdtoolkit.quant.qdq_rules import Finding, Severity, _attr, constants, has_qdq, node_label, qdq_findings
+
+__all__ = ["Finding", "CheckReport", "check_file", "check_model", "parser_supports"]
+
+# onnx-tensorrt docs/operators.md for TensorRT 8.5 (the oldest parser kdtoolkit targets): every "Y" row.
+TRT85_SUPPORTED = frozenset("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast Ceil Celu Clip Concat
+Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace DequantizeLinear Div Dropout Einsum Elu Equal
+Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool
+Greater GreaterOrEqual GridSample GRU HardSwish HardSigmoid Identity If ImageScaler InstanceNormalization IsNaN
+LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool MatMul Max MaxPool Mean
+MeanVarianceNormalization Min Mod Mul Neg NonMaxSuppression NonZero Not OneHot Or Pad ParametricSoftplus Pow PRelu
+QuantizeLinear RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal ReduceL1 ReduceL2
+ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize
+ReverseSequence RNN RoiAlign Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin
+Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK
+Transpose Trilu Unsqueeze Upsample Where Xor
+""".split())
+
+# Ops a later parser added (first TensorRT version that parses them).
+ADDED_IN: dict[str, tuple[int, int]] = {"LayerNormalization": (8, 6), "IsInf": (8, 6), "GroupNormalization": (10, 0)}
+
+# The "N" rows of the same table: ops the parser rejects.
+TRT_UNSUPPORTED = frozenset("""
+Bernoulli BitShift BlackmanWindow Compress ConcatFromSequence ConvInteger DFT Det DynamicQuantizeLinear HammingWindow
+HannWindow Hardmax MatMulInteger MaxRoiPool MaxUnpool MelWeightMatrix Multinomial NegativeLogLikelihoodLoss Optional
+OptionalGetElement OptionalHasElement QLinearConv QLinearMatMul STFT SequenceAt SequenceConstruct SequenceEmpty
+SequenceErase SequenceInsert SequenceLength SequenceMap SoftmaxCrossEntropyLoss SplitToSequence StringNormalizer
+TfIdfVectorizer Unique
+""".split())
+
+DLA_MAX_BATCH = 4096
+DLA_MAX_DIM = 8192
+_DLA_ACTIVATIONS = {"Relu", "Sigmoid", "Tanh", "Clip", "LeakyRelu"}
+_DLA_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Equal", "Greater", "Less"}
+_DLA_SHUFFLE = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
+_DLA_FREE = {"Identity", "Dropout", "Constant", "QuantizeLinear", "DequantizeLinear", "BatchNormalization"}
+
+
+def _version_tuple(text: str) -> tuple[int, int]:
+    from kdtoolkit.engine.trt_version import parse_version
+
+    major, minor, _ = parse_version(text)
+    return major, minor
+
+
+def parser_supports(op: str, version: str = "8.5") -> bool | None:
+    """True/False when the TensorRT ``version`` ONNX parser is known to take/reject ``op``; None when not in the table."""
+    v = _version_tuple(version)
+    if op in TRT85_SUPPORTED:
+        return True
+    if op in ADDED_IN:
+        return v >= ADDED_IN[op]
+    if op in TRT_UNSUPPORTED:
+        return False
+    return None
+
+
+@dataclass
+class CheckReport:
+    """The findings of one check, with what was checked against what."""
+
+    onnx: str
+    profile: str
+    tensorrt_version: str | None
+    findings: list[Finding] = field(default_factory=list)
+
+    def count(self, severity: Severity) -> int:
+        return sum(1 for f in self.findings if f.severity == severity)
+
+    @property
+    def errors(self) -> int:
+        return self.count("error")
+
+    @property
+    def warnings(self) -> int:
+        return self.count("warning")
+
+    @property
+    def ok(self) -> bool:
+        return self.errors == 0
+
+    def counts(self) -> dict[str, int]:
+        return {s: self.count(s) for s in ("error", "warning", "info")}
+
+    def lines(self) -> list[str]:
+        return [f.line() for f in self.findings]
+
+    def summary(self) -> str:
+        c = self.counts()
+        target = f"TensorRT >= {self.tensorrt_version}" if self.tensorrt_version else "onnxruntime"
+        return f"{self.onnx}: {c['error']} error(s), {c['warning']} warning(s), {c['info']} note(s) against profile {self.profile} ({target})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"onnx": self.onnx, "profile": self.profile, "tensorrt_version": self.tensorrt_version, "ok": self.ok,
+                "counts": self.counts(), "findings": [f.to_dict() for f in self.findings]}
+
+
+def check_file(path: str | os.PathLike[str], profile: Any, *, tensorrt_version: str | None = None) -> CheckReport:
+    """Load ``path`` and check it; an unreadable file is an InputError (exit 2), not a finding."""
+    import onnx
+
+    p = str(path)
+    if not os.path.isfile(p):
+        raise InputError(f"ONNX file not found: {p}")
+    try:
+        model = onnx.load(p)
+    except Exception as exc:
+        raise InputError(f"{p}: not an ONNX model ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+    return check_model(model, profile, source=p, tensorrt_version=tensorrt_version)
+
+
+def check_model(model: Any, profile: Any, *, source: str = "<model>", tensorrt_version: str | None = None) -> CheckReport:
+    """All rules that apply to ``profile``: opset, parser ops, Q/DQ, shapes and (for DLA profiles) DLA layers."""
+    import onnx
+
+    trt_cfg = profile.tensorrt if profile.is_tensorrt else None
+    version = tensorrt_version or (trt_cfg.min_version if trt_cfg else None)
+    rep = CheckReport(onnx=source, profile=profile.name, tensorrt_version=version)
+    f = rep.findings
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        f.append(Finding("error", "", "onnx.invalid", f"onnx.checker rejects the model: {str(exc).splitlines()[0][:200]}"))
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset > profile.max_opset:
+        f.append(Finding("error", "", "opset",
+                         f"opset {opset} is newer than profile {profile.name} accepts (max_opset {profile.max_opset}); "
+                         f"re-export with --opset {profile.max_opset}"))
+    if trt_cfg is None:
+        f.extend(qdq_findings(model, profile.quant.scheme))
+        return rep
+    f.extend(_op_findings(model, version or "8.5"))
+    f.extend(qdq_findings(model, "tensorrt"))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    shapes = _shapes(inferred.graph)
+    f.extend(_shape_findings(model, profile, dla=trt_cfg.dla_core is not None))
+    if trt_cfg.dla_core is not None:
+        f.extend(_dla_findings(model, profile, shapes, version or "8.5"))
+    return rep
+
+
+def _op_findings(model: Any, version: str) -> list[Finding]:
+    out = []
+    for i, n in enumerate(model.graph.node):
+        label = node_label(n, i)
+        if n.domain not in ("", "ai.onnx"):
+            if n.domain == "com.microsoft" or n.op_type in TRT_UNSUPPORTED:
+                out.append(Finding("error", label, "unsupported-op",
+                                   f"{n.domain}::{n.op_type} is not an ONNX standard op; TensorRT {version} cannot parse it without a plugin"))
+            else:
+                out.append(Finding("warning", label, "custom-op", f"{n.domain}::{n.op_type} needs a TensorRT plugin registered for that domain"))
+            continue
+        ok = parser_supports(n.op_type, version)
+        if ok is False:
+            extra = f" (parsed from TensorRT {'.'.join(map(str, ADDED_IN[n.op_type]))})" if n.op_type in ADDED_IN else ""
+            out.append(Finding("error", label, "unsupported-op",
+                               f"{n.op_type} is not supported by the TensorRT {version} ONNX parser{extra}"))
+        elif ok is None:
+            out.append(Finding("warning", label, "unknown-op",
+                               f"{n.op_type} is not in kdtoolkit's table of ops the TensorRT {version} parser takes; it may not parse"))
+    return out
+
+
+def _dims(vi: Any) -> list[int | str] | None:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+
+
+def _shapes(graph: Any) -> dict[str, list[int | str]]:
+    out: dict[str, list[int | str]] = {}
+    for vi in [*graph.input, *graph.value_info, *graph.output]:
+        d = _dims(vi)
+        if d is not None:
+            out[vi.name] = d
+    for t in graph.initializer:
+        out[t.name] = list(t.dims)
+    return out
+
+
+def _graph_inputs(model: Any) -> list[Any]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _shape_findings(model: Any, profile: Any, *, dla: bool) -> list[Finding]:
+    out = []
+    b = profile.batch
+    static = profile.static_input_shape
+    for inp in _graph_inputs(model):
+        dims = _dims(inp) or []
+        name = f"input:{inp.name}"
+        if not dims:
+            out.append(Finding("error", name, "dynamic-shape", "input has no shape; expected N,C,H,W with at most a dynamic batch"))
+            continue
+        if static is not None:
+            for ax, (got, want) in enumerate(zip(dims, static)):
+                if not isinstance(got, int) or got <= 0:
+                    out.append(Finding("error", name, "dynamic-shape",
+                                       f"axis {ax} is dynamic ({got!r}) but profile {profile.name} pins the static shape {static}; "
+                                       "re-export with --static-batch"))
+                elif got != want:
+                    out.append(Finding("error", name, "static-shape", f"axis {ax} is {got}, the profile pins {want} (static_input_shape {static})"))
+            continue
+        for ax, got in enumerate(dims[1:], start=1):
+            if not isinstance(got, int) or got <= 0:
+                out.append(Finding("error", name, "dynamic-shape",
+                                   f"axis {ax} is dynamic ({got!r}); only the batch axis may be dynamic (the engine's profile covers batch only)"))
+        batch = dims[0]
+        if isinstance(batch, int) and batch > 0:
+            if (b.min, b.max) != (batch, batch):
+                out.append(Finding("error", name, "batch-range",
+                                   f"input has a fixed batch {batch} but profile {profile.name} asks for batch {b.min}..{b.max}; "
+                                   "export with a dynamic batch axis"))
+        elif dla:
+            if b.min != b.max:
+                out.append(Finding("error", name, "dynamic-shape",
+                                   f"DLA has no dynamic dimensions (min = opt = max), but the batch axis is dynamic and the profile asks "
+                                   f"for batch {b.min}..{b.max}"))
+            else:
+                out.append(Finding("warning", name, "dynamic-shape",
+                                   f"batch axis is dynamic ({batch!r}); DLA needs a static shape, so the build pins batch {b.opt}"))
+        if dla:
+            for ax, got in enumerate(dims[1:], start=1):
+                if isinstance(got, int) and got > DLA_MAX_DIM:
+                    out.append(Finding("error", name, "dla.limits", f"axis {ax} is {got}; DLA takes non-batch dimensions up to {DLA_MAX_DIM}"))
+    return out
+
+
+def _dla_findings(model: Any, profile: Any, shapes: dict[str, list[int | str]], version: str) -> list[Finding]:
+    trt_cfg = profile.tensorrt
+    out: list[Finding] = []
+    if profile.precision == "fp32":
+        out.append(Finding("error", "", "dla.precision", "DLA runs FP16 or INT8 only, got precision fp32"))
+    if profile.batch.max > DLA_MAX_BATCH:
+        out.append(Finding("error", "", "dla.limits", f"DLA takes batch up to {DLA_MAX_BATCH}, the profile asks for {profile.batch.max}"))
+    if has_qdq(model) and _version_tuple(version) < (11, 0):
+        out.append(Finding("warning", "", "dla.qdq",
+                           f"TensorRT {version} takes INT8 on DLA from a calibrator, not from Q/DQ nodes: build from the FP32 ONNX with "
+                           "calibration data, or turn the Q/DQ scales into a calibration cache (NVIDIA's qdq-translator)"))
+    consts = constants(model.graph)
+    sev: Severity = "warning" if trt_cfg.gpu_fallback else "error"
+    tail = "falls back to the GPU" if trt_cfg.gpu_fallback else "cannot run on DLA and gpu_fallback is false, so the build fails"
+    for i, n in enumerate(model.graph.node):
+        reason = dla_reason(n, shapes, consts)
+        if reason:
+            out.append(Finding(sev, node_label(n, i), "dla.fallback", f"{reason}; {tail}"))
+    return out
+
+
+def _ints(v: Any, n: int, default: int) -> list[int]:
+    return list(v) if v is not None else [default] * n
+
+
+def dla_reason(n: Any, shapes: dict[str, list[int | str]], consts: dict[str, Any]) -> str | None:
+    """Why DLA cannot run this node (None when it can), from the developer guide's per-layer limits."""
+    op = n.op_type
+    in_shape = shapes.get(n.input[0]) if n.input else None
+    rank = len(in_shape) if in_shape is not None else None
+    out_shape = shapes.get(n.output[0]) if n.output else None
+    if op in _DLA_FREE:
+        return None
+    if op in ("Conv", "ConvTranspose"):
+        w = shapes.get(n.input[1]) if len(n.input) > 1 else None
+        k = list(_attr(n, "kernel_shape") or (w[2:] if w else []))
+        if len(k) != 2:
+            return f"{op} on DLA is 2D only, got a {len(k)}D kernel"
+        if any(not isinstance(x, int) or not 1 <= x <= 32 for x in k):
+            return f"{op} kernel {k} is outside DLA's 1..32"
+        pads = _ints(_attr(n, "pads"), 4, 0)
+        strides = _ints(_attr(n, "strides"), 2, 1)
+        dil = _ints(_attr(n, "dilations"), 2, 1)
+        if op == "Conv":
+            if any(not 0 <= p <= 31 for p in pads):
+                return f"Conv padding {pads} is outside DLA's 0..31"
+            if any(not 1 <= s <= 8 for s in strides):
+                return f"Conv stride {strides} is outside DLA's 1..8"
+            if any(not 1 <= d <= 32 for d in dil):
+                return f"Conv dilation {dil} is outside DLA's 1..32"
+        else:
+            if any(p != 0 for p in pads):
+                return f"ConvTranspose padding {pads}: DLA deconvolution takes padding 0 only"
+            if any(not 1 <= s <= 32 for s in strides):
+                return f"ConvTranspose stride {strides} is outside DLA's 1..32"
+            if any(d != 1 for d in dil):
+                return f"ConvTranspose dilation {dil}: DLA deconvolution takes dilation 1 only"
+        groups = int(_attr(n, "group", 1))
+        if groups > DLA_MAX_DIM:
+            return f"{op} has {groups} groups, DLA takes up to {DLA_MAX_DIM}"
+        if w and isinstance(w[0], int) and w[0] > DLA_MAX_DIM:
+            return f"{op} has {w[0]} output maps, DLA takes up to {DLA_MAX_DIM}"
+        return None
+    if op in ("MaxPool", "AveragePool"):
+        k = list(_attr(n, "kernel_shape") or [])
+        if len(k) != 2:
+            return f"{op} on DLA is 2D only, got a {len(k)}D window"
+        if any(not 1 <= x <= 8 for x in k):
+            return f"{op} window {k} is outside DLA's 1..8"
+        pads = _ints(_attr(n, "pads"), 4, 0)
+        if any(not 0 <= p <= 7 for p in pads):
+            return f"{op} padding {pads} is outside DLA's 0..7"
+        strides = _ints(_attr(n, "strides"), 2, 1)
+        if any(not 1 <= s <= 16 for s in strides):
+            return f"{op} stride {strides} is outside DLA's 1..16"
+        if op == "MaxPool" and len(n.output) > 1 and n.output[1]:
+            return "MaxPool with an indices output is not a DLA pooling"
+        return None
+    if op in ("GlobalAveragePool", "GlobalMaxPool"):
+        hw = in_shape[2:] if in_shape else None
+        if not hw or len(hw) != 2 or not all(isinstance(x, int) for x in hw):
+            return f"{op} window depends on an unknown spatial size; DLA pooling windows must be 1..8"
+        if any(int(x) > 8 for x in hw):
+            return f"{op} window {list(hw)} is outside DLA's pooling window 1..8"
+        return None
+    if op in _DLA_ACTIVATIONS:
+        return None if rank in (None, 4) else f"{op} on DLA needs a 4D tensor, got rank {rank}"
+    if op == "PRelu":
+        return None if len(n.input) > 1 and n.input[1] in consts else "PRelu slope must be a build-time constant on DLA"
+    if op in _DLA_ELEMENTWISE:
+        return None if rank in (None, 4) else f"{op} on DLA needs 4D tensors, got rank {rank}"
+    if op == "Concat":
+        axis = int(_attr(n, "axis", 1))
+        if rank and axis < 0:
+            axis += rank
+        return None if axis == 1 else f"Concat along axis {axis}: DLA concatenates along channels (axis 1) only"
+    if op == "Resize":
+        mode = _attr(n, "mode", b"nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        return None if mode in ("nearest", "linear") else f"Resize mode {mode!r}: DLA resizes nearest or linear only"
+    if op == "Softmax":
+        axis = int(_attr(n, "axis", -1))
+        if rank and axis < 0:
+            axis += rank
+        return None if rank == 4 and axis == 1 else f"Softmax over axis {axis} of a rank-{rank} tensor: DLA (Orin) softmaxes 4D tensors over channels only"
+    if op == "LRN":
+        size = int(_attr(n, "size", 0))
+        return None if size in (3, 5, 7, 9) else f"LRN window {size}: DLA takes 3, 5, 7 or 9"
+    if op in _DLA_SHUFFLE:
+        r = len(out_shape) if out_shape is not None else None
+        return None if r == 4 and rank == 4 else f"{op} to a rank-{r} tensor: DLA shuffles 4D tensors only"
+    if op == "Slice":
+        static = all(x in consts for x in n.input[1:] if x)
+        return None if rank == 4 and static else "Slice on DLA needs a 4D tensor and constant starts/ends/axes/steps"
+    if op in ("Gemm", "MatMul"):
+        return (f"{op} on a rank-{rank} tensor: DLA runs matrix multiplies only as 1x1 convolutions of 4D tensors with "
+                "constant weights")
+    if op == "Pad":
+        return "Pad: DLA has no standalone padding layer"
+    return f"{op} is not a layer DLA runs"

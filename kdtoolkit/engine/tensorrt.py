@@ -1,0 +1,541 @@
+"""TensorRT engine builder and runner for TensorRT 8.5 .. 11, written against the public Python API.
+
+One builder reads the installed version and takes the path :func:`trt_version.build_path` chose:
+builder flags + IInt8EntropyCalibrator2 below 11, strongly typed networks from 11 (INT8 only from
+Q/DQ, FP16 by converting the ONNX first). It writes the RAW serialised plan (no header of ours, so
+trtexec, C++ and DeepStream load it) and puts everything else in the manifest beside it.
+
+``tensorrt`` is imported lazily (never at ``import kdtoolkit``); for type checking, mypy reads
+NVIDIA's ``tensorrt-stubs`` through the TYPE_CHECKING import below, so a misused API fails in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from kdtoolkit import fsutil
+from kdtoolkit.engine.trt_version import BuildPath, build_path, dla_plan
+from kdtoolkit.errors import CheckFailed, InputError, MissingDependency, lazy_import
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+    from kdtoolkit.artifact import Artifact
+    from kdtoolkit.engine.cuda_mem import CudaBackend, DeviceBuffer
+    from kdtoolkit.profiles import Profile
+
+INSTALL_HINT = (
+    "install it on the machine with the target GPU: pip install 'kdtoolkit[tensorrt]' (x86, or JetPack's own python3-libnvinfer "
+    "on Jetson), or use the docker images docker/tensorrt-x86.Dockerfile (x86 GPU) and docker/jetson-l4t.Dockerfile "
+    "(Jetson); `kdtoolkit check` runs without TensorRT"
+)
+PLAN_NAME = "model.plan"
+
+
+def load_tensorrt() -> Any:
+    """Import TensorRT or raise MissingDependency (exit 3) that says exactly what to install."""
+    try:
+        mod = lazy_import("tensorrt", extra="tensorrt", purpose="building and running TensorRT engines")
+    except MissingDependency as exc:
+        raise MissingDependency(f"TensorRT is not installed ({exc.__cause__}); {INSTALL_HINT}") from None
+    if not hasattr(mod, "Builder"):  # tensorrt-stubs alone leave an empty `tensorrt` namespace package
+        raise MissingDependency(f"TensorRT is not installed (only type stubs were found for 'tensorrt'); {INSTALL_HINT}")
+    return mod
+
+
+class _LazyTensorRT:
+    """Stands in for the ``tensorrt`` module at run time, importing it on first attribute use."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(load_tensorrt(), name)
+
+
+if not TYPE_CHECKING:
+    trt = _LazyTensorRT()
+
+
+def installed_version() -> str:
+    return str(load_tensorrt().__version__)
+
+
+class BuildConfig(BaseModel):
+    """Everything a build depends on, resolved from the profile and flags; stored in the manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+    precision: Literal["int8", "fp16", "fp32"] = Field(description="resolved precision (auto is resolved before building)")
+    precision_reason: str = Field("", description="why this precision (profile, flag, or the auto rule)")
+    batch_min: int = Field(1, ge=1, description="optimisation profile: smallest batch")
+    batch_opt: int = Field(1, ge=1, description="optimisation profile: batch tuned for")
+    batch_max: int = Field(1, ge=1, description="optimisation profile: largest batch")
+    static_input_shape: list[int] | None = Field(None, description="pinned N,C,H,W (DLA / profiles that need static shapes)")
+    workspace_mb: int = Field(1024, ge=16, description="builder workspace (set_memory_pool_limit WORKSPACE)")
+    builder_optimization_level: int = Field(3, ge=0, le=5, description="TensorRT builder optimisation level (>= 8.6)")
+    dla_core: int | None = Field(None, description="DLA core, or None for the GPU")
+    gpu_fallback: bool = Field(True, description="let DLA layers fall back to the GPU")
+    timing_cache: str | None = Field(None, description="timing cache file reused across builds")
+    calib_batch_size: int = Field(8, ge=1, description="batch size fed to the entropy calibrator")
+    calib_size: int = Field(512, ge=1, description="calibration samples")
+    calib_cache: str | None = Field(None, description="calibration cache to read (and write) for implicit INT8")
+
+
+def resolve_config(profile: Profile, *, has_qdq: bool, precision: str | None = None, timing_cache: str | None = None,
+                   calib_cache: str | None = None, trt_path: BuildPath | None = None) -> BuildConfig:
+    """Turn a profile (plus flags) into a BuildConfig; ``auto`` becomes int8 for a Q/DQ ONNX, else fp16."""
+    if not profile.is_tensorrt or profile.tensorrt is None:
+        raise InputError(f"profile {profile.name} has backend {profile.backend}; `build` makes TensorRT engines: pick a tensorrt profile")
+    t = profile.tensorrt
+    p = precision or profile.precision
+    reason = "from --precision" if precision else f"from profile {profile.name}"
+    if p == "auto":
+        p, reason = ("int8", "auto: the ONNX carries Q/DQ") if has_qdq else ("fp16", "auto: no Q/DQ in the ONNX and no measurement at build time")
+    if p not in ("int8", "fp16", "fp32"):
+        raise InputError(f"precision must be int8, fp16, fp32 or auto, got {p!r}")
+    resolved: Literal["int8", "fp16", "fp32"] = "int8" if p == "int8" else "fp16" if p == "fp16" else "fp32"
+    b = profile.batch
+    static = profile.static_input_shape
+    bmin, bopt, bmax = (static[0],) * 3 if static else (b.min, b.opt, b.max)
+    if t.dla_core is not None and bmin != bmax:
+        bmin = bopt = bmax = b.opt  # DLA: no dynamic dimensions, min = opt = max
+    cache = timing_cache
+    if cache is None and t.timing_cache:
+        cache = t.timing_cache
+        if not os.path.isabs(cache):
+            from kdtoolkit.data.datasets import cache_dir
+
+            v = ".".join(map(str, trt_path.version)) if trt_path else "unknown"
+            cache = str(cache_dir() / "tensorrt" / f"trt-{v}" / cache)
+    return BuildConfig(
+        precision=resolved, precision_reason=reason, batch_min=bmin, batch_opt=bopt, batch_max=bmax, static_input_shape=static,
+        workspace_mb=t.workspace_mb, builder_optimization_level=t.builder_optimization_level, dla_core=t.dla_core,
+        gpu_fallback=t.gpu_fallback, timing_cache=cache, calib_size=profile.quant.calib_size,
+        calib_batch_size=max(1, min(32, bmax)) if t.dla_core is None else bopt, calib_cache=calib_cache,
+    )
+
+
+def convert_onnx_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> str:
+    """FP16 for strongly typed TensorRT (>= 11): convert the ONNX itself, keeping fp32 inputs and outputs."""
+    import onnx
+
+    model = onnx.load(str(src))
+    try:
+        from onnxconverter_common import float16
+
+        converted = float16.convert_float_to_float16(model, keep_io_types=True)
+        tool = "onnxconverter-common float16"
+    except ImportError:
+        try:  # onnx itself ships no float16 converter; onnxruntime carries the same code
+            from onnxruntime.transformers import float16 as ort_float16
+        except ImportError as exc:
+            raise MissingDependency(f"FP16 on TensorRT >= 11 converts the ONNX first and needs onnxconverter-common ({exc}); "
+                                    "install it: pip install onnxconverter-common") from None
+        converted = ort_float16.convert_float_to_float16(model, keep_io_types=True)
+        tool = "onnxruntime.transformers float16"
+    with fsutil.atomic_path(dst, suffix=".onnx") as tmp:
+        onnx.save(converted, str(tmp))
+    return tool
+
+
+def calibration_arrays(source: str, input_shape: tuple[int, ...], *, limit: int, meta: dict[str, Any] | None = None,
+                       seed: int = 0) -> np.ndarray:
+    """Float32 N,C,H,W calibration inputs: a .npy/.npz of preprocessed arrays, or a dataset (training split)."""
+    p = Path(source)
+    if p.suffix in (".npy", ".npz") and p.is_file():
+        data = np.load(p)
+        arr = data if isinstance(data, np.ndarray) else (data["input"] if "input" in data.files else data[data.files[0]])
+        arr = np.asarray(arr, dtype=np.float32)
+        if arr.ndim != 4 or tuple(arr.shape[1:]) != tuple(input_shape):
+            raise InputError(f"{source}: calibration arrays must be N,{','.join(map(str, input_shape))}, got {tuple(arr.shape)}")
+        return arr[:limit]
+    from kdtoolkit.data import load_data
+    from kdtoolkit.data.datasets import to_tensor
+
+    meta = meta or {}
+    c, h, w = input_shape
+    sp = load_data(source, input_size=(h, w), channels=c, mean=tuple(meta["mean"]) if meta.get("mean") else None,
+                   std=tuple(meta["std"]) if meta.get("std") else None)
+    train = sp.train
+    if len(train) > limit:
+        train = train.subset(np.sort(np.random.default_rng(seed).choice(len(train), limit, replace=False)))
+    return np.asarray(to_tensor(train.x, sp.spec).numpy(), dtype=np.float32)
+
+
+def _make_calibrator(arrays: np.ndarray | None, batch_size: int, cache_path: Path | None,
+                     mem: CudaBackend | None) -> tuple[trt.IInt8EntropyCalibrator2, Callable[[], None]]:
+    """An IInt8EntropyCalibrator2 fed from calibration batches, reading/writing a calibration cache file.
+
+    Defined inside a function because its base class exists only once TensorRT is imported.
+    """
+
+    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self.arrays = arrays
+            self.bs = batch_size
+            self.index = 0
+            self.buf: DeviceBuffer | None = None
+
+        def get_batch_size(self) -> int:
+            return self.bs
+
+        def get_batch(self, names: list[str]) -> list[int]:
+            if self.arrays is None or mem is None or self.index + self.bs > len(self.arrays):
+                return []  # TensorRT reads an empty list (None in its docs) as "no more batches"
+            batch = np.ascontiguousarray(self.arrays[self.index:self.index + self.bs], dtype=np.float32)
+            self.index += self.bs
+            if self.buf is None:
+                self.buf = mem.alloc(batch.nbytes)
+            stream = mem.stream()
+            mem.htod(self.buf, batch, stream)
+            mem.synchronize(stream)
+            mem.destroy_stream(stream)
+            return [self.buf.ptr]
+
+        def read_calibration_cache(self) -> bytes:
+            if cache_path is not None and cache_path.is_file():
+                return cache_path.read_bytes()
+            return b""
+
+        def write_calibration_cache(self, cache: Any) -> None:
+            if cache_path is not None:
+                fsutil.write_bytes(cache_path, bytes(memoryview(cache)))
+
+        def free(self) -> None:
+            if self.buf is not None:
+                self.buf.free()
+                self.buf = None
+
+    calib = EntropyCalibrator()
+    return calib, calib.free
+
+
+def _io_shape(shape: Any) -> list[int]:
+    return [int(d) for d in shape]
+
+
+def _profile_shapes(dims: list[int], cfg: BuildConfig, name: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    if cfg.static_input_shape is not None:
+        s = tuple(cfg.static_input_shape)
+        if len(s) != len(dims) or any(d not in (-1, v) for d, v in zip(dims, s)):
+            raise InputError(f"input {name} has shape {dims}, which does not fit the profile's static shape {list(s)}")
+        return s, s, s
+    if any(d < 0 for d in dims[1:]):
+        raise InputError(f"input {name} has dynamic non-batch axes {dims}; expected only the batch axis to be dynamic")
+    if dims[0] >= 0:
+        if not cfg.batch_min <= dims[0] <= cfg.batch_max or cfg.batch_min != cfg.batch_max:
+            raise InputError(f"input {name} has a fixed batch {dims[0]}, but the profile asks for batch "
+                             f"{cfg.batch_min}..{cfg.batch_max}; export with a dynamic batch axis")
+        s = tuple(dims)
+        return s, s, s
+    rest = tuple(dims[1:])
+    return (cfg.batch_min, *rest), (cfg.batch_opt, *rest), (cfg.batch_max, *rest)
+
+
+def _layer_report(engine: trt.ICudaEngine) -> dict[str, Any]:
+    """The engine inspector's per-layer JSON (which layers exist, and where DLA took them)."""
+    inspector = engine.create_engine_inspector()
+    raw = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+    try:
+        info = json.loads(raw)
+    except json.JSONDecodeError:
+        return {"raw": raw, "layers": []}
+    layers = info.get("Layers", []) if isinstance(info, dict) else []
+    names = [(la.get("Name", "") if isinstance(la, dict) else str(la)) for la in layers]
+    types = [(la.get("LayerType", "") if isinstance(la, dict) else "") for la in layers]
+    dla = [n for n, t in zip(names, types) if "dla" in t.lower() or "ForeignNode" in n]
+    return {"layers": layers, "n_layers": len(layers), "dla_layers": dla}
+
+
+def build_engine(onnx: str | os.PathLike[str], profile: Profile, out_dir: str | os.PathLike[str], *, calib_data: str | None = None,
+                 precision: str | None = None, timing_cache: str | None = None, calib_cache: str | None = None,
+                 log: Any = None) -> Artifact:
+    """Build a TensorRT engine for ``profile`` from ``onnx`` (a file or an onnx artifact folder) into ``out_dir``."""
+    import onnx as onnx_lib
+
+    from kdtoolkit.artifact import Artifact, ArtifactWriter
+    from kdtoolkit.engine import cuda_mem
+    from kdtoolkit.quant.qdq_rules import has_qdq
+
+    say = log or (lambda msg: None)
+    src_path, parents, meta = _resolve_onnx(onnx)
+    load_tensorrt()
+    version = installed_version()
+    path = build_path(version)
+    model = onnx_lib.load(str(src_path))
+    qdq = has_qdq(model)
+    cfg = resolve_config(profile, has_qdq=qdq, precision=precision, timing_cache=timing_cache, calib_cache=calib_cache, trt_path=path)
+    if cfg.dla_core is not None:
+        dla_plan(path, precision=cfg.precision, has_qdq=qdq)
+    if path.strongly_typed and cfg.precision == "int8" and not qdq:
+        raise InputError(f"TensorRT {version} is strongly typed: INT8 needs a Q/DQ ONNX (kdtoolkit quantize), got one without Q/DQ; "
+                         "or build with --precision fp16")
+    gi = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    in_shape = tuple(d.dim_value for d in gi[0].type.tensor_type.shape.dim[1:]) if gi else ()
+    logger = trt.Logger(trt.Logger.WARNING)
+    mem: CudaBackend | None = None
+    calibrator: trt.IInt8EntropyCalibrator2 | None = None
+    free_calibrator: Callable[[], None] = lambda: None
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kdt-build-") as tmpd:
+        onnx_for_build = Path(src_path)
+        notes: dict[str, Any] = {}
+        if path.strongly_typed and cfg.precision == "fp16" and not qdq:
+            onnx_for_build = Path(tmpd) / "model.fp16.onnx"
+            notes["fp16_conversion"] = convert_onnx_fp16(src_path, onnx_for_build)
+            say(f"[build] converted the ONNX to FP16 ({notes['fp16_conversion']}), IO kept fp32")
+        builder = trt.Builder(logger)
+        flags = 0
+        if path.explicit_batch_flag:
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        if path.strongly_typed:
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse(onnx_for_build.read_bytes(), str(onnx_for_build)):
+            errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+            raise CheckFailed(f"TensorRT {version} cannot parse {src_path}: {errs[0] if errs else 'unknown error'}{more}; "
+                              f"`kdtoolkit check {src_path} --profile {profile.name}` lists what it rejects")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mb << 20)
+        if path.builder_optimization_level:
+            config.builder_optimization_level = cfg.builder_optimization_level
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+        opt = builder.create_optimization_profile()
+        io_profile: dict[str, Any] = {}
+        for i in range(network.num_inputs):
+            t = network.get_input(i)
+            mn, op, mx = _profile_shapes(_io_shape(t.shape), cfg, t.name)
+            opt.set_shape(t.name, trt.Dims(list(mn)), trt.Dims(list(op)), trt.Dims(list(mx)))
+            io_profile[t.name] = {"min": list(mn), "opt": list(op), "max": list(mx)}
+        config.add_optimization_profile(opt)
+        cache_file = Path(cfg.timing_cache) if cfg.timing_cache else None
+        cache_loaded = bool(cache_file and cache_file.is_file())
+        if cache_file is not None:
+            tc = config.create_timing_cache(cache_file.read_bytes() if cache_loaded else b"")
+            config.set_timing_cache(tc, ignore_mismatch=False)
+        calib_out: Path | None = None
+        if path.precision_flags:
+            if cfg.precision in ("fp16", "int8"):
+                config.set_flag(trt.BuilderFlag.FP16)
+            if cfg.precision == "int8":
+                config.set_flag(trt.BuilderFlag.INT8)
+                if not qdq:
+                    calib_out = Path(tmpd) / "calibration.cache"
+                    if cfg.calib_cache:
+                        calib_out.write_bytes(Path(cfg.calib_cache).read_bytes())
+                    arrays = None
+                    if calib_data:
+                        arrays = calibration_arrays(calib_data, in_shape, limit=cfg.calib_size, meta=meta)
+                        mem = cuda_mem.backend()
+                    elif not cfg.calib_cache:
+                        raise InputError("INT8 from an ONNX without Q/DQ needs calibration: give --calib-data (a dataset or a .npy of "
+                                         "preprocessed N,C,H,W inputs) or --calib-cache, or a Q/DQ ONNX, or --precision fp16")
+                    calibrator, free_calibrator = _make_calibrator(arrays, cfg.calib_batch_size, calib_out, mem)
+                    config.int8_calibrator = calibrator
+                    cal = builder.create_optimization_profile()
+                    for name, shp in io_profile.items():
+                        s = (cfg.calib_batch_size, *shp["opt"][1:])
+                        cal.set_shape(name, trt.Dims(list(s)), trt.Dims(list(s)), trt.Dims(list(s)))
+                    config.set_calibration_profile(cal)
+        dla_layers: dict[str, list[str]] = {}
+        if cfg.dla_core is not None:
+            config.default_device_type = trt.DeviceType.DLA
+            config.DLA_core = cfg.dla_core
+            if cfg.gpu_fallback:
+                config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+            for i in range(network.num_layers):
+                layer = network.get_layer(i)
+                dla_layers.setdefault("dla" if config.can_run_on_DLA(layer) else "gpu", []).append(layer.name)
+            if dla_layers.get("gpu") and not cfg.gpu_fallback:
+                raise CheckFailed(f"{len(dla_layers['gpu'])} layer(s) cannot run on DLA and gpu_fallback is false, "
+                                  f"e.g. {dla_layers['gpu'][0]}")
+        say(f"[build] {path.describe()}; precision {cfg.precision}; batch {cfg.batch_min}/{cfg.batch_opt}/{cfg.batch_max}")
+        try:
+            plan = builder.build_serialized_network(network, config)
+        finally:
+            free_calibrator()
+        if plan is None:
+            raise CheckFailed(f"TensorRT {version} failed to build an engine from {src_path} (its log above says why)")
+        build_s = time.perf_counter() - started
+        plan_bytes = bytes(memoryview(plan))
+        if cache_file is not None:
+            fsutil.write_bytes(cache_file, bytes(memoryview(config.get_timing_cache().serialize())))
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(plan_bytes)
+        if engine is None:
+            raise CheckFailed("the engine TensorRT just built does not deserialize")
+        report = _layer_report(engine)
+        io = engine_io(engine)
+        device = ""
+        try:
+            device = (mem or cuda_mem.backend()).device_name()
+        except Exception:
+            device = ""
+        with ArtifactWriter(out_dir, kind="engine", stage="build", config={"profile": profile.name, **cfg.model_dump()},
+                            parents=parents) as w:
+            fsutil.write_bytes(w.path(PLAN_NAME), plan_bytes)  # the raw plan: no header of ours
+            fsutil.write_json(w.path("layers.json"), report["layers"])
+            if calib_out is not None and calib_out.is_file():
+                fsutil.write_bytes(w.path("calibration.cache"), calib_out.read_bytes())
+            w.info.update({
+                "plan": PLAN_NAME, "format": "raw TensorRT plan (IHostMemory bytes), no header", "io": io,
+                "optimization_profile": io_profile, "model": meta, "source_onnx": str(src_path),
+                "tensorrt": {"version": version, "build_path": path.as_dict(), "device": device,
+                             "note": "an engine runs only on this GPU model with this TensorRT version"},
+                "precision": cfg.precision, "precision_reason": cfg.precision_reason,
+                "timing_cache": {"path": cfg.timing_cache, "reused": cache_loaded},
+                "dla": {"core": cfg.dla_core, "gpu_fallback": cfg.gpu_fallback, "layers_on_dla": dla_layers.get("dla", []),
+                        "layers_on_gpu": dla_layers.get("gpu", []), "inspector_dla_layers": report["dla_layers"]} if cfg.dla_core is not None else None,
+                "layers": {"n": report["n_layers"], "file": "layers.json"}, **notes,
+            })
+            w.metrics.update({"build_time_s": round(build_s, 3), "plan_bytes": len(plan_bytes)})
+    assert isinstance(w.artifact, Artifact)
+    return w.artifact
+
+
+def _resolve_onnx(onnx: str | os.PathLike[str]) -> tuple[Path, list[Any], dict[str, Any]]:
+    from kdtoolkit.artifact import Artifact
+
+    p = Path(onnx)
+    if p.is_dir():
+        art = Artifact.load(p)
+        return art.first_file(".onnx"), [art], dict(art.info.get("model", {}))
+    if not p.is_file():
+        raise InputError(f"ONNX file not found: {p}")
+    if Artifact.is_artifact(p.parent):
+        art = Artifact.load(p.parent)
+        return p, [art], dict(art.info.get("model", {}))
+    return p, [], {}
+
+
+def engine_io(engine: trt.ICudaEngine) -> list[dict[str, Any]]:
+    """Names, modes, dtypes, shapes and profile-0 ranges of the engine's IO tensors (named-tensor API, >= 8.5)."""
+    out = []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+        entry: dict[str, Any] = {"name": name, "mode": "input" if is_input else "output",
+                                 "dtype": np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name,
+                                 "shape": _io_shape(engine.get_tensor_shape(name))}
+        if is_input:
+            mn, op, mx = engine.get_tensor_profile_shape(name, 0)
+            entry["profile"] = {"min": _io_shape(mn), "opt": _io_shape(op), "max": _io_shape(mx)}
+        out.append(entry)
+    return out
+
+
+class TrtRunner:
+    """Deserialise a plan and run it with named tensors + execute_async_v3; owns its device memory and stream.
+
+    Use as a context manager. A batch outside the engine's optimisation profile is an InputError.
+    """
+
+    def __init__(self, plan: str | os.PathLike[str], *, name: str = "tensorrt") -> None:
+        p = Path(plan)
+        if p.is_dir():
+            from kdtoolkit.artifact import Artifact
+
+            p = Artifact.load(p).file(PLAN_NAME)
+        if not p.is_file():
+            raise InputError(f"TensorRT plan not found: {p}")
+        self.plan_path, self.name = p, name
+        self._bufs: dict[str, DeviceBuffer] = {}
+        self._stream: Any = None
+        self.engine: trt.ICudaEngine | None = None
+        self.context: trt.IExecutionContext | None = None
+
+    def __enter__(self) -> TrtRunner:
+        from kdtoolkit.engine import cuda_mem
+
+        load_tensorrt()
+        self.mem = cuda_mem.backend()
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        engine = self.runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+        if engine is None:
+            raise CheckFailed(f"{self.plan_path}: TensorRT {installed_version()} cannot deserialise this plan "
+                              "(it was built with another TensorRT version or for another GPU)")
+        self.engine = engine
+        context = engine.create_execution_context()
+        if context is None:
+            raise CheckFailed(f"{self.plan_path}: could not create an execution context (out of GPU memory?)")
+        self.context = context
+        self.io = engine_io(engine)
+        self.inputs = [t for t in self.io if t["mode"] == "input"]
+        self.outputs = [t for t in self.io if t["mode"] == "output"]
+        self._stream = self.mem.stream()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for b in self._bufs.values():
+            b.free()
+        self._bufs.clear()
+        if self._stream is not None:
+            self.mem.destroy_stream(self._stream)
+            self._stream = None
+        self.context = None
+        self.engine = None
+
+    def _buffer(self, name: str, nbytes: int) -> DeviceBuffer:
+        b = self._bufs.get(name)
+        if b is None or b.nbytes < nbytes:
+            if b is not None:
+                b.free()
+            b = self.mem.alloc(nbytes)
+            self._bufs[name] = b
+        return b
+
+    def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        spec = next((t for t in self.inputs if t["name"] == name), None)
+        if spec is None:
+            raise InputError(f"the engine has no input {name!r}; its inputs: {', '.join(t['name'] for t in self.inputs)}")
+        mn, mx = spec["profile"]["min"], spec["profile"]["max"]
+        if len(shape) != len(mn):
+            raise InputError(f"input {name} must have rank {len(mn)}, got shape {list(shape)}")
+        if not mn[0] <= shape[0] <= mx[0]:
+            raise InputError(f"batch {shape[0]} is outside the engine's profile: expected {mn[0]}..{mx[0]} for input {name}, got {shape[0]}")
+        for ax, (lo, hi, got) in enumerate(zip(mn, mx, shape)):
+            if not lo <= got <= hi:
+                raise InputError(f"input {name} axis {ax} must be in {lo}..{hi}, got {got} (shape {list(shape)})")
+
+    def run(self, feeds: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch; returns output name -> host array."""
+        if self.context is None:
+            raise RuntimeError("TrtRunner must be used as a context manager")
+        ctx = self.context
+        if not isinstance(feeds, dict):
+            feeds = {self.inputs[0]["name"]: feeds}
+        for t in self.inputs:
+            if t["name"] not in feeds:
+                raise InputError(f"missing input {t['name']!r} for the engine")
+            x = np.ascontiguousarray(feeds[t["name"]], dtype=np.dtype(t["dtype"]))
+            self.check_shape(t["name"], tuple(x.shape))
+            ctx.set_input_shape(t["name"], tuple(int(d) for d in x.shape))
+            buf = self._buffer(t["name"], x.nbytes)
+            self.mem.htod(buf, x, self._stream)
+            ctx.set_tensor_address(t["name"], buf.ptr)
+        results: dict[str, np.ndarray] = {}
+        for t in self.outputs:
+            shape = tuple(_io_shape(ctx.get_tensor_shape(t["name"])))
+            host = np.empty(shape, dtype=np.dtype(t["dtype"]))
+            buf = self._buffer(t["name"], host.nbytes)
+            ctx.set_tensor_address(t["name"], buf.ptr)
+            results[t["name"]] = host
+        if not ctx.execute_async_v3(self.mem.stream_handle(self._stream)):
+            raise CheckFailed(f"{self.plan_path}: execute_async_v3 failed")
+        for name, host in results.items():
+            self.mem.dtoh(host, self._bufs[name], self._stream)
+        self.mem.synchronize(self._stream)
+        return results
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.run(x)[self.outputs[0]["name"]]

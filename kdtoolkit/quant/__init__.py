@@ -1,0 +1,1 @@
+"""Quantization: schemes, Q/DQ rules (one implementation, shared with the static check), QAT, calibration, PTQ."""
