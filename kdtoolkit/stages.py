@@ -152,11 +152,14 @@ def profile_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
     with OrtRunner(teacher_onnx.file("model.onnx"), name="teacher", threads=threads) as rt, \
          OrtRunner(student_onnx.file("model.onnx"), name="student", threads=threads) as rs:
         res = measure([rt, rs], batches, warmup=m.warmup, iters=m.iters, progress=None)
-    from kdtoolkit.envinfo import environment
+        from kdtoolkit.profile.session import build_document
+
+        settings = {"batches": batches, "iters": m.iters, "time_budget_s": None, "warmup": m.warmup, "threads": threads,
+                    "providers": ["CPUExecutionProvider"], "interleaved": True, "seed": 0, "compile": False}
+        doc = build_document([rt, rs], [str(teacher_onnx.path), str(student_onnx.path)], res, settings)
 
     with ArtifactWriter(out_dir, kind="profile", stage="profile", config=m.model_dump(), parents=[teacher_onnx, student_onnx], input_key=key) as w:
-        fsutil.write_json(w.path("profile.json"), {"runtime": "onnxruntime", "threads": threads, "interleaved": True,
-                                                   "results": res, "environment": environment()})
+        fsutil.write_json(w.path("profile.json"), doc)
         w.metrics["latency_ms"] = {name: {str(b): {k: v for k, v in s.items() if k != "samples_ms"} for b, s in per.items()} for name, per in res.items()}
         if ctx.profile.is_tensorrt:
             w.info["note"] = "ONNX Runtime CPU latency is a proxy; TensorRT latency on the target is not measured here"
@@ -200,24 +203,7 @@ def write_summary(ctx, *, teacher: Artifact, student: Artifact, deploy: Artifact
         "environment": profile.manifest.environment.get("cpu"),
     }
     fsutil.write_json(ctx.run_dir / "summary.json", summary)
-    fsutil.write_text(ctx.run_dir / "report.md", render_report(summary))
+    from kdtoolkit.report import write_reports
+
+    write_reports(ctx.run_dir, summary)  # report.md, report.html and plots; `kdtoolkit report RUN_DIR` rebuilds them
     return summary
-
-
-def render_report(s: dict[str, Any]) -> str:
-    t, st = s["teacher"], s["student"]
-    bs = sorted(int(b) for b in t["latency_by_batch"])
-    lines = [
-        f"# kdtoolkit run: profile `{s['profile']}` ({s['backend']})", "",
-        f"Latency measured with {s['latency_runtime']}, candidates interleaved in one process; "
-        f"CPU: {(s.get('environment') or {}).get('model', '?')}.", "",
-        "| model | top-1 (test) | params | size | " + " | ".join(f"p50 b{b} (ms)" for b in bs) + " |",
-        "|---|---|---|---|" + "---|" * len(bs),
-    ]
-    for name, r in (("teacher", t), ("student", st)):
-        lat = " | ".join(f"{r['latency_by_batch'][str(b)]['p50']:.3f}" for b in bs)
-        lines.append(f"| {name} | {100 * r['accuracy']:.2f} % | {r['params']:,} | {r['size_bytes'] / 1e6:.2f} MB | {lat} |")
-    lines += ["", "Speedup (teacher p50 / student p50): " + ", ".join(f"{k}: {v:.2f}x" for k, v in s["speedup"].items()),
-              f"Accuracy change: {-s['accuracy_drop_points']:+.2f} points.", "", "## Stages", ""]
-    lines += [f"- `{k}`: {v}" + (" (skipped: up to date)" if k in s["skipped"] else "") for k, v in s["stages"].items()]
-    return "\n".join(lines) + "\n"

@@ -1,0 +1,281 @@
+"""Human reports of a compress run: ``report.md`` and ``report.html`` with matplotlib plots beside them.
+
+Everything shown is read from what the run measured (summary.json, the stage manifests and the
+profile artifact's raw samples); nothing is estimated here. ``kdtoolkit report RUN_DIR`` rebuilds
+the files from the run folder alone.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from kdtoolkit.errors import InputError
+
+PARETO_PNG = "report_pareto.png"
+LATENCY_PNG = "report_latency.png"
+_COLORS = {"teacher": "#1f77b4", "student": "#2ca02c", "int8": "#d62728"}
+
+
+# --- reading the run --------------------------------------------------------------------------------
+
+def _stage_dir(run_dir: Path, recorded: str) -> Path:
+    """A stage folder, found beside the summary even when the run folder was moved."""
+    p = Path(recorded)
+    local = run_dir / p.name
+    return local if local.exists() else p
+
+
+def _manifest(d: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((d / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load_summary(run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    p = run_dir / "summary.json"
+    if not p.is_file():
+        raise InputError(f"{run_dir} is not a compress run folder (no summary.json)")
+    try:
+        s = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno}); rerun compress to rewrite it") from None
+    if not isinstance(s, dict) or "teacher" not in s or "student" not in s:
+        raise InputError(f"{p}: expected a compress summary with 'teacher' and 'student' rows")
+    return s
+
+
+def points(run_dir: Path, s: dict[str, Any]) -> list[dict[str, Any]]:
+    """Accuracy/latency points: teacher and student (one interleaved profile run), and INT8 when a quantize stage made one."""
+    out = []
+    for who in ("teacher", "student"):
+        r = s[who]
+        label = who if who == "teacher" else f"student ({r.get('precision') or 'fp32'})"
+        out.append({"name": who, "label": label, "accuracy": r["accuracy"],
+                    "latency": {str(b): v["p50"] for b, v in r["latency_by_batch"].items()}, "session": "profile"})
+    int8 = s.get("int8")
+    if isinstance(int8, dict) and "accuracy" in int8 and "latency_by_batch" in int8:
+        out.append({"name": "int8", "label": "INT8", "accuracy": int8["accuracy"],
+                    "latency": {str(b): v["p50"] for b, v in int8["latency_by_batch"].items()}, "session": "profile"})
+    elif "quantize" in s.get("stages", {}) and (s.get("student") or {}).get("precision") != "int8":
+        man = _manifest(_stage_dir(run_dir, s["stages"]["quantize"])) or {}
+        m = man.get("metrics", {})
+        lat = (m.get("precision_latency_ms") or {}).get("int8")
+        if m.get("accuracy_int8") is not None and lat:
+            out.append({"name": "int8", "label": "INT8 (not chosen)", "accuracy": m["accuracy_int8"],
+                        "latency": {str(b): v["p50"] for b, v in lat.items()}, "session": "quantize"})
+    return out
+
+
+def profile_samples(run_dir: Path, s: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """Raw latency samples per model and batch from the profile artifact (empty if it is gone)."""
+    rec = s.get("stages", {}).get("profile")
+    if not rec:
+        return {}
+    p = _stage_dir(run_dir, rec) / "profile.json"
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {name: {str(b): st["samples_ms"] for b, st in per.items() if "samples_ms" in st} for name, per in doc.get("results", {}).items()}
+
+
+def stage_rows(run_dir: Path, s: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name, rec in s.get("stages", {}).items():
+        d = _stage_dir(run_dir, rec)
+        man = _manifest(d) or {}
+        m = man.get("metrics", {})
+        size = sum(f.get("size", 0) for f in man.get("files", {}).values())
+        facts = []
+        if isinstance(m.get("accuracy"), (int, float)):
+            facts.append(f"top-1 {100 * m['accuracy']:.2f} %")
+        if isinstance(m.get("params"), int):
+            facts.append(f"{m['params']:,} params")
+        if m.get("precision"):
+            facts.append(str(m["precision"]))
+        if isinstance(m.get("parity"), dict) and "max_abs_diff" in m["parity"]:
+            facts.append(f"parity max|diff| {m['parity']['max_abs_diff']:.2g}")
+        if isinstance(m.get("train_time_s"), (int, float)):
+            facts.append(f"trained {m['train_time_s']:.0f} s")
+        rows.append({"stage": name, "folder": d.name, "kind": man.get("kind", "?"), "created": man.get("created", "?"),
+                     "skipped": name in s.get("skipped", []), "size_bytes": size, "facts": ", ".join(facts)})
+    return rows
+
+
+# --- plots ------------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pareto(pts: list[dict[str, Any]], path: Path, runtime: str) -> Path:
+    """Top-1 against p50 latency, one panel per batch size; the Pareto front joins the undominated points."""
+    plt = _plt()
+    batches = sorted({b for p in pts for b in p["latency"]}, key=int)
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 4.2), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        here = [p for p in pts if b in p["latency"]]
+        for p in here:
+            x, y = p["latency"][b], 100 * p["accuracy"]
+            ax.scatter([x], [y], s=90, color=_COLORS.get(p["name"], "grey"), zorder=3, edgecolor="black", linewidth=0.6)
+            ax.annotate(f"{p['label']}\n{x:.2f} ms, {y:.1f} %", (x, y), textcoords="offset points", xytext=(8, -4), fontsize=8)
+        front = sorted(((p["latency"][b], 100 * p["accuracy"]) for p in here), key=lambda t: (t[0], -t[1]))
+        best, line = -1.0, []
+        for x, y in front:
+            if y > best:
+                line.append((x, y))
+                best = y
+        if len(line) > 1:
+            ax.plot([t[0] for t in line], [t[1] for t in line], "--", color="grey", zorder=1, label="Pareto front")
+            ax.legend(loc="lower right", fontsize=8)
+        xs = [p["latency"][b] for p in here]
+        ys = [100 * p["accuracy"] for p in here]
+        ax.set_xlim(0, max(xs) * 1.45)
+        pad = max(1.0, (max(ys) - min(ys)) * 0.3)
+        ax.set_ylim(min(ys) - pad, max(ys) + pad)
+        ax.set_xlabel(f"p50 latency at batch {b} (ms)")
+        ax.set_ylabel("top-1 on the test split (%)")
+        ax.set_title(f"accuracy vs latency, batch {b}")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Up and to the left is better. Latency: {runtime}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_latency(samples: dict[str, dict[str, list[float]]], path: Path) -> Path:
+    """Box plots of the raw interleaved samples per batch: the spread and tail, not just the median."""
+    plt = _plt()
+    names = list(samples)
+    batches = sorted({b for per in samples.values() for b in per}, key=int)
+    fig, axes = plt.subplots(len(batches), 1, figsize=(8, 1.2 + 1.3 * len(names) * len(batches)), squeeze=False)
+    for ax, b in zip(axes[:, 0], batches):
+        data = [samples[n][b] for n in names if b in samples[n]]
+        labels = [n for n in names if b in samples[n]]
+        bp = ax.boxplot(data, vert=False, whis=(1, 99), showfliers=True, patch_artist=True,
+                        flierprops={"markersize": 2, "alpha": 0.4}, medianprops={"color": "black"})
+        ax.set_yticks(range(1, len(labels) + 1), labels)
+        for patch, n in zip(bp["boxes"], labels):
+            patch.set_facecolor(_COLORS.get(n, "lightgrey"))
+            patch.set_alpha(0.6)
+        import numpy as np
+
+        for i, d in enumerate(data, start=1):
+            med = float(np.median(d))
+            ax.annotate(f"p50 {med:.2f} ms (n={len(d)})", (med, i), textcoords="offset points", xytext=(0, 14),
+                        ha="center", fontsize=8)
+        ax.set_ylim(0.4, len(labels) + 0.8)
+        ax.set_xlabel(f"latency per batch of {b} (ms); whiskers p1-p99, dots beyond")
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("Latency distributions (raw samples, models interleaved in one process)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+# --- documents --------------------------------------------------------------------------------------
+
+def _model_rows(s: dict[str, Any], pts: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    bs = sorted({b for p in pts for b in p["latency"]}, key=int)
+    head = ["model", "top-1 (test)", "params", "size"] + [f"p50 b{b} (ms)" for b in bs]
+    rows = []
+    for p in pts:
+        r = s.get(p["name"]) if p["name"] in ("teacher", "student") else s.get("int8") or {}
+        params = r.get("params") if isinstance(r, dict) else None
+        size = r.get("size_bytes") if isinstance(r, dict) else None
+        rows.append([p["label"], f"{100 * p['accuracy']:.2f} %", f"{params:,}" if isinstance(params, int) else "-",
+                     f"{size / 1e6:.2f} MB" if isinstance(size, (int, float)) else "-",
+                     *[f"{p['latency'][b]:.3f}" if b in p["latency"] else "-" for b in bs]])
+    return head, rows
+
+
+def render_markdown(s: dict[str, Any], pts: list[dict[str, Any]], stages: list[dict[str, Any]], plots: dict[str, str]) -> str:
+    head, rows = _model_rows(s, pts)
+    cpu = (s.get("environment") or {}).get("model", "?")
+    lines = [f"# kdtoolkit run: profile `{s['profile']}` ({s['backend']})", "",
+             f"Latency measured with {s['latency_runtime']}, candidates interleaved in one process; CPU: {cpu}.", "",
+             "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "Speedup (teacher p50 / student p50): " + ", ".join(f"{k}: {v:.2f}x" for k, v in s["speedup"].items()),
+              f"Accuracy change: {-s['accuracy_drop_points']:+.2f} points."]
+    if any(p["session"] == "quantize" for p in pts):
+        lines.append("INT8 latency was measured in the quantize stage's own interleaved session (against the FP32 student), "
+                     "not in the profile session.")
+    if plots.get("pareto"):
+        lines += ["", "## Accuracy against latency", "", f"![accuracy vs latency]({plots['pareto']})"]
+    if plots.get("latency"):
+        lines += ["", "## Latency distributions", "", f"![latency distributions]({plots['latency']})"]
+    lines += ["", "## Stages", "", "| stage | folder | kind | made | size | measured |", "|---|---|---|---|---:|---|"]
+    for r in stages:
+        made = "skipped: up to date" if r["skipped"] else r["created"]
+        lines.append(f"| {r['stage']} | `{r['folder']}` | {r['kind']} | {made} | {r['size_bytes'] / 1e6:.2f} MB | {r['facts'] or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_html(s: dict[str, Any], pts: list[dict[str, Any]], stages: list[dict[str, Any]], plots: dict[str, str]) -> str:
+    e = html.escape
+    head, rows = _model_rows(s, pts)
+    cpu = (s.get("environment") or {}).get("model", "?")
+
+    def table(h: list[str], rs: list[list[str]]) -> str:
+        return ("<table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in h) + "</tr></thead><tbody>"
+                + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rs) + "</tbody></table>")
+
+    parts = [f"<h1>kdtoolkit run: profile <code>{e(s['profile'])}</code> ({e(s['backend'])})</h1>",
+             f"<p>Latency measured with {e(s['latency_runtime'])}, candidates interleaved in one process; CPU: {e(cpu)}.</p>",
+             table(head, rows),
+             "<p>Speedup (teacher p50 / student p50): " + e(", ".join(f"{k}: {v:.2f}x" for k, v in s["speedup"].items()))
+             + f". Accuracy change: {-s['accuracy_drop_points']:+.2f} points.</p>"]
+    if plots.get("pareto"):
+        parts.append(f"<h2>Accuracy against latency</h2><img src=\"{e(plots['pareto'])}\" alt=\"accuracy vs latency\">")
+    if plots.get("latency"):
+        parts.append(f"<h2>Latency distributions</h2><img src=\"{e(plots['latency'])}\" alt=\"latency distributions\">")
+    parts.append("<h2>Stages</h2>" + table(["stage", "folder", "kind", "made", "size", "measured"],
+                 [[r["stage"], r["folder"], r["kind"], "skipped: up to date" if r["skipped"] else r["created"],
+                   f"{r['size_bytes'] / 1e6:.2f} MB", r["facts"] or "-"] for r in stages]))
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+             "th:first-child,td:first-child{text-align:left}img{max-width:100%}")
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>kdtoolkit report: {e(s['profile'])}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def write_reports(run_dir: str | Path, summary: dict[str, Any]) -> list[Path]:
+    """Write report.md, report.html and the PNG plots into the run folder (atomically); return their paths."""
+    from kdtoolkit import fsutil
+
+    run_dir = Path(run_dir)
+    pts = points(run_dir, summary)
+    samples = profile_samples(run_dir, summary)
+    stages = stage_rows(run_dir, summary)
+    plots: dict[str, str] = {}
+    written: list[Path] = []
+    with fsutil.atomic_path(run_dir / PARETO_PNG, suffix=".png") as tmp:
+        plot_pareto(pts, tmp, summary.get("latency_runtime", "?"))
+    plots["pareto"] = PARETO_PNG
+    written.append(run_dir / PARETO_PNG)
+    if samples:
+        with fsutil.atomic_path(run_dir / LATENCY_PNG, suffix=".png") as tmp:
+            plot_latency(samples, tmp)
+        plots["latency"] = LATENCY_PNG
+        written.append(run_dir / LATENCY_PNG)
+    written.append(fsutil.write_text(run_dir / "report.md", render_markdown(summary, pts, stages, plots)))
+    written.append(fsutil.write_text(run_dir / "report.html", render_html(summary, pts, stages, plots)))
+    return written
+
+
+def rebuild(run_dir: str | Path) -> list[Path]:
+    """`kdtoolkit report RUN_DIR`: rebuild the reports from summary.json and the stage folders."""
+    return write_reports(run_dir, load_summary(run_dir))
