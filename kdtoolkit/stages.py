@@ -134,6 +134,9 @@ def optimize_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
             shutil.copyfile(src.file("model.onnx"), w.path("model.onnx"))
             label = "onnxruntime-cpu proxy (TensorRT not on this machine; build on the device)"
             w.info["target_latency"] = "not measured: needs the target device"
+            from kdtoolkit.engine.check import record_tensorrt_check  # check.json, counts, build_on_device.sh
+
+            record_tensorrt_check(w, prof, calib_data=ctx.cfg.data.source)
         sess = make_session(w.path("model.onnx"))
         r = evaluate(sess, ctx.splits.test, ctx.splits.spec)
         w.metrics.update({"accuracy": r["accuracy"], "accuracy_runtime": label, "precision": "fp32"})

@@ -321,3 +321,29 @@ def test_cuda_adapter_without_a_gpu_is_a_clear_error(monkeypatch):
     else:
         buf = b.alloc(16)  # a GPU is present: the adapter must really work
         buf.free()
+
+
+def test_offdevice_record_writes_check_counts_and_build_script(tmp_path):
+    """What compress's optimize stage hands over for a TensorRT profile without TensorRT: no engine, a check and commands."""
+    import shutil
+
+    from kdtoolkit.artifact import ArtifactWriter
+    from kdtoolkit.engine.check import record_tensorrt_check
+
+    src = tmp_path / "m.onnx"
+    onnx.save(_conv_relu(), str(src))
+    with ArtifactWriter(tmp_path / "opt", kind="onnx", stage="optimize") as w:
+        shutil.copyfile(src, w.path("model.onnx"))
+        record_tensorrt_check(w, ORIN, calib_data="mnist-mini")
+    art = w.artifact
+    assert art.metrics["tensorrt_check"] == {"errors": 0, "warnings": 0, "tensorrt_version": "8.5"}
+    assert json.loads(art.file("check.json").read_text())["ok"] is True
+    script = art.file("build_on_device.sh").read_text()
+    assert "kdtoolkit build model.onnx --profile jetson-agx-orin --out engine --calib-data mnist-mini" in script
+    assert "--minShapes=x:1x3x16x16 --optShapes=x:1x3x16x16 --maxShapes=x:16x3x16x16 --fp16 --int8 --calib=calibration.cache" in script
+    assert "--builderOptimizationLevel" not in script  # trtexec 8.5 (the profile's oldest) has no such flag
+    assert not list(art.path.glob("*.plan"))  # never pretends to have built an engine
+    with ArtifactWriter(tmp_path / "dla", kind="onnx", stage="optimize") as w:
+        onnx.save(_conv_relu(x_shape=(1, 3, 16, 16)), str(w.path("model.onnx")))
+        record_tensorrt_check(w, DLA)
+    assert "--useDLACore=0 --allowGPUFallback" in w.artifact.file("build_on_device.sh").read_text()

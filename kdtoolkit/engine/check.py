@@ -379,3 +379,25 @@ def dla_reason(n: Any, shapes: dict[str, list[int | str]], consts: dict[str, Any
     if op == "Pad":
         return "Pad: DLA has no standalone padding layer"
     return f"{op} is not a layer DLA runs"
+
+
+def record_tensorrt_check(writer: Any, profile: Any, *, onnx_name: str = "model.onnx", calib_data: str | None = None) -> CheckReport:
+    """For a TensorRT profile built off the device: check.json, counts in metrics, and build_on_device.sh.
+
+    Used by the compress pipeline's optimize stage, so a run without TensorRT still hands over
+    the static check and the exact on-device build commands (never a pretend engine).
+    """
+    from kdtoolkit import fsutil
+    from kdtoolkit.engine.tensorrt import build_commands, build_script
+
+    onnx_path = writer.path(onnx_name)
+    rep = check_file(onnx_path, profile)
+    rep.onnx = onnx_name
+    fsutil.write_json(writer.path("check.json"), rep.to_dict())
+    cmds = build_commands(onnx_path, profile, calib_data=calib_data, onnx_name=onnx_name)
+    script = writer.path("build_on_device.sh")
+    fsutil.write_text(script, build_script(cmds, profile, rep.counts()))
+    script.chmod(0o755)
+    writer.metrics["tensorrt_check"] = {"errors": rep.errors, "warnings": rep.warnings, "tensorrt_version": rep.tensorrt_version}
+    writer.info["on_device_build"] = {"script": "build_on_device.sh", "kdtoolkit": cmds["kdtoolkit"], "trtexec": cmds["trtexec"]}
+    return rep

@@ -539,3 +539,73 @@ class TrtRunner:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.run(x)[self.outputs[0]["name"]]
+
+
+def _shell_quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
+def build_commands(onnx_path: str | os.PathLike[str], profile: Profile, *, calib_data: str | None = None,
+                   onnx_name: str = "model.onnx") -> dict[str, str]:
+    """The exact on-device commands for a TensorRT profile: `kdtoolkit build` and its trtexec equivalent (8.5 .. 10.x)."""
+    import onnx as onnx_lib
+
+    from kdtoolkit.quant.qdq_rules import has_qdq
+
+    model = onnx_lib.load(str(onnx_path))
+    qdq = has_qdq(model)
+    cfg = resolve_config(profile, has_qdq=qdq, timing_cache="timing.cache")
+    kd = ["kdtoolkit", "build", onnx_name, "--profile", profile.name, "--out", "engine"]
+    if cfg.precision == "int8" and not qdq:
+        kd += ["--calib-data", calib_data or "CALIBRATION_DATA"]
+    inits = {t.name for t in model.graph.initializer}
+    inp = next(i for i in model.graph.input if i.name not in inits)
+    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in inp.type.tensor_type.shape.dim]
+    te = ["trtexec", f"--onnx={onnx_name}", "--saveEngine=model.plan", f"--memPoolSize=workspace:{cfg.workspace_mb}M",
+          "--timingCacheFile=timing.cache"]
+    if profile.tensorrt is not None and build_path(profile.tensorrt.min_version).builder_optimization_level:
+        te.append(f"--builderOptimizationLevel={cfg.builder_optimization_level}")  # trtexec >= 8.6
+    if dims and dims[0] == -1:
+        try:
+            mn, op, mx = _profile_shapes(dims, cfg, inp.name)
+        except InputError:  # shapes the profile cannot take: `check` reports them; trtexec then needs them by hand
+            mn = op = mx = tuple(dims)
+        shape = lambda s: "x".join(map(str, s))  # noqa: E731
+        te += [f"--minShapes={inp.name}:{shape(mn)}", f"--optShapes={inp.name}:{shape(op)}", f"--maxShapes={inp.name}:{shape(mx)}"]
+    if cfg.precision in ("fp16", "int8"):
+        te.append("--fp16")
+    if cfg.precision == "int8":
+        te.append("--int8")
+        if not qdq:
+            te.append("--calib=calibration.cache")
+    if cfg.dla_core is not None:
+        te.append(f"--useDLACore={cfg.dla_core}")
+        if cfg.gpu_fallback:
+            te.append("--allowGPUFallback")
+    return {"kdtoolkit": " ".join(_shell_quote(a) for a in kd), "trtexec": " ".join(_shell_quote(a) for a in te),
+            "precision": cfg.precision, "implicit_int8": str(cfg.precision == "int8" and not qdq)}
+
+
+def build_script(cmds: dict[str, str], profile: Profile, counts: dict[str, int]) -> str:
+    """build_on_device.sh: kdtoolkit build when installed, else the trtexec equivalent."""
+    calib_note = ("# implicit INT8: kdtoolkit calibrates from --calib-data; trtexec needs a calibration cache\n"
+                  "# (calibration.cache from an earlier `kdtoolkit build`), else its INT8 scales are placeholders.\n"
+                  if cmds["implicit_int8"] == "True" else "")
+    return (
+        "#!/usr/bin/env bash\n"
+        f"# Build the TensorRT engine for profile {profile.name} ON THE TARGET DEVICE: engines are tied to the GPU\n"
+        "# and the TensorRT version. Nothing here was built or timed on the machine that wrote this file.\n"
+        f"# Static check of model.onnx against the profile: {counts['error']} error(s), {counts['warning']} warning(s) (check.json).\n"
+        "# The trtexec line is for TensorRT 8.5 .. 10.x; on TensorRT >= 11 use kdtoolkit build (strongly typed path).\n"
+        f"{calib_note}"
+        "set -euo pipefail\n"
+        'cd "$(dirname "$0")"\n'
+        'if command -v kdtoolkit >/dev/null 2>&1 && [ "${USE_TRTEXEC:-0}" != 1 ]; then\n'
+        f"  {cmds['kdtoolkit']}\n"
+        "else\n"
+        '  TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"\n'
+        f"  \"$TRTEXEC\" {cmds['trtexec'].split(' ', 1)[1]}\n"
+        "fi\n"
+    )
