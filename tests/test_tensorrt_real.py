@@ -1,0 +1,227 @@
+"""The TensorRT builder and runner: type-checked against tensorrt-stubs here, and really built and run where TensorRT is.
+
+Tests marked ``tensorrt`` need a real TensorRT and a CUDA GPU (the docker images in docker/ run them with
+``pytest -m tensorrt``); the default addopts deselect them. They build real engines from a small exported
+model, run them with TrtRunner and compare with ONNX Runtime: no mocks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- static typing against NVIDIA's stubs
+
+def _stub_dirs() -> tuple[Path, Path] | None:
+    """tensorrt-stubs installs tensorrt/__init__.pyi and tensorrt_bindings/*.pyi into site-packages."""
+    for base in map(Path, sys.path):
+        t, b = base / "tensorrt" / "__init__.pyi", base / "tensorrt_bindings" / "tensorrt.pyi"
+        if t.is_file() and b.is_file():
+            return t.parent, b.parent
+    return None
+
+
+def test_tensorrt_module_type_checks_against_tensorrt_stubs(tmp_path):
+    if importlib.util.find_spec("mypy") is None:
+        pytest.skip("mypy is not installed (pip install 'kdtoolkit[dev]')")
+    dirs = _stub_dirs()
+    if dirs is None:
+        pytest.skip("tensorrt-stubs is not installed (pip install --no-deps tensorrt-stubs)")
+    # The stubs ship without py.typed, so mypy reads them only through MYPYPATH; copy them out of
+    # site-packages (mypy refuses site-packages on MYPYPATH) and repair two generator slips that are
+    # Python syntax errors in tensorrt-stubs 10.13 (a parameter named `in`, a required parameter after
+    # defaulted ones). Errors inside the stubs themselves are silenced; ours are not.
+    stubs = tmp_path / "stubs"
+    for d in dirs:
+        shutil.copytree(d, stubs / d.name, ignore=shutil.ignore_patterns("*.py", "*.pyc", "__pycache__"))
+    pyi = stubs / "tensorrt_bindings" / "tensorrt.pyi"
+    text = re.sub(r"([(,] *)in: ", r"\1in_: ", pyi.read_text())
+    text = re.sub(r"(=\s*[^,()]+,\s*channel_axis: int)\)", r"\1 = ...)", text)
+    pyi.write_text(text)
+    cfg = tmp_path / "mypy.ini"
+    # only TensorRT's stubs are followed (other imports are Any): the point is TensorRT's API, and it keeps mypy fast
+    cfg.write_text("[mypy]\nignore_missing_imports = True\nfollow_imports = skip\n"
+                   "[mypy-tensorrt,tensorrt.*,tensorrt_bindings,tensorrt_bindings.*]\nfollow_imports = silent\nignore_errors = True\n")
+    # the checker must really see the stubs: a deliberate misuse has to fail
+    probe = tmp_path / "probe.py"
+    probe.write_text("import tensorrt as trt\ntrt.Builder(trt.Logger(trt.Logger.WARNING)).create_network('not an int')\n")
+    cache = Path(os.environ.get("KDTOOLKIT_CACHE", Path.home() / ".cache" / "kdtoolkit")) / "mypy-trt"
+    env = {**os.environ, "MYPYPATH": str(stubs)}
+    base = [sys.executable, "-m", "mypy", "--config-file", str(cfg), "--cache-dir", str(cache)]
+    bad = subprocess.run([*base, str(probe)], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert bad.returncode == 1 and "create_network" in bad.stdout, bad.stdout + bad.stderr
+    r = subprocess.run([*base, "kdtoolkit/engine/tensorrt.py", "kdtoolkit/engine/cuda_mem.py"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------- real TensorRT (docker images)
+
+@pytest.fixture(scope="module")
+def trt_ready():
+    from kdtoolkit.errors import KdtError
+
+    try:
+        from kdtoolkit.engine import cuda_mem
+        from kdtoolkit.engine.tensorrt import load_tensorrt
+
+        trt = load_tensorrt()
+        cuda_mem.backend()
+    except KdtError as exc:
+        pytest.skip(f"needs TensorRT and a CUDA GPU: {exc}")
+    return trt
+
+
+PROFILE_YAML = """
+name: test-gpu
+device: gpu
+backend: tensorrt
+precision: {precision}
+batch: {{min: 1, opt: 4, max: 8}}
+max_opset: 17
+quant: {{scheme: tensorrt, calib_size: 64}}
+tensorrt: {{min_version: "8.5", workspace_mb: 256, timing_cache: {cache}}}
+"""
+
+
+def _profile(tmp: Path, precision: str):
+    from kdtoolkit.profiles import parse_profile
+
+    return parse_profile(PROFILE_YAML.format(precision=precision, cache=tmp / "timing.cache"), "test-gpu")
+
+
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory) -> Path:
+    import torch
+
+    from kdtoolkit.export.onnx_export import export_onnx
+    from kdtoolkit.models.zoo import small_cnn
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("onnx")
+    export_onnx(small_cnn(num_classes=10, in_channels=1, width=0.25).eval(), (1, 1, 28, 28), d / "model.onnx")
+    return d / "model.onnx"
+
+
+def _inputs(n: int = 8) -> np.ndarray:
+    from kdtoolkit.data import load_data
+    from kdtoolkit.data.datasets import to_tensor
+
+    sp = load_data("mnist-mini")
+    return to_tensor(sp.test.x[:n], sp.spec).numpy().astype(np.float32)
+
+
+def _ort(onnx_path: Path, x: np.ndarray) -> np.ndarray:
+    from kdtoolkit.engine.ort import make_session
+
+    s = make_session(onnx_path)
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.tensorrt
+def test_fp32_engine_matches_onnxruntime(trt_ready, small_onnx, tmp_path):
+    from kdtoolkit.artifact import Artifact
+    from kdtoolkit.engine.tensorrt import TrtRunner, build_engine
+
+    art = build_engine(small_onnx, _profile(tmp_path, "fp32"), tmp_path / "eng")
+    assert Artifact.load(art.path).verify() == []
+    assert art.info["tensorrt"]["version"] == trt_ready.__version__
+    assert art.info["optimization_profile"]["input"] == {"min": [1, 1, 28, 28], "opt": [4, 1, 28, 28], "max": [8, 1, 28, 28]}
+    x = _inputs(8)
+    ref = _ort(small_onnx, x)
+    with TrtRunner(art.path) as r:
+        for b in (1, 4, 8):
+            got = r(x[:b])
+            assert got.shape == ref[:b].shape
+            np.testing.assert_allclose(got, ref[:b], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.tensorrt
+def test_plan_is_raw_and_loads_with_plain_tensorrt(trt_ready, small_onnx, tmp_path):
+    from kdtoolkit.engine.tensorrt import build_engine
+
+    art = build_engine(small_onnx, _profile(tmp_path, "fp32"), tmp_path / "eng")
+    runtime = trt_ready.Runtime(trt_ready.Logger(trt_ready.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine((art.path / "model.plan").read_bytes())  # no header of ours in the way
+    assert engine is not None and engine.num_io_tensors == 2
+
+
+@pytest.mark.tensorrt
+def test_batch_outside_the_profile_is_a_clear_input_error(trt_ready, small_onnx, tmp_path):
+    from kdtoolkit.engine.tensorrt import TrtRunner, build_engine
+    from kdtoolkit.errors import InputError
+
+    art = build_engine(small_onnx, _profile(tmp_path, "fp32"), tmp_path / "eng")
+    with TrtRunner(art.path) as r:
+        with pytest.raises(InputError, match=r"batch 9 is outside the engine's profile: expected 1..8"):
+            r(np.zeros((9, 1, 28, 28), np.float32))
+
+
+@pytest.mark.tensorrt
+def test_timing_cache_is_written_and_reused(trt_ready, small_onnx, tmp_path):
+    from kdtoolkit.engine.tensorrt import build_engine
+
+    prof = _profile(tmp_path, "fp32")
+    first = build_engine(small_onnx, prof, tmp_path / "a")
+    assert (tmp_path / "timing.cache").stat().st_size > 0 and first.info["timing_cache"]["reused"] is False
+    second = build_engine(small_onnx, prof, tmp_path / "b")
+    assert second.info["timing_cache"]["reused"] is True
+
+
+@pytest.mark.tensorrt
+def test_fp16_engine_agrees_with_onnxruntime(trt_ready, small_onnx, tmp_path):
+    from kdtoolkit.engine.tensorrt import TrtRunner, build_engine
+
+    art = build_engine(small_onnx, _profile(tmp_path, "fp16"), tmp_path / "eng")
+    x = _inputs(8)
+    ref = _ort(small_onnx, x)
+    with TrtRunner(art.path) as r:
+        got = r(x)
+    assert np.abs(got - ref).max() < 0.1
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.875
+    if art.info["tensorrt"]["build_path"]["strongly_typed"]:
+        assert "fp16_conversion" in art.info
+
+
+@pytest.mark.tensorrt
+def test_int8_with_entropy_calibrator_or_refusal(trt_ready, small_onnx, tmp_path):
+    from kdtoolkit.engine.tensorrt import TrtRunner, build_engine
+    from kdtoolkit.errors import InputError
+
+    calib = tmp_path / "calib.npy"
+    np.save(calib, _inputs(64))
+    prof = _profile(tmp_path, "int8")
+    from kdtoolkit.engine.trt_version import build_path
+
+    if build_path(trt_ready.__version__).strongly_typed:
+        with pytest.raises(InputError, match="needs a Q/DQ ONNX"):
+            build_engine(small_onnx, prof, tmp_path / "eng", calib_data=str(calib))
+        return
+    art = build_engine(small_onnx, prof, tmp_path / "eng", calib_data=str(calib))
+    assert (art.path / "calibration.cache").stat().st_size > 0
+    x = _inputs(8)
+    with TrtRunner(art.path) as r:
+        got = r(x)
+    assert (got.argmax(1) == _ort(small_onnx, x).argmax(1)).mean() >= 0.75
+
+
+@pytest.mark.tensorrt
+def test_cli_build_writes_an_engine_artifact(trt_ready, small_onnx, tmp_path):
+    from conftest import run_cli
+
+    prof = tmp_path / "p.yaml"
+    prof.write_text(PROFILE_YAML.format(precision="fp32", cache=tmp_path / "timing.cache"))
+    r = run_cli("build", str(small_onnx), "--profile", str(prof), "--out", str(tmp_path / "eng"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "eng" / "model.plan").is_file() and (tmp_path / "eng" / "manifest.json").is_file()
