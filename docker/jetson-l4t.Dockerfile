@@ -29,13 +29,14 @@ COPY pyproject.toml README.md ./
 COPY kdtoolkit ./kdtoolkit
 COPY deploy ./deploy
 COPY tests ./tests
+# (not the [dev] extra: its tensorrt-stubs pins a TensorRT of its own; the type check runs in CI, not here)
 # TensorRT comes from JetPack (python3-libnvinfer), never from PyPI: the constraint pins the [tensorrt]
 # extra's `tensorrt` to the installed one, so pip keeps JetPack's; pycuda builds against JetPack's CUDA.
 # torch from PyPI (aarch64 CPU build) is enough here: it only exports ONNX; TensorRT runs the engines.
 RUN TRT="$(python3 -c 'import tensorrt; print(tensorrt.__version__)')" \
  && echo "tensorrt==${TRT}" > /tmp/constraints.txt \
  && python3 -m pip install --upgrade pip \
- && python3 -m pip install -c /tmp/constraints.txt ".[tensorrt,dev]" \
+ && python3 -m pip install -c /tmp/constraints.txt ".[tensorrt]" "pytest>=8" \
  && python3 -c "import tensorrt, pycuda.driver, kdtoolkit; print('TensorRT', tensorrt.__version__)"
 
 ENV KDTOOLKIT_DEPLOY_DIR=/opt/kdtoolkit/deploy

@@ -28,11 +28,12 @@ COPY pyproject.toml README.md ./
 COPY kdtoolkit ./kdtoolkit
 COPY deploy ./deploy
 COPY tests ./tests
+# (not the [dev] extra: its tensorrt-stubs pins a TensorRT of its own; the type check runs in CI, not here)
 # the [tensorrt] extra: tensorrt (pinned to the container's own, so pip keeps it) and pycuda (built
 # against the container's CUDA); cuda-python as well, the binding TensorRT's samples use since 10.14
 RUN TRT="$(python3 -c 'import tensorrt; print(tensorrt.__version__)')" \
  && echo "tensorrt==${TRT}" > /tmp/constraints.txt \
- && python3 -m pip install -c /tmp/constraints.txt ".[tensorrt,dev]" cuda-python \
+ && python3 -m pip install -c /tmp/constraints.txt ".[tensorrt]" cuda-python "pytest>=8" \
  && python3 -c "import tensorrt, kdtoolkit; print('TensorRT', tensorrt.__version__)"
 
 ENV KDTOOLKIT_DEPLOY_DIR=/opt/kdtoolkit/deploy

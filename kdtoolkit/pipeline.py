@@ -22,6 +22,7 @@ from kdtoolkit.artifact import Artifact, ArtifactWriter
 from kdtoolkit.distill.trainer import TrainConfig
 from kdtoolkit.errors import InputError
 from kdtoolkit.progress import log
+from kdtoolkit.quant.qat import QatConfig
 from kdtoolkit.student.build import StudentConfig
 
 STAGE_VERSION = 1  # bump when a stage's output for the same inputs changes
@@ -64,6 +65,7 @@ class CompressConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     opset: int | None = Field(None, description="ONNX opset; default: the profile's max (at most 17)")
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
+    qat: QatConfig = Field(default_factory=QatConfig, description="QAT budget when the profile's quant.method is qat")
 
 
 def load_config(path: str | os.PathLike[str]) -> CompressConfig:
@@ -187,8 +189,11 @@ def compress(cfg: CompressConfig, run_dir: str | os.PathLike[str], *, progress: 
     exp_cfg = {"opset": opset, "data": data_cfg, "batch": ctx.profile.batch.model_dump()}
     t_onnx = run_stage(ctx, 3, "export-teacher", S.export_stage, [teacher], exp_cfg)
     s_onnx = run_stage(ctx, 4, "export", S.export_stage, [distilled], exp_cfg)
-    deploy = run_stage(ctx, 5, "optimize", S.optimize_stage, [s_onnx], {"profile": ctx.profile.model_dump(mode="json")})
-    prof = run_stage(ctx, 6, "profile", S.profile_stage, [t_onnx, deploy],
+    quant = run_stage(ctx, 5, "quantize", S.quantize_stage, [teacher, distilled, s_onnx],
+                      {"profile": ctx.profile.model_dump(mode="json"), "qat": cfg.qat.model_dump(mode="json"), "loss": cfg.train.loss.model_dump(mode="json"),
+                       "data": data_cfg, "measure": cfg.measure.model_dump()})
+    deploy = run_stage(ctx, 6, "optimize", S.optimize_stage, [quant], {"profile": ctx.profile.model_dump(mode="json")})
+    prof = run_stage(ctx, 7, "profile", S.profile_stage, [t_onnx, deploy],
                      {"measure": cfg.measure.model_dump(), "profile": ctx.profile.model_dump(mode="json"), "data": data_cfg})
     summary = S.write_summary(ctx, teacher=teacher, student=distilled, deploy=deploy, profile=prof)
     return summary

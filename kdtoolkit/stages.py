@@ -117,6 +117,63 @@ def export_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
     return w.artifact
 
 
+def quantize_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
+    """INT8 per the profile's scheme (QAT under distillation by default, PTQ as the fast option), measured
+    on ORT; for precision auto/int8 decide FP32 vs INT8 from measured latency and accuracy (see
+    kdtoolkit.quant). ``model.onnx`` is the chosen model; ``int8.onnx`` is kept beside it."""
+    from kdtoolkit.quant.ptq import build_int8
+    from kdtoolkit.quant.schemes import pick_precision, scheme_for
+
+    teacher_art, student_art, fp32_art = inputs
+    prof = ctx.profile
+    q = prof.quant
+    fp32 = fp32_art.file("model.onnx")
+    cfg = {"profile": prof.name, "precision_policy": prof.precision, "method": q.method, "qat": ctx.cfg.qat.model_dump(mode="json")}
+    with ArtifactWriter(out_dir, kind="onnx", stage="quantize", config=cfg, parents=[fp32_art, student_art], input_key=key) as w:
+        w.info.update(fp32_art.info)
+        w.metrics.update({k: fp32_art.metrics.get(k) for k in ("params", "macs", "parity") if k in fp32_art.metrics})
+        if prof.precision in ("fp32", "fp16"):
+            shutil.copyfile(fp32, w.path("model.onnx"))
+            w.info["precision"] = prof.precision if prof.precision == "fp32" else "fp32"
+            w.metrics["precision_reason"] = f"profile precision is {prof.precision}; no INT8 made" + \
+                (" (FP16 conversion happens at the engine build)" if prof.precision == "fp16" else "")
+            return w.commit()
+        scheme = scheme_for(prof)
+        student = _load(student_art).module if q.method == "qat" else None
+        teacher = _load(teacher_art).module if q.method == "qat" else None
+        res = build_int8(fp32, w.path("int8.onnx"), ctx.splits, scheme, method=q.method, calib_method=q.calib_method,
+                         calib_size=min(q.calib_size, len(ctx.splits.train)), percentile=q.percentile,
+                         tolerance_points=prof.accuracy_tolerance, student=student, teacher=teacher, qat_cfg=ctx.cfg.qat,
+                         loss=ctx.cfg.train.loss, work=ctx.run_dir / ".work" / f"qat-{key[:12]}",
+                         opset=fp32_art.info.get("opset", 17), seed=ctx.cfg.train.seed, progress=ctx.progress)
+        w.info["quantization"] = res["info"]
+        w.metrics.update(res["metrics"])
+        lat = None
+        if not prof.is_tensorrt:
+            from kdtoolkit.profile.runners import OrtRunner, measure
+
+            m = ctx.cfg.measure
+            bs = sorted({1, prof.batch.opt, 64})
+            log(f"[quantize] timing FP32 and INT8 interleaved at batch {bs} (ONNX Runtime)", enabled=ctx.progress)
+            threads = prof.onnxruntime.intra_op_threads
+            with OrtRunner(fp32, name="fp32", threads=threads) as a, OrtRunner(w.path("int8.onnx"), name="int8", threads=threads) as b:
+                res_t = measure([a, b], bs, warmup=m.warmup, iters=m.iters)
+            lat = {n: {str(bb): {k: v for k, v in st.items() if k != "samples_ms"} for bb, st in per.items()} for n, per in res_t.items()}
+            w.metrics["precision_latency_ms"] = lat
+            w.metrics["int8_speedup"] = {str(bb): lat["fp32"][str(bb)]["p50"] / lat["int8"][str(bb)]["p50"] for bb in bs}
+        opt = str(prof.batch.opt)
+        precision, reason = pick_precision(
+            prof.precision, fp32_ms=lat["fp32"][opt]["p50"] if lat else None, int8_ms=lat["int8"][opt]["p50"] if lat else None,
+            fp32_acc=res["metrics"]["accuracy_fp32"], int8_acc=res["metrics"]["accuracy_int8"],
+            tolerance_points=prof.accuracy_tolerance, batch=prof.batch.opt, tensorrt=prof.is_tensorrt)
+        shutil.copyfile(w.path("int8.onnx") if precision == "int8" else fp32, w.path("model.onnx"))
+        w.info["precision"] = precision
+        w.metrics.update({"precision": precision, "precision_reason": reason,
+                          "accuracy_runtime": "onnxruntime-cpu" + (" (proxy for TensorRT)" if prof.is_tensorrt else "")})
+        log(f"[quantize] shipping {precision}: {reason}", enabled=ctx.progress)
+    return w.artifact
+
+
 def optimize_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
     """Make the deployable model for the profile and measure its accuracy on the runtime that serves it."""
     from kdtoolkit.engine.ort import make_session, optimize_for_ort
@@ -139,8 +196,8 @@ def optimize_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
             record_tensorrt_check(w, prof, calib_data=ctx.cfg.data.source)
         sess = make_session(w.path("model.onnx"))
         r = evaluate(sess, ctx.splits.test, ctx.splits.spec)
-        w.metrics.update({"accuracy": r["accuracy"], "accuracy_runtime": label, "precision": "fp32"})
-        w.metrics.update({k: src.metrics.get(k) for k in ("params", "macs", "parity") if k in src.metrics})
+        w.metrics.update({"accuracy": r["accuracy"], "accuracy_runtime": label, "precision": src.info.get("precision", "fp32")})
+        w.metrics.update({k: src.metrics.get(k) for k in ("params", "macs", "parity", "precision_reason", "kept_in_float") if k in src.metrics})
     return w.artifact
 
 
