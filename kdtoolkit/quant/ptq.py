@@ -1,0 +1,343 @@
+"""Post-training quantization to a QDQ ONNX model, in the profile's scheme.
+
+onnxruntime's ``quantize_static`` does the graph work (QDQ placement, per-channel weights,
+reduce_range, symmetric activations through ``extra_options``) and the MinMax, Entropy and
+Percentile calibrations. It has no MSE calibration, so for ``mse`` we collect the activations
+ourselves (one ORT pass with every candidate tensor as an output) and search, per tensor, the
+clipping range whose quantize-dequantize error is smallest; the ranges go back into
+``quantize_static`` as ``TensorQuantOverrides``, so the graph is built by the same code path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdtoolkit.errors import InputError
+from kdtoolkit.progress import log
+from kdtoolkit.quant.schemes import PASS_THROUGH_OPS, Scheme
+
+MIN_CALIB = 16  # fewer samples give ranges that are noise (and entropy/percentile need a histogram)
+CALIB_METHODS = ("minmax", "entropy", "percentile", "mse")
+_SAMPLE_CAP = 1 << 19  # values kept per tensor for the MSE search (a uniform random subsample)
+# ops that only carry shapes or are fine left in float around quantized ops
+_BENIGN_OPS = {"Shape", "Gather", "Constant", "Softmax", "Cast", "Mul", "Sub", "Div", "Sigmoid", "ReduceMean",
+               "QuantizeLinear", "DequantizeLinear", "BatchNormalization"}
+
+
+def model_input(path: str | os.PathLike[str]) -> tuple[str, list[Any]]:
+    """Name and shape (dims as int or str) of the model's first graph input."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    inp = next(i for i in m.graph.input if i.name not in inits)
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in inp.type.tensor_type.shape.dim]
+    return inp.name, dims
+
+
+def check_calib_shape(onnx_path: str | os.PathLike[str], sample_shape: tuple[int, ...]) -> None:
+    """Calibration images must be C,H,W of the model input (the data is not silently resized here)."""
+    _, dims = model_input(onnx_path)
+    want = dims[1:]
+    got = list(sample_shape)
+    if len(want) != len(got) or any(isinstance(w, int) and w > 0 and w != g for w, g in zip(want, got)):
+        raise InputError(f"calibration data is {'x'.join(map(str, got))} per sample but the model takes "
+                         f"{'x'.join(map(str, want))} (input shape {dims})")
+
+
+def unquantizable_ops(onnx_path: str | os.PathLike[str], scheme: Scheme) -> list[str]:
+    """Op types in the model the scheme cannot quantize: they stay in float (listed for the user)."""
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    ok = set(scheme.quant_ops) | set(PASS_THROUGH_OPS) | _BENIGN_OPS
+    return sorted({n.op_type for n in m.graph.node if n.op_type not in ok})
+
+
+def calib_array(splits: Any, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` normalised samples drawn (seeded) from the training split."""
+    from kdtoolkit.data.datasets import to_tensor
+
+    have = len(splits.train)
+    if n < MIN_CALIB:
+        raise InputError(f"calibration needs at least {MIN_CALIB} samples, got --calib-size {n}")
+    if have < n:
+        raise InputError(f"calibration asked for {n} samples but the training split has only {have}; lower --calib-size")
+    idx = np.sort(np.random.default_rng(seed).choice(have, n, replace=False))
+    return to_tensor(splits.train.x[idx], splits.spec).numpy()
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over an in-memory array, in fixed batches."""
+
+    def __init__(self, name: str, x: np.ndarray, batch: int = 32) -> None:
+        self.name, self.x, self.batch, self.i = name, x, batch, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= len(self.x):
+            return None
+        out = {self.name: self.x[self.i:self.i + self.batch]}
+        self.i += self.batch
+        return out
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def qdq_error(values: np.ndarray, scheme: Scheme, rmin: float, rmax: float) -> float:
+    """Mean squared quantize-dequantize error of ``values`` for one range (ORT's Q: round half to even)."""
+    scale, zp = scheme.act_qparams(rmin, rmax)
+    lo, hi = scheme.act_range
+    q = np.clip(np.round(values / scale) + zp, lo, hi)
+    return float(np.mean(((q - zp) * scale - values) ** 2))
+
+
+def mse_range(values: np.ndarray, scheme: Scheme, steps: int = 60) -> tuple[float, float]:
+    """The clipping range (a shrink of the observed range) with the smallest quantization MSE."""
+    v = values.astype(np.float32, copy=False).ravel()
+    lo, hi = min(float(v.min()), 0.0), max(float(v.max()), 0.0)
+    if hi - lo <= 0:
+        return lo, hi
+    best = (np.inf, lo, hi)
+    for a in np.linspace(0.1, 1.0, steps):
+        r = (lo * a, hi * a)
+        e = qdq_error(v, scheme, *r)
+        if e < best[0]:
+            best = (e, *r)
+    return float(best[1]), float(best[2])
+
+
+def _collect(fp32: Path, x: np.ndarray, tensors: list[str], batch: int = 64) -> dict[str, np.ndarray]:
+    """Run the model once over ``x`` with ``tensors`` as extra outputs; keep a subsample of each."""
+    import onnx
+
+    from kdtoolkit.engine.ort import make_session
+
+    m = onnx.load(str(fp32))
+    have = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in have:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "aug.onnx"
+        onnx.save(m, str(p))
+        sess = make_session(p, level="basic")
+        name = sess.get_inputs()[0].name
+        outs = [o.name for o in sess.get_outputs()]
+        rng = np.random.default_rng(0)
+        acc: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+        nb = -(-len(x) // batch)
+        for i in range(0, len(x), batch):
+            res = dict(zip(outs, sess.run(None, {name: x[i:i + batch]})))
+            for t in tensors:
+                v = np.asarray(res[t], np.float32).ravel()
+                k = min(len(v), _SAMPLE_CAP // nb + 1)
+                # always keep the extremes so the search starts from the true range
+                acc[t].append(np.concatenate([rng.choice(v, k, replace=False) if k < len(v) else v, [v.min(), v.max()]]))
+    return {t: np.concatenate(a) for t, a in acc.items()}
+
+
+def _float_tensors(fp32: Path, scheme: Scheme) -> list[str]:
+    """Activation tensors (inputs and outputs of quantizable / pass-through ops) that may get Q/DQ."""
+    import onnx
+
+    m = onnx.load(str(fp32))
+    inits = {i.name for i in m.graph.initializer}
+    ops = set(scheme.quant_ops) | set(PASS_THROUGH_OPS)
+    names: list[str] = []
+    for n in m.graph.node:
+        if n.op_type in ops:
+            for t in [*n.input, *n.output]:
+                if t and t not in inits and t not in names:
+                    names.append(t)
+    return names
+
+
+def quantize_onnx(
+    fp32: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    calib: np.ndarray,
+    scheme: Scheme,
+    *,
+    method: str = "minmax",
+    percentile: float = 99.99,
+    nodes_to_exclude: list[str] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write the QDQ model of ``fp32`` to ``out``; return what was done (for the manifest)."""
+    from onnxruntime.quantization import CalibrationMethod, quantize_static
+
+    from kdtoolkit import fsutil
+    from kdtoolkit.export.onnx_export import check_onnx
+
+    if method not in CALIB_METHODS:
+        raise InputError(f"unknown calibration method {method!r} (known: {', '.join(CALIB_METHODS)})")
+    fp32 = Path(fp32)
+    check_onnx(fp32)
+    check_calib_shape(fp32, tuple(calib.shape[1:]))
+    name, _ = model_input(fp32)
+    kw = scheme.ort_kwargs()
+    extra = dict(kw.pop("extra_options"))
+    cm = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+          "percentile": CalibrationMethod.Percentile, "mse": CalibrationMethod.MinMax}[method]
+    if method == "percentile":
+        extra["CalibPercentile"] = percentile
+    info: dict[str, Any] = {"calib_method": method, "calib_samples": int(len(calib)), "scheme": scheme.to_manifest(),
+                            "float_ops": unquantizable_ops(fp32, scheme), "nodes_in_float": list(nodes_to_exclude or [])}
+    if method == "mse":
+        tensors = _float_tensors(fp32, scheme)
+        log(f"[quantize] MSE calibration over {len(tensors)} tensors", enabled=progress)
+        vals = _collect(fp32, calib, tensors)
+        overrides = {}
+        for t, v in vals.items():
+            lo, hi = mse_range(v, scheme)
+            overrides[t] = [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+        extra["TensorQuantOverrides"] = overrides
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # ORT logs a "consider pre-processing" warning per call: our export is already simplified
+    with fsutil.atomic_path(out, suffix=".onnx") as tmp:
+        try:
+            quantize_static(str(fp32), str(tmp), _Reader(name, calib), calibrate_method=cm, nodes_to_exclude=nodes_to_exclude or [],
+                            extra_options=extra, **kw)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"onnxruntime quantize_static failed on {fp32}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+        finally:
+            root.setLevel(level)
+        check_onnx(tmp)
+    return info
+
+
+def load_fp32(model: str, *, arch: str | None = None, trust_pickle: bool = False, opset: int = 17,
+              work: Path) -> tuple[Path, dict[str, Any], Any]:
+    """An FP32 ONNX for ``model`` (an .onnx file, an onnx or torch artifact, or any torch model form).
+
+    Returns (onnx path, model metadata, the torch module or None)."""
+    from kdtoolkit.artifact import Artifact
+    from kdtoolkit.export.onnx_export import check_onnx, export_onnx, simplify
+
+    p = Path(model)
+    if not p.exists():
+        raise InputError(f"model not found: {p}")
+    if p.suffix == ".onnx":
+        check_onnx(p)
+        return p, {}, None
+    if p.is_dir() and Artifact.is_artifact(p) and Artifact.load(p).kind == "onnx":
+        art = Artifact.load(p)
+        f = art.file("model.onnx")
+        check_onnx(f)
+        return f, dict(art.info.get("model", {})), None
+    from kdtoolkit.models.loading import load_model
+
+    loaded = load_model(p, arch=arch, trust_pickle=trust_pickle)
+    meta = loaded.meta
+    if "input_size" not in meta or "channels" not in meta:
+        raise InputError(f"{p}: the model carries no input size; export it first with `kdtoolkit export --input-shape C,H,W`")
+    raw = work / "raw.onnx"
+    export_onnx(loaded.module, (1, meta["channels"], *meta["input_size"]), raw, opset=opset)
+    simplify(raw, work / "fp32.onnx")
+    return work / "fp32.onnx", meta, loaded.module
+
+
+def _tensorrt_rule_check(path: Path) -> list[str]:
+    """Run the project's Q/DQ rule check (kdtoolkit.quant.qdq_rules) for the tensorrt scheme; error lines."""
+    import onnx
+
+    from kdtoolkit.quant.qdq_rules import qdq_findings
+
+    return [f.line() for f in qdq_findings(onnx.load(str(path)), "tensorrt") if f.severity == "error"]
+
+
+def build_int8(
+    fp32: Path,
+    out: Path,
+    splits: Any,
+    scheme: Scheme,
+    *,
+    method: str = "ptq",
+    calib_method: str = "minmax",
+    calib_size: int = 512,
+    percentile: float = 99.99,
+    tolerance_points: float = 1.0,
+    student: Any = None,
+    teacher: Any = None,
+    qat_cfg: Any = None,
+    loss: Any = None,
+    work: Path | None = None,
+    opset: int = 17,
+    val_limit: int = 1000,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Make the INT8 QDQ model of ``fp32`` at ``out`` (QAT when ``method='qat'`` and a torch student is
+    given, else PTQ), measure FP32 and INT8 top-1 on the test split with ORT sessions, and fall back to
+    float for the most sensitive layers if INT8 misses the tolerance. Returns info and metrics."""
+    import onnx
+
+    from kdtoolkit.data.datasets import to_tensor
+    from kdtoolkit.engine.ort import make_session
+    from kdtoolkit.evaluate import evaluate
+    from kdtoolkit.export.onnx_export import check_onnx
+    from kdtoolkit.quant import sensitivity
+
+    out = Path(out)
+    info: dict[str, Any] = {"scheme": scheme.to_manifest()}
+    sample = tuple(to_tensor(splits.train.x[:1], splits.spec).shape[1:])
+    check_calib_shape(fp32, sample)
+    if method == "qat" and student is not None:
+        from kdtoolkit.quant.qat import QatConfig, export_qdq, run_qat
+
+        cfg = qat_cfg or QatConfig()
+        log(f"[quantize] QAT under distillation ({cfg.max_steps or 'all'} steps, {cfg.epochs} epoch(s) at most)", enabled=progress)
+        gm, qi = run_qat(student, teacher, splits, scheme, cfg, work or out.parent / ".qat-work", calib_size=calib_size,
+                         loss=loss, progress=progress)
+        qi.update(export_qdq(gm, (1, *sample), out, opset=opset))
+        qi["float_ops"] = unquantizable_ops(fp32, scheme)
+        info.update({"method": "qat", "qat": qi})
+    else:
+        log(f"[quantize] PTQ ({calib_method}, {calib_size} calibration samples from the training split)", enabled=progress)
+        x = calib_array(splits, calib_size, seed=seed)
+        info.update({"method": "ptq", "ptq": quantize_onnx(fp32, out, x, scheme, method=calib_method, percentile=percentile, progress=progress)})
+    float_ops = (info.get("qat") or info.get("ptq") or {}).get("float_ops", [])
+    if float_ops:
+        log(f"[quantize] note: the {scheme.name} scheme does not quantize {', '.join(float_ops)}; they stay in float", enabled=progress)
+    test = splits.test
+    fp32_acc = evaluate(make_session(fp32), test, splits.spec)["accuracy"]
+    int8_acc = evaluate(make_session(out), test, splits.spec)["accuracy"]
+    metrics: dict[str, Any] = {"accuracy_fp32": fp32_acc, "accuracy_int8": int8_acc, "n_test": len(test),
+                               "accuracy_drop_points": 100 * (fp32_acc - int8_acc)}
+    if 100 * (fp32_acc - int8_acc) > tolerance_points and len(splits.val):
+        n = min(val_limit, len(splits.val))
+        idx = np.sort(np.random.default_rng(seed).choice(len(splits.val), n, replace=False))
+        vx = to_tensor(splits.val.x[idx], splits.spec).numpy()
+        vy = splits.val.y[idx]
+        fp32_val = evaluate(make_session(fp32), splits.val.subset(idx), splits.spec)["accuracy"]
+        model, rep = sensitivity.fallback(out, fp32_val, vx, vy, tolerance_points, progress=progress)
+        if rep.get("kept_in_float"):
+            onnx.save(model, str(out))
+            check_onnx(out)
+            after = evaluate(make_session(out), test, splits.spec)["accuracy"]
+            rep.update({"test_accuracy_before": int8_acc, "test_accuracy_after": after,
+                        "cost": f"{len(rep['kept_in_float'])} layer(s) kept in float: +{100 * (after - int8_acc):.2f} points on test"})
+            int8_acc = after
+            metrics.update({"accuracy_int8": int8_acc, "accuracy_drop_points": 100 * (fp32_acc - int8_acc)})
+        info["fallback"] = rep
+    metrics["kept_in_float"] = (info.get("fallback") or {}).get("kept_in_float", [])
+    if scheme.name == "tensorrt":
+        errors = _tensorrt_rule_check(out)
+        info["qdq_rule_check"] = {"scheme": "tensorrt", "errors": errors, "passed": not errors}
+        if errors:
+            from kdtoolkit.errors import CheckFailed
+
+            raise CheckFailed(f"the INT8 model breaks TensorRT's Q/DQ rules: {errors[0]}" + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""))
+    return {"info": info, "metrics": metrics}
