@@ -188,7 +188,7 @@ def _make_calibrator(arrays: np.ndarray | None, batch_size: int, cache_path: Pat
 
         def get_batch(self, names: list[str]) -> list[int]:
             if self.arrays is None or mem is None or self.index + self.bs > len(self.arrays):
-                return []  # TensorRT reads an empty list (None in its docs) as "no more batches"
+                return None  # type: ignore[return-value]  # TensorRT's documented "no more batches" (the stubs say list)
             batch = np.ascontiguousarray(self.arrays[self.index:self.index + self.bs], dtype=np.float32)
             self.index += self.bs
             if self.buf is None:
@@ -200,9 +200,9 @@ def _make_calibrator(arrays: np.ndarray | None, batch_size: int, cache_path: Pat
             return [self.buf.ptr]
 
         def read_calibration_cache(self) -> bytes:
-            if cache_path is not None and cache_path.is_file():
+            if cache_path is not None and cache_path.is_file() and cache_path.stat().st_size:
                 return cache_path.read_bytes()
-            return b""
+            return None  # type: ignore[return-value]  # TensorRT's documented "no cache: calibrate" (the stubs say Buffer)
 
         def write_calibration_cache(self, cache: Any) -> None:
             if cache_path is not None:
@@ -295,8 +295,9 @@ def build_engine(onnx: str | os.PathLike[str], profile: Profile, out_dir: str | 
         flags = 0
         if path.explicit_batch_flag:
             flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-        if path.strongly_typed:
-            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        typed_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        if path.strongly_typed and typed_flag is not None:  # >= 11 networks are strongly typed; the flag may be gone
+            flags |= 1 << int(typed_flag)
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
         if not parser.parse(onnx_for_build.read_bytes(), str(onnx_for_build)):
@@ -339,7 +340,9 @@ def build_engine(onnx: str | os.PathLike[str], profile: Profile, out_dir: str | 
                     elif not cfg.calib_cache:
                         raise InputError("INT8 from an ONNX without Q/DQ needs calibration: give --calib-data (a dataset or a .npy of "
                                          "preprocessed N,C,H,W inputs) or --calib-cache, or a Q/DQ ONNX, or --precision fp16")
-                    calibrator, free_calibrator = _make_calibrator(arrays, cfg.calib_batch_size, calib_out, mem)
+                    calib_bs = min(cfg.calib_batch_size, len(arrays)) if arrays is not None and len(arrays) else cfg.calib_batch_size
+                    cfg = cfg.model_copy(update={"calib_batch_size": calib_bs})
+                    calibrator, free_calibrator = _make_calibrator(arrays, calib_bs, calib_out, mem)
                     config.int8_calibrator = calibrator
                     cal = builder.create_optimization_profile()
                     for name, shp in io_profile.items():
