@@ -196,4 +196,9 @@ def compress(cfg: CompressConfig, run_dir: str | os.PathLike[str], *, progress: 
     prof = run_stage(ctx, 7, "profile", S.profile_stage, [t_onnx, deploy],
                      {"measure": cfg.measure.model_dump(), "profile": ctx.profile.model_dump(mode="json"), "data": data_cfg})
     summary = S.write_summary(ctx, teacher=teacher, student=distilled, deploy=deploy, profile=prof)
+    # last stage: the hand-off bundle (written to a temp folder and renamed, so a rerun replaces it whole)
+    from kdtoolkit.bundle import make_bundle
+
+    log(f"[bundle] writing {run_dir / 'bundle'}", enabled=progress)
+    make_bundle(run_dir, run_dir / "bundle", splits=ctx.splits)
     return summary

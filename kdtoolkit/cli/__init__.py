@@ -37,7 +37,7 @@ def _root(
 
 
 def _register() -> None:
-    from kdtoolkit.cli import compress, info, stages  # noqa: F401  (modules register their commands)
+    from kdtoolkit.cli import bundle, compress, info, stages  # noqa: F401  (modules register their commands)
     from kdtoolkit.cli import quantize  # noqa: F401
     from kdtoolkit.cli import gate, profile, report  # noqa: F401  (profiling, CI gate, reports)
     from kdtoolkit.cli import engine  # noqa: F401  (check, build)

@@ -1,0 +1,229 @@
+"""The hand-off bundle, from a real (small) compress run: make, verify, deploy in a fresh venv, Triton, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_cli
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory, tiny_teacher) -> Path:
+    """A real compress run on mnist-mini, kept small (subsets, one short epoch, few timing rounds)."""
+    from kdtoolkit.distill.trainer import TrainConfig
+    from kdtoolkit.pipeline import CompressConfig, DataConfig, MeasureConfig, compress
+
+    out = tmp_path_factory.mktemp("bundle-run") / "run"
+    cfg = CompressConfig(
+        model=str(tiny_teacher),
+        data=DataConfig(source="mnist-mini", train_limit=1500, test_limit=300),
+        profile="ort-cpu",
+        train=TrainConfig(epochs=1, batch_size=128, lr=0.05, seed=0),
+        measure=MeasureConfig(batches=[1, 8], warmup=2, iters=5),
+    )
+    compress(cfg, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundle(run_dir) -> Path:
+    return run_dir / "bundle"
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "b"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def test_compress_writes_bundle_with_measured_figures(run_dir, bundle):
+    m = json.loads((bundle / "manifest.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert m["schema"] == "kdtoolkit.bundle/1"
+    assert m["metrics"]["latency_ms"]["by_batch"] == summary["student"]["latency_by_batch"]
+    assert m["metrics"]["accuracy"]["value"] == summary["student"]["accuracy"]
+    assert m["inputs"][0]["name"] == "input" and m["inputs"][0]["shape"][1:] == [1, 28, 28]
+    assert m["preprocessing"]["mean"] and len(m["classes"]) == 10
+    assert m["runtime"]["name"] == "onnxruntime" and not m["on_device"]["required"]
+    stages = [n["stage"] for n in m["lineage"]]
+    assert stages[0] == "optimize" and "teacher" in stages and not any(n.get("missing") for n in m["lineage"])
+    for rel in ("model/model.onnx", "reference/input.npy", "reference/expected.npy", "report/report.md", "labels.txt",
+                f"triton/{m['name']}/config.pbtxt", f"triton/{m['name']}/1/model.onnx", "deploy/infer_onnx.py", "README.md"):
+        assert rel in m["files"], rel
+    assert set(m["files"]) == {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file() and p.name != "manifest.json"}
+
+
+def test_manifest_matches_json_schema(bundle):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((REPO / "kdtoolkit" / "schemas" / "bundle-manifest.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.Draft202012Validator(schema).validate(json.loads((bundle / "manifest.json").read_text()))
+
+
+def test_reference_batch_is_kdtoolkit_evaluation(bundle):
+    """expected.npy is kdtoolkit's own ORT evaluation of the bundle's model on the bundle's images."""
+    from PIL import Image
+
+    from kdtoolkit.data.datasets import ArrayData, DataSpec, to_tensor
+    from kdtoolkit.engine.ort import make_session
+    from kdtoolkit.evaluate import predict
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    pre = m["preprocessing"]
+    spec = DataSpec("bundle", tuple(pre["input_size"]), pre["channels"], tuple(pre["mean"]), tuple(pre["std"]), m["classes"])
+    x = np.stack([np.asarray(Image.open(bundle / p))[..., None] for p in m["reference"]["images"]])
+    y = np.load(bundle / "reference/labels.npy")
+    np.testing.assert_array_equal(to_tensor(x, spec).numpy(), np.load(bundle / "reference/input.npy"))
+    logits = predict(make_session(bundle / "model/model.onnx"), ArrayData(x, y), spec)
+    np.testing.assert_allclose(logits, np.load(bundle / "reference/expected.npy"), atol=1e-5)
+
+
+def test_bundle_cli_folder_and_tar_verify(run_dir, tmp_path):
+    r = run_cli("bundle", str(run_dir), "--out", str(tmp_path / "b"), "--samples", "8")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("verify", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert any(ln.startswith("OK") and "hash model/model.onnx" in ln for ln in lines)
+    assert any(ln.startswith("OK") and "reference outputs" in ln for ln in lines)
+    assert not any(ln.startswith("FAIL") for ln in lines)
+    r = run_cli("bundle", str(run_dir), "--out", str(tmp_path / "t"), "--tar")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "t.tar.gz").is_file() and not list(tmp_path.glob(".t*tmp*"))
+    r = run_cli("verify", str(tmp_path / "t.tar.gz"))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.fixture(scope="session")
+def bare_venv(tmp_path_factory) -> Path:
+    """A fresh virtual environment with only numpy, pillow and onnxruntime from the registry."""
+    d = tmp_path_factory.mktemp("bare-venv") / "venv"
+    venv.EnvBuilder(with_pip=True, clear=True).create(d)
+    py = d / "bin" / "python"
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "numpy", "pillow", "onnxruntime"],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        pytest.skip(f"cannot install numpy/pillow/onnxruntime into a fresh venv: {r.stderr.strip()[-300:]}")
+    return py
+
+
+def test_deploy_script_in_bare_venv_matches_kdtoolkit(bundle, bare_venv):
+    r = subprocess.run([str(bare_venv), "-c", "import torch"], capture_output=True)
+    assert r.returncode != 0, "the fresh venv must not have torch"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    r = subprocess.run([str(bare_venv), str(bundle / "deploy" / "infer_onnx.py"), str(bundle), str(bundle / "reference" / "images"), "--json"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=bundle.parent)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    m = json.loads((bundle / "manifest.json").read_text())
+    expected = np.load(bundle / "reference/expected.npy")
+    by_path = {Path(g["path"]).name: g for g in got}
+    assert len(by_path) == len(m["reference"]["images"])
+    for i, rel in enumerate(m["reference"]["images"]):
+        g = by_path[Path(rel).name]
+        assert g["index"] == int(expected[i].argmax())
+        assert g["label"] == m["classes"][g["index"]]
+        z = expected[i].astype(np.float64)
+        p = np.exp(z - z.max())
+        assert abs(g["score"] - p.max() / p.sum()) < 1e-4
+    # plain output: path, label, score
+    r = subprocess.run([str(bare_venv), str(bundle / "deploy" / "infer_onnx.py"), str(bundle), str(bundle / m["reference"]["images"][0])],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and len(r.stdout.strip().split("\t")) == 3
+
+
+def test_verify_names_changed_file(bundle, tmp_path):
+    b = _copy(bundle, tmp_path)
+    data = bytearray((b / "model/model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (b / "model/model.onnx").write_bytes(bytes(data))
+    r = run_cli("verify", str(b))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert any(ln.startswith("FAIL") and "model/model.onnx" in ln for ln in r.stdout.splitlines())
+    assert "model/model.onnx" in r.stderr
+
+
+def test_verify_names_missing_file(bundle, tmp_path):
+    b = _copy(bundle, tmp_path)
+    (b / "reference/labels.npy").unlink()
+    r = run_cli("verify", str(b))
+    assert r.returncode == 1
+    assert "FAIL hash reference/labels.npy: missing" in r.stdout
+
+
+def test_verify_rejects_newer_schema_and_non_bundles(bundle, tmp_path):
+    b = _copy(bundle, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    m["schema_version"] = 99
+    (b / "manifest.json").write_text(json.dumps(m))
+    r = run_cli("verify", str(b))
+    assert r.returncode == 2
+    assert "schema version 99 is newer" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (b / "manifest.json").unlink()
+    r = run_cli("verify", str(b))
+    assert r.returncode == 2 and "no manifest.json" in r.stderr
+
+
+def test_bundle_needs_a_finished_run(run_dir, tmp_path):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("config.yaml",):
+        shutil.copy(run_dir / name, partial / name)
+    shutil.copytree(next(run_dir.glob("00-teacher")), partial / "00-teacher")
+    r = run_cli("bundle", str(partial), "--out", str(tmp_path / "b"))
+    assert r.returncode == 2
+    assert "no final artifact" in r.stderr and not (tmp_path / "b").exists()
+    r = run_cli("bundle", str(tmp_path / "nope"), "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_triton_config_parses_as_model_config(bundle):
+    pytest.importorskip("tritonclient.grpc")
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    cfg = text_format.Parse((bundle / m["triton"]["path"] / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert cfg.name == m["name"] and cfg.platform == "onnxruntime_onnx"
+    assert cfg.max_batch_size == m["profile"]["batch"]["max"]
+    assert cfg.input[0].name == "input" and list(cfg.input[0].dims) == [1, 28, 28]
+    assert cfg.input[0].data_type == model_config_pb2.TYPE_FP32
+    assert cfg.output[0].name == "logits" and list(cfg.output[0].dims) == [10]
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [m["profile"]["batch"]["max"]]
+    assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+
+
+def test_tensorrt_profile_commands_and_triton_plan():
+    """Off-device TensorRT profiles get trtexec commands with the profile's shapes and settings."""
+    pytest.importorskip("tritonclient.grpc")
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from kdtoolkit.bundle import _build_script, _triton_config, trtexec_commands
+    from kdtoolkit.profiles import load_profile
+
+    p = load_profile("jetson-agx-orin")
+    inp = {"name": "input", "shape": ["batch", 3, 32, 32], "dtype": "float32"}
+    c = trtexec_commands(p, inp, qdq=True, calib=None)
+    assert "--minShapes=input:1x3x32x32" in c["build"] and "--maxShapes=input:16x3x32x32" in c["build"]
+    assert "--int8" in c["build"] and "--memPoolSize=workspace:2048" in c["build"] and "--timingCacheFile=timing.cache" in c["build"]
+    assert "--loadEngine=model/model.plan" in c["profile"] and "--shapes=input:1x3x32x32" in c["profile"]
+    script = _build_script(p, c, int8_without_scales=False)
+    assert 'kdtoolkit build model/model.onnx --profile "jetson-agx-orin"' in script
+    r = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+    assert r.returncode == 0, r.stderr
+    text = _triton_config("m", "tensorrt_plan", [inp], [{"name": "logits", "shape": ["batch", 10], "dtype": "float32"}],
+                          p.batch.model_dump(), False, True)
+    cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 16
+    assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert subprocess.run(["bash", "-n", str(REPO / "deploy" / "build_on_device.sh")]).returncode == 0
