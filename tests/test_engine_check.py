@@ -347,3 +347,16 @@ def test_offdevice_record_writes_check_counts_and_build_script(tmp_path):
         onnx.save(_conv_relu(x_shape=(1, 3, 16, 16)), str(w.path("model.onnx")))
         record_tensorrt_check(w, DLA)
     assert "--useDLACore=0 --allowGPUFallback" in w.artifact.file("build_on_device.sh").read_text()
+
+
+def test_the_projects_own_tensorrt_qdq_passes_and_its_ort_qdq_does_not(resnet20_onnx, tmp_path):
+    """The quantizer's TensorRT-scheme QDQ model has no error under the check; its ort_x86 one (u8 activations) is refused."""
+    quant = pytest.importorskip("kdtoolkit.quant.ptq")
+    from kdtoolkit.quant.schemes import scheme_for
+
+    calib = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    quant.quantize_onnx(resnet20_onnx, tmp_path / "trt.onnx", calib, scheme_for(ORIN))
+    rep = check_file(tmp_path / "trt.onnx", ORIN)
+    assert rep.errors == 0, rep.lines()
+    quant.quantize_onnx(resnet20_onnx, tmp_path / "ort.onnx", calib, scheme_for(load_profile("ort-cpu"), reduce_range=False))
+    assert {"qdq.dtype", "qdq.zero_point"} & {f.rule for f in check_file(tmp_path / "ort.onnx", ORIN).findings if f.severity == "error"}
