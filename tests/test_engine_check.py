@@ -219,7 +219,7 @@ def test_dla_refuses_fp32_and_flags_qdq_before_tensorrt_11():
 
 def test_ort_profile_only_checks_opset_and_its_own_scheme():
     rep = check_model(_qdq_model(act_zp=128, act_zp_dtype=np.uint8), load_profile("ort-cpu"))
-    assert rep.ok and rep.tensorrt_version is None
+    assert rep.ok and rep.tensorrt_version is None and [f.rule for f in rep.findings] == ["backend"]
 
 
 def test_check_file_errors_are_input_errors(tmp_path):
@@ -303,6 +303,8 @@ def test_cli_build_without_tensorrt_exits_3_with_the_install_hint(tmp_path):
     assert "pip install 'kdtoolkit[tensorrt]'" in r.stderr and "docker/tensorrt-x86.Dockerfile" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "eng").exists()
+    r = run_cli("build", str(p), "--profile", "ort-cpu", "--out", str(tmp_path / "eng"))
+    assert r.returncode == 2 and "pick a tensorrt profile" in r.stderr
 
 
 def test_cuda_adapter_without_a_gpu_is_a_clear_error(monkeypatch):

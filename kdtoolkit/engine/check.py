@@ -156,6 +156,8 @@ def check_model(model: Any, profile: Any, *, source: str = "<model>", tensorrt_v
                          f"re-export with --opset {profile.max_opset}"))
     if trt_cfg is None:
         f.extend(qdq_findings(model, profile.quant.scheme))
+        f.append(Finding("info", "", "backend", f"profile {profile.name} serves with {profile.backend}: only the opset and its "
+                                                f"{profile.quant.scheme} Q/DQ rules apply (no TensorRT parser or DLA rules)"))
         return rep
     f.extend(_op_findings(model, version or "8.5"))
     f.extend(qdq_findings(model, "tensorrt"))

@@ -266,6 +266,8 @@ def build_engine(onnx: str | os.PathLike[str], profile: Profile, out_dir: str | 
 
     say = log or (lambda msg: None)
     src_path, parents, meta = _resolve_onnx(onnx)
+    if not profile.is_tensorrt:  # a usage error (exit 2) before the missing-TensorRT one (exit 3)
+        raise InputError(f"profile {profile.name} has backend {profile.backend}; `build` makes TensorRT engines: pick a tensorrt profile")
     load_tensorrt()
     version = installed_version()
     path = build_path(version)
