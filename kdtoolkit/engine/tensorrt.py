@@ -326,6 +326,9 @@ def build_engine(onnx: str | os.PathLike[str], profile: Profile, out_dir: str | 
             tc = config.create_timing_cache(cache_file.read_bytes() if cache_loaded else b"")
             config.set_timing_cache(tc, ignore_mismatch=False)
         calib_out: Path | None = None
+        tf32 = getattr(trt.BuilderFlag, "TF32", None)
+        if cfg.precision == "fp32" and tf32 is not None:
+            config.clear_flag(tf32)  # TF32 is on by default on Ampere and newer: fp32 means fp32 here
         if path.precision_flags:
             if cfg.precision in ("fp16", "int8"):
                 config.set_flag(trt.BuilderFlag.FP16)
