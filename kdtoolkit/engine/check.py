@@ -10,12 +10,15 @@ Sources, kept next to the tables they fed:
   operators up to Opset 17"), release/8.5-GA, with the additions of later parsers listed in
   ``ADDED_IN``. https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md
 - DLA limits: TensorRT developer guide, "DLA Supported Layers and Restrictions"
-  (https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/dla-layer-restrictions.html):
-  batch <= 4096, non-batch dims <= 8192, no dynamic dimensions (min = opt = max), FP16/INT8 only;
-  convolution kernel 1..32, padding 0..31, stride 1..8, dilation 1..32, groups and output maps
-  <= 8192; deconvolution padding 0; pooling 2D max/average with window 1..8, padding 0..7, stride
-  1..16; activations ReLU, Sigmoid, TanH, clipped ReLU, leaky ReLU; concatenation along channels;
-  LRN window 3, 5, 7 or 9. Layers outside these fall back to the GPU (GPU_FALLBACK) or fail the build.
+  (https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/dla-layer-restrictions.html).
+  General restrictions as that page states them: batch <= 4096, non-batch dims <= 8192, no dynamic
+  dimensions (min = opt = max), FP16/INT8 only; activations 2D only (ReLU, Sigmoid, TanH, Clip, ...).
+  Per-layer limits as in the 8.6/10.x editions of that section (check your version's page when a
+  finding surprises you): convolution kernel 1..32, padding 0..31, stride 1..8, dilation 1..32, groups
+  and output maps <= 8192; deconvolution padding 0; pooling 2D max/average with window 1..8, padding
+  0..7, stride 1..16; leaky ReLU too; concatenation along channels; LRN window 3, 5, 7 or 9. TensorRT
+  before 11 takes DLA INT8 from a calibrator (implicit), not from Q/DQ nodes. Layers outside these
+  fall back to the GPU (GPU_FALLBACK) or fail the build.
 """
 
 from __future__ import annotations
