@@ -66,6 +66,66 @@ def test_tensorrt_module_type_checks_against_tensorrt_stubs(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+# ---------------------------------------------------------------- builder pieces that need no TensorRT
+
+def test_resolve_config_from_profiles():
+    from kdtoolkit.engine.tensorrt import resolve_config
+    from kdtoolkit.engine.trt_version import build_path
+    from kdtoolkit.errors import InputError
+    from kdtoolkit.profiles import load_profile
+
+    orin = resolve_config(load_profile("jetson-agx-orin"), has_qdq=False, trt_path=build_path("8.5.2"))
+    assert (orin.precision, orin.batch_min, orin.batch_opt, orin.batch_max, orin.workspace_mb) == ("int8", 1, 1, 16, 2048)
+    assert orin.timing_cache and orin.timing_cache.endswith(os.path.join("trt-8.5.2", "timing.cache"))
+    dla = resolve_config(load_profile("jetson-agx-orin-dla"), has_qdq=False)
+    assert (dla.dla_core, dla.batch_min, dla.batch_max, dla.calib_batch_size) == (0, 1, 1, 1)
+    gpu = load_profile("desktop-gpu")
+    assert resolve_config(gpu, has_qdq=True).precision == "int8"  # auto + Q/DQ
+    assert resolve_config(gpu, has_qdq=False).precision == "fp16"  # auto, nothing measured at build time
+    assert resolve_config(gpu, has_qdq=False, precision="fp32").precision_reason == "from --precision"
+    with pytest.raises(InputError, match="pick a tensorrt profile"):
+        resolve_config(load_profile("ort-cpu"), has_qdq=False)
+
+
+def test_profile_shapes_and_their_errors():
+    from kdtoolkit.engine.tensorrt import BuildConfig, _profile_shapes
+    from kdtoolkit.errors import InputError
+
+    cfg = BuildConfig(precision="fp16", batch_min=1, batch_opt=4, batch_max=8)
+    assert _profile_shapes([-1, 3, 32, 32], cfg, "x") == ((1, 3, 32, 32), (4, 3, 32, 32), (8, 3, 32, 32))
+    with pytest.raises(InputError, match="only the batch axis"):
+        _profile_shapes([-1, 3, -1, -1], cfg, "x")
+    with pytest.raises(InputError, match="fixed batch 1"):
+        _profile_shapes([1, 3, 32, 32], cfg, "x")
+    static = cfg.model_copy(update={"static_input_shape": [2, 3, 32, 32]})
+    assert _profile_shapes([-1, 3, 32, 32], static, "x") == ((2, 3, 32, 32),) * 3
+    with pytest.raises(InputError, match="does not fit the profile's static shape"):
+        _profile_shapes([-1, 3, 16, 16], static, "x")
+
+
+def test_fp16_conversion_for_strongly_typed_tensorrt_keeps_fp32_io(tmp_path):
+    """TensorRT >= 11 gets FP16 by converting the ONNX: the converted model must still take and give fp32."""
+    import onnx
+    import torch
+
+    from kdtoolkit.engine.ort import make_session
+    from kdtoolkit.engine.tensorrt import convert_onnx_fp16
+    from kdtoolkit.export.onnx_export import export_onnx
+    from kdtoolkit.models.zoo import small_cnn
+
+    torch.manual_seed(0)
+    export_onnx(small_cnn(num_classes=10, in_channels=1, width=0.25).eval(), (1, 1, 28, 28), tmp_path / "fp32.onnx")
+    tool = convert_onnx_fp16(tmp_path / "fp32.onnx", tmp_path / "fp16.onnx")
+    assert "float16" in tool
+    m = onnx.load(str(tmp_path / "fp16.onnx"))
+    assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in m.graph.initializer)
+    x = _inputs(8)
+    ref = make_session(tmp_path / "fp32.onnx").run(None, {"input": x})[0]
+    got = make_session(tmp_path / "fp16.onnx").run(None, {"input": x})[0]
+    assert got.dtype == np.float32 and np.abs(got - ref).max() < 0.05
+
+
 # ---------------------------------------------------------------- real TensorRT (docker images)
 
 @pytest.fixture(scope="module")
