@@ -89,7 +89,7 @@ def gate_rep(cand: str, base: str, out: Path) -> dict:
 def stored_rep(model: str, work: Path, i: int) -> dict:
     base = work / f"stored_base_{i}.json"
     t0 = time.time()
-    p = cli("profile", model, "--batch", "1", "--iters", "500", "--json", str(base))
+    p = cli("profile", model, "--batch", "1", "--iters", "1000", "--json", str(base))
     if p.returncode != 0:
         return {"rc": p.returncode, "stderr": p.stderr.strip()[-300:]}
     rec = gate_rep(model, str(base), work / f"stored_gate_{i}.json")
@@ -99,7 +99,7 @@ def stored_rep(model: str, work: Path, i: int) -> dict:
 
 def repeat_rep(a: str, b: str, work: Path, i: int) -> dict:
     out = work / f"repeat_{i}.json"
-    r = cli("profile", a, b, "--batch", "1", "--iters", "500", "--json", str(out))
+    r = cli("profile", a, b, "--batch", "1", "--iters", "1000", "--json", str(out))
     if r.returncode != 0:
         return {"rc": r.returncode, "stderr": r.stderr.strip()[-300:]}
     res = json.loads(out.read_text())["results"]
@@ -163,7 +163,7 @@ def main() -> None:
     doc.setdefault("started", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     doc["models"] = {"A": "cifar_resnet20 (kaiming init + BN statistics from 5 batches), ONNX opset 17",
                      "B": "A with one more BasicBlock in stage 2 (32 channels, 16x16)"}
-    doc["gate_defaults"] = ("kdtoolkit gate defaults: batch 1, 500 interleaved rounds, 20 warm-up, p10 latency ratio, "
+    doc["gate_defaults"] = ("kdtoolkit gate defaults: batch 1, 1000 interleaved rounds, 20 warm-up, p10 latency ratio, "
                             "one-sided Mann-Whitney U alpha 0.01, limit 5 % in-job / 30 % stored; ORT CPU, all cores, spinning off")
     doc.setdefault("phases", {})
     m = make_models(args.work)

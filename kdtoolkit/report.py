@@ -99,7 +99,7 @@ def stage_rows(run_dir: Path, s: dict[str, Any]) -> list[dict[str, Any]]:
         if m.get("precision"):
             facts.append(str(m["precision"]))
         if isinstance(m.get("parity"), dict) and "max_abs_diff" in m["parity"]:
-            facts.append(f"parity max|diff| {m['parity']['max_abs_diff']:.2g}")
+            facts.append(f"parity max abs diff {m['parity']['max_abs_diff']:.2g}")
         if isinstance(m.get("train_time_s"), (int, float)):
             facts.append(f"trained {m['train_time_s']:.0f} s")
         rows.append({"stage": name, "folder": d.name, "kind": man.get("kind", "?"), "created": man.get("created", "?"),
@@ -121,7 +121,7 @@ def _plt():
 def plot_pareto(pts: list[dict[str, Any]], path: Path, runtime: str) -> Path:
     """Top-1 against p50 latency, one panel per batch size; the Pareto front joins the undominated points."""
     plt = _plt()
-    batches = sorted({b for p in pts for b in p["latency"]}, key=int)
+    batches = sorted(pts[0]["latency"], key=int)  # the profile session's batch sizes (teacher and student)
     fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 4.2), squeeze=False)
     for ax, b in zip(axes[0], batches):
         here = [p for p in pts if b in p["latency"]]
@@ -176,7 +176,11 @@ def plot_latency(samples: dict[str, dict[str, list[float]]], path: Path) -> Path
             ax.annotate(f"p50 {med:.2f} ms (n={len(d)})", (med, i), textcoords="offset points", xytext=(0, 14),
                         ha="center", fontsize=8)
         ax.set_ylim(0.4, len(labels) + 0.8)
-        ax.set_xlabel(f"latency per batch of {b} (ms); whiskers p1-p99, dots beyond")
+        lo, hi = min(min(d) for d in data), max(max(d) for d in data)
+        log = lo > 0 and hi / lo > 5  # a long tail (a loaded machine) would squash the boxes on a linear axis
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel(f"latency per batch of {b} (ms{', log scale' if log else ''}); whiskers p1-p99, dots beyond")
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("Latency distributions (raw samples, models interleaved in one process)", fontsize=10)
     fig.tight_layout()
@@ -188,7 +192,7 @@ def plot_latency(samples: dict[str, dict[str, list[float]]], path: Path) -> Path
 # --- documents --------------------------------------------------------------------------------------
 
 def _model_rows(s: dict[str, Any], pts: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    bs = sorted({b for p in pts for b in p["latency"]}, key=int)
+    bs = sorted(pts[0]["latency"], key=int)
     head = ["model", "top-1 (test)", "params", "size"] + [f"p50 b{b} (ms)" for b in bs]
     rows = []
     for p in pts:

@@ -21,8 +21,9 @@ def gate_cmd(
     alpha: Annotated[float, typer.Option("--alpha", help="significance level of the one-sided Mann-Whitney U test")] = 0.01,
     quantile: Annotated[float, typer.Option("--quantile", help="latency quantile compared (0.1 = p10: robust to a loaded machine's tail; 0.5 = median)")] = 0.1,
     batch: Batches = None,
-    iters: Annotated[Optional[int], typer.Option("--iters", help="interleaved rounds per batch (default 500)")] = None,
+    iters: Annotated[Optional[int], typer.Option("--iters", help="interleaved rounds per batch (default 1000)")] = None,
     time_budget: Budget = None,
+    warmup: Annotated[int, typer.Option("--warmup", help="untimed runs per model and batch")] = 20,
     threads: Annotated[int, typer.Option("--threads", help="intra-op threads (0 = all cores)")] = 0,
     allow_env_mismatch: Annotated[bool, typer.Option("--allow-env-mismatch", help="compare stored numbers from another device/settings anyway")] = False,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="write JUnit XML here")] = None,
@@ -47,7 +48,7 @@ def gate_cmd(
     bs = parse_ints(batch, "--batch")
     s = GateSettings(max_slowdown=parse_percent(max_slowdown), max_accuracy_drop=max_accuracy_drop, alpha=alpha, quantile=quantile,
                      batches=list(bs) if bs else None, iters=iters or DEFAULT_ROUNDS, time_budget_s=time_budget,
-                     threads=threads, allow_env_mismatch=allow_env_mismatch)
+                     warmup=warmup, threads=threads, allow_env_mismatch=allow_env_mismatch)
     result = run_gate(candidate, baseline, s)
     write_outputs(result, junit=junit, summary=summary, json_out=json_out)
     typer.echo(markdown_summary(result).rstrip())
