@@ -126,6 +126,18 @@ def test_fp16_conversion_for_strongly_typed_tensorrt_keeps_fp32_io(tmp_path):
     assert got.dtype == np.float32 and np.abs(got - ref).max() < 0.05
 
 
+def test_calibration_arrays_from_a_dataset_or_a_npy(tmp_path):
+    from kdtoolkit.engine.tensorrt import calibration_arrays
+    from kdtoolkit.errors import InputError
+
+    a = calibration_arrays("mnist-mini", (1, 28, 28), limit=32)  # training split, normalised like the model
+    assert a.shape == (32, 1, 28, 28) and a.dtype == np.float32
+    np.save(tmp_path / "c.npy", a)
+    assert calibration_arrays(str(tmp_path / "c.npy"), (1, 28, 28), limit=8).shape == (8, 1, 28, 28)
+    with pytest.raises(InputError, match="must be N,3,28,28, got"):
+        calibration_arrays(str(tmp_path / "c.npy"), (3, 28, 28), limit=8)
+
+
 # ---------------------------------------------------------------- real TensorRT (docker images)
 
 @pytest.fixture(scope="module")

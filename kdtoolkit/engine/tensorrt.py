@@ -146,12 +146,10 @@ def convert_onnx_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) 
 
 def calibration_arrays(source: str, input_shape: tuple[int, ...], *, limit: int, meta: dict[str, Any] | None = None,
                        seed: int = 0) -> np.ndarray:
-    """Float32 N,C,H,W calibration inputs: a .npy/.npz of preprocessed arrays, or a dataset (training split)."""
+    """Float32 N,C,H,W calibration inputs: a .npy of preprocessed arrays, or a dataset (its training split; .npz is a dataset)."""
     p = Path(source)
-    if p.suffix in (".npy", ".npz") and p.is_file():
-        data = np.load(p)
-        arr = data if isinstance(data, np.ndarray) else (data["input"] if "input" in data.files else data[data.files[0]])
-        arr = np.asarray(arr, dtype=np.float32)
+    if p.suffix == ".npy" and p.is_file():
+        arr = np.asarray(np.load(p), dtype=np.float32)
         if arr.ndim != 4 or tuple(arr.shape[1:]) != tuple(input_shape):
             raise InputError(f"{source}: calibration arrays must be N,{','.join(map(str, input_shape))}, got {tuple(arr.shape)}")
         return arr[:limit]
