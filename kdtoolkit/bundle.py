@@ -210,39 +210,29 @@ def _triton_config(name: str, platform: str, inputs: list[dict[str, Any]], outpu
     return "\n".join(lines) + "\n"
 
 
-def trtexec_commands(profile: Any, inp: dict[str, Any], *, qdq: bool, calib: str | None, onnx: str = "model/model.onnx",
-                     engine: str = "model/model.plan") -> dict[str, str]:
-    """The trtexec build and timing commands that match the profile's TensorRT settings."""
-    t = profile.tensorrt
-    shape = list(inp["shape"])
-    name = inp["name"]
-    args = [f"--onnx={onnx}", f"--saveEngine={engine}"]
-    if profile.static_input_shape is None and not isinstance(shape[0], int):
-        def s(b: int) -> str:
-            return "x".join(str(v) for v in [b, *shape[1:]])
-        args += [f"--minShapes={name}:{s(profile.batch.min)}", f"--optShapes={name}:{s(profile.batch.opt)}",
-                 f"--maxShapes={name}:{s(profile.batch.max)}"]
-        run_shape = f"--shapes={name}:{s(profile.batch.opt)}"
-    else:
-        run_shape = ""
-    prec = profile.precision
-    if prec in ("int8", "auto"):
-        args.append("--int8")
-        if not qdq and calib:
-            args.append(f"--calib={calib}")
-    if prec in ("fp16", "auto") or (prec == "int8" and t.dla_core is not None):
-        args.append("--fp16")
-    if t.dla_core is not None:
-        args.append(f"--useDLACore={t.dla_core}")
-        if t.gpu_fallback:
-            args.append("--allowGPUFallback")
-    args.append(f"--memPoolSize=workspace:{t.workspace_mb}")
-    if t.timing_cache:
-        args.append(f"--timingCacheFile={t.timing_cache}")
-    build = "trtexec " + " ".join(args)
-    prof = f"trtexec --loadEngine={engine} {run_shape} --warmUp=500 --duration=10 --useSpinWait --exportTimes=trtexec_times.json".replace("  ", " ")
-    return {"build": build, "builder_optimization_level": f"--builderOptimizationLevel={t.builder_optimization_level}",
-            "profile": prof}
+def on_device_commands(onnx_src: Path, profile: Any, inp: dict[str, Any], *, calib_data: str | None = None) -> dict[str, str]:
+    """The on-device build and timing commands, run from the bundle root.
+
+    The build lines come from the engine module (one source of truth for how kdtoolkit builds for a
+    profile); only the paths are moved to the bundle's layout (model/model.onnx -> model/model.plan).
+    """
+    from kdtoolkit.engine.tensorrt import build_commands
+
+    c = build_commands(onnx_src, profile, calib_data=calib_data, onnx_name="model/model.onnx")
+    te = c["trtexec"].replace("--saveEngine=model.plan", "--saveEngine=model/model.plan").replace(
+        "--calib=calibration.cache", "--calib=model/calibration.cache")
+    shape = ""
+    if profile.static_input_shape is None and not isinstance(inp["shape"][0], int):
+        shape = f" --shapes={inp['name']}:" + "x".join(str(v) for v in [profile.batch.opt, *inp["shape"][1:]])
+    return {
+        "kdtoolkit_build": c["kdtoolkit"],
+        "trtexec_build": te,
+        "trtexec_profile": f"trtexec --loadEngine=model/model.plan{shape} --warmUp=500 --duration=10 --useSpinWait "
+                           "--exportTimes=trtexec_times.json",
+        "kdtoolkit_profile": f"kdtoolkit profile model/model.plan --profile {profile.name}",
+        "precision": c["precision"],
+        "implicit_int8": c["implicit_int8"],
+    }
 
 
 def _has_qdq(onnx_path: Path) -> bool:
@@ -252,33 +242,31 @@ def _has_qdq(onnx_path: Path) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node)
 
 
-def _build_script(profile: Any, cmds: dict[str, str], *, int8_without_scales: bool) -> str:
-    lvl = cmds["builder_optimization_level"]
-    warn = ("echo 'note: the ONNX has no Q/DQ scales and the run made no calibration cache: trtexec --int8 would use "
-            "placeholder scales; build FP16 instead or calibrate on the device (kdtoolkit build)' >&2\n") if int8_without_scales else ""
+def _build_script(profile: Any, cmds: dict[str, str]) -> str:
+    """build_on_device.sh at the bundle root: build (kdtoolkit build, else trtexec), install into Triton, time it."""
+    note = ("# implicit INT8: kdtoolkit build calibrates from --calib-data; trtexec needs model/calibration.cache,\n"
+            "# else its INT8 scales are placeholders.\n") if cmds["implicit_int8"] == "True" else ""
+    te_args = cmds["trtexec_build"].split(" ", 1)[1]
     return f"""#!/usr/bin/env bash
-# Build the TensorRT engine for profile '{profile.name}' on the target device, from this bundle's ONNX,
-# with the settings the run used, then time it. Engines are tied to the GPU and TensorRT version:
-# run this on the device (JetPack ships trtexec under /usr/src/tensorrt/bin).
-set -euo pipefail
+# Build the TensorRT engine for profile '{profile.name}' ON THE TARGET DEVICE from this bundle's ONNX, with the
+# settings of the run, then time it. Engines are tied to the GPU and TensorRT version; nothing in this bundle
+# was built or timed on the device. The trtexec line is for TensorRT 8.5 .. 10.x (JetPack: /usr/src/tensorrt/bin).
+{note}set -euo pipefail
 cd "$(dirname "$0")"
 TRTEXEC="${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}}"
-{warn}if command -v kdtoolkit >/dev/null 2>&1 && [ "${{USE_TRTEXEC:-0}}" != 1 ]; then
+if command -v kdtoolkit >/dev/null 2>&1 && [ "${{USE_TRTEXEC:-0}}" != 1 ]; then
   # kdtoolkit's builder reads the installed TensorRT version and takes the matching path
-  kdtoolkit build model/model.onnx --profile "{profile.name}" --out engine
+  {cmds['kdtoolkit_build']}
   cp engine/model.plan model/model.plan
 else
-  HELP="$("$TRTEXEC" --help 2>&1 || true)"
-  EXTRA=""
-  # --builderOptimizationLevel exists from TensorRT 8.6; --skipInference replaced --buildOnly in 8.6
-  if grep -q -- --builderOptimizationLevel <<<"$HELP"; then EXTRA="{lvl}"; fi
-  if grep -q -- --skipInference <<<"$HELP"; then EXTRA="$EXTRA --skipInference"; else EXTRA="$EXTRA --buildOnly"; fi
-  "$TRTEXEC" {cmds['build'][len('trtexec '):]} $EXTRA
+  # build only (--skipInference from TensorRT 8.6, --buildOnly before)
+  if "$TRTEXEC" --help 2>&1 | grep -q -- --skipInference; then ONLY=--skipInference; else ONLY=--buildOnly; fi
+  "$TRTEXEC" {te_args} $ONLY
 fi
 for d in triton/*/; do mkdir -p "$d/1" && cp model/model.plan "$d/1/model.plan"; done
-# the latency on the device (the figure this bundle could not measure off the device)
-"${{TRTEXEC}}" {cmds['profile'][len('trtexec '):]}
-echo "then: python deploy/infer_tensorrt.py . IMAGE_OR_FOLDER   and   kdtoolkit verify ."
+# the latency on the device: the figure this bundle could not measure off the device
+"$TRTEXEC" {cmds['trtexec_profile'].split(' ', 1)[1]}
+echo "engine: model/model.plan; next: python deploy/infer_tensorrt.py . IMAGE_OR_FOLDER"
 """
 
 
@@ -436,17 +424,15 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
         cmds: dict[str, str] = {}
         needs: list[str] = []
         if profile.is_tensorrt:
-            tc = trtexec_commands(profile, inputs[0], qdq=qdq, calib=calib_file)
-            cmds = {"kdtoolkit_build": f"kdtoolkit build model/model.onnx --profile {profile.name} --out engine",
-                    "trtexec_build": tc["build"] + " " + tc["builder_optimization_level"] + "  # drop the last flag on TensorRT 8.5",
-                    "trtexec_profile": tc["profile"],
-                    "kdtoolkit_profile": f"kdtoolkit profile model/model.plan --profile {profile.name}"}
+            cmds = on_device_commands(onnx_src, profile, inputs[0], calib_data=cfg.data.source)
+            if "check.json" in deploy.manifest.files:  # the static TensorRT check the optimize stage ran
+                put("model/check.json", deploy.file("check.json"))
             if engine is None:
                 needs = ["the TensorRT engine (model/model.plan): engines are tied to the GPU and TensorRT version",
                          f"latency on the target ({profile.device}, TensorRT): not measured; the latency figures here are "
                          f"{summary.get('latency_runtime', 'ONNX Runtime CPU')} and only a proxy",
                          "accuracy of the engine: the accuracy here is the ONNX model on ONNX Runtime CPU (a proxy)"]
-                put("build_on_device.sh", _build_script(profile, tc, int8_without_scales=(profile.precision == "int8" and not qdq and not calib_file)))
+                put("build_on_device.sh", _build_script(profile, cmds))
                 os.chmod(tmp / "build_on_device.sh", 0o755)
         if needs:
             statement = ("Built off the device: these figures need the target device and are NOT in this bundle: "

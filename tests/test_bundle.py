@@ -202,28 +202,35 @@ def test_triton_config_parses_as_model_config(bundle):
     assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
 
 
-def test_tensorrt_profile_commands_and_triton_plan():
-    """Off-device TensorRT profiles get trtexec commands with the profile's shapes and settings."""
+def test_tensorrt_profile_bundle_states_what_needs_the_device(run_dir, tmp_path):
+    """A TensorRT profile built off the device: on-device commands, a tensorrt_plan Triton entry, no target latency."""
+    import yaml
+
     pytest.importorskip("tritonclient.grpc")
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from kdtoolkit.bundle import _build_script, _triton_config, trtexec_commands
-    from kdtoolkit.profiles import load_profile
+    from kdtoolkit.bundle import make_bundle, verify_bundle
 
-    p = load_profile("jetson-agx-orin")
-    inp = {"name": "input", "shape": ["batch", 3, 32, 32], "dtype": "float32"}
-    c = trtexec_commands(p, inp, qdq=True, calib=None)
-    assert "--minShapes=input:1x3x32x32" in c["build"] and "--maxShapes=input:16x3x32x32" in c["build"]
-    assert "--int8" in c["build"] and "--memPoolSize=workspace:2048" in c["build"] and "--timingCacheFile=timing.cache" in c["build"]
-    assert "--loadEngine=model/model.plan" in c["profile"] and "--shapes=input:1x3x32x32" in c["profile"]
-    script = _build_script(p, c, int8_without_scales=False)
-    assert 'kdtoolkit build model/model.onnx --profile "jetson-agx-orin"' in script
-    r = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
-    assert r.returncode == 0, r.stderr
-    text = _triton_config("m", "tensorrt_plan", [inp], [{"name": "logits", "shape": ["batch", 10], "dtype": "float32"}],
-                          p.batch.model_dump(), False, True)
-    cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
-    assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 16
-    assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
-    assert subprocess.run(["bash", "-n", str(REPO / "deploy" / "build_on_device.sh")]).returncode == 0
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("bundle", ".work"))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["profile"] = "jetson-agx-orin"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    b = make_bundle(run, tmp_path / "trt", samples=4)
+    m = json.loads((b / "manifest.json").read_text())
+    assert m["on_device"]["required"] and m["metrics"]["target_latency_ms"] is None
+    assert "NOT in this bundle" in m["on_device"]["statement"] and "Needs the device" in (b / "README.md").read_text()
+    c = m["on_device"]["commands"]
+    assert "--minShapes=input:1x1x28x28" in c["trtexec_build"] and "--maxShapes=input:16x1x28x28" in c["trtexec_build"]
+    assert "--saveEngine=model/model.plan" in c["trtexec_build"] and "--onnx=model/model.onnx" in c["trtexec_build"]
+    assert "--loadEngine=model/model.plan --shapes=input:1x1x28x28" in c["trtexec_profile"]
+    assert c["kdtoolkit_build"].startswith("kdtoolkit build model/model.onnx --profile jetson-agx-orin")
+    script = (b / "build_on_device.sh").read_text()
+    assert c["kdtoolkit_build"] in script and os.access(b / "build_on_device.sh", os.X_OK)
+    assert subprocess.run(["bash", "-n", str(b / "build_on_device.sh")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(b / "deploy" / "build_on_device.sh")]).returncode == 0
+    cfg_pb = text_format.Parse((b / m["triton"]["path"] / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert cfg_pb.platform == "tensorrt_plan" and cfg_pb.max_batch_size == 16 and m["triton"]["needs_engine_from_device"]
+    assert cfg_pb.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert all(ok for ok, _ in verify_bundle(b, emit=lambda s: None))  # the ONNX and reference still verify on CPU
