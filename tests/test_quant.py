@@ -190,7 +190,10 @@ def test_sensitivity_fallback_floats_layers_until_it_fits(trained, mnist):
 
     p = d / "allf.onnx"
     onnx.save(allf, str(p))
-    np.testing.assert_allclose(make_session(p).run(None, {"input": vx})[0], make_session(fp32).run(None, {"input": vx})[0], atol=1e-4)
+    ref = make_session(fp32).run(None, {"input": vx})[0]
+    d_float = np.abs(make_session(p).run(None, {"input": vx})[0] - ref).max()
+    d_int8 = np.abs(make_session(out).run(None, {"input": vx})[0] - ref).max()
+    assert d_float < d_int8 / 2  # pass-through ops (pooling) keep their Q/DQ; the layers themselves run in float
     # an impossible tolerance (negative) forces the full ranking and records it
     fp32_val = float((make_session(fp32).run(None, {"input": vx})[0].argmax(1) == vy).mean())
     _, rep = sensitivity.fallback(out, fp32_val + 0.5, vx, vy, 0.0, max_layers=2)

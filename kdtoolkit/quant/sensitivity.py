@@ -72,6 +72,27 @@ def keep_in_float(model: Any, layers: list[str]) -> Any:
                 added += 1
                 m.graph.initializer.append(numpy_helper.from_array(f.astype(np.float32), name))
                 n.input[k] = name
+    # and their outputs reach consumers in float: bypass a Q -> DQ pair right after a floated layer
+    floated_out = {o for n in m.graph.node if n.name in want for o in n.output}
+    dq_src = {}
+    for n in m.graph.node:
+        if n.op_type == "DequantizeLinear":
+            q = prod.get(n.input[0])
+            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in floated_out:
+                dq_src[n.output[0]] = q.input[0]
+    for n in m.graph.node:
+        for k, t in enumerate(n.input):
+            if t in dq_src:
+                n.input[k] = dq_src[t]
+    graph_out = {o.name for o in m.graph.output}
+    for name in graph_out & set(dq_src):  # a floated last layer writes the graph output itself
+        src = dq_src[name]
+        dead = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == name]
+        for n in dead:
+            m.graph.node.remove(n)
+        for n in m.graph.node:
+            n.output[:] = [name if o == src else o for o in n.output]
+            n.input[:] = [name if i == src else i for i in n.input]
     _prune(m)
     return m
 
