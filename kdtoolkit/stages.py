@@ -124,6 +124,9 @@ def quantize_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
     from kdtoolkit.quant.ptq import build_int8
     from kdtoolkit.quant.schemes import pick_precision, scheme_for
 
+    import time
+
+    t0 = time.perf_counter()
     teacher_art, student_art, fp32_art = inputs
     prof = ctx.profile
     q = prof.quant
@@ -170,6 +173,7 @@ def quantize_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
         w.info["precision"] = precision
         w.metrics.update({"precision": precision, "precision_reason": reason,
                           "accuracy_runtime": "onnxruntime-cpu" + (" (proxy for TensorRT)" if prof.is_tensorrt else "")})
+        w.metrics["stage_wall_s"] = round(time.perf_counter() - t0, 1)
         log(f"[quantize] shipping {precision}: {reason}", enabled=ctx.progress)
     return w.artifact
 
