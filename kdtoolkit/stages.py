@@ -58,14 +58,37 @@ def student_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
     teacher = _load(teacher_art)
     spec = ctx.splits.spec
     calib = batches(ctx.splits.train, spec, 64, shuffle=True, seed=ctx.cfg.train.seed)
-    student, recipe, info = make_student(teacher, ctx.cfg.student, input_shape=ctx.input_shape,
+    cfg, found = resolve_student_config(ctx.cfg.student, ctx.profile, teacher, ctx.input_shape, len(spec.classes), ctx.progress)
+    student, recipe, info = make_student(teacher, cfg, input_shape=ctx.input_shape,
                                          num_classes=len(spec.classes), calib_batches=calib)
-    with ArtifactWriter(out_dir, kind="torch", stage="student", config=ctx.cfg.student.model_dump(mode="json"),
+    if found is not None:
+        info["search"] = {k: v for k, v in found.items() if k != "config"}
+    with ArtifactWriter(out_dir, kind="torch", stage="student", config=cfg.model_dump(mode="json"),
                         parents=[teacher_art], input_key=key) as w:
         save_checkpoint(w.path("model.pt"), student, recipe, spec.to_dict())
         w.metrics.update({"params": count_params(student), "macs": count_macs(student, ctx.input_shape)})
         w.info.update({"model": spec.to_dict(), "model_file": "model.pt", "recipe": recipe, "surgery": info})
     return w.artifact
+
+
+def resolve_student_config(cfg, profile, teacher, input_shape, num_classes: int, progress: bool = True):
+    """Fill profile defaults (channel multiple, latency budget) and run the latency search if there is a budget."""
+    updates: dict[str, Any] = {}
+    if cfg.channel_multiple is None:
+        updates["channel_multiple"] = profile.channel_multiple
+    budget = cfg.latency_budget_ms or profile.latency_budget_ms
+    cfg = cfg.model_copy(update=updates)
+    if budget is None or cfg.arch:
+        return cfg, None
+    from kdtoolkit.student.search import search
+
+    label = "ONNX Runtime CPU" + (" (proxy for the TensorRT target)" if profile.is_tensorrt else "")
+    log(f"[student] searching depth x width for the most capable student within {budget:g} ms at batch {profile.batch.opt} ({label})",
+        enabled=progress)
+    found = search(teacher, cfg, budget_ms=budget, input_shape=input_shape, num_classes=num_classes, batch=profile.batch.opt,
+                   threads=profile.onnxruntime.intra_op_threads)
+    found["latency_runtime"] = label
+    return found["config"], found
 
 
 def distill_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:

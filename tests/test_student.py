@@ -56,3 +56,32 @@ def test_depth_plan_only_drops_shape_preserving_blocks():
     dropp = droppable_blocks(m, x)
     assert dropp["layer2"] == list(range(1, 9))  # block 0 changes shape
     assert plan_depth(m, x, 0.34) == {"layer1": 3, "layer2": 3, "layer3": 3}
+
+
+def test_student_command_table_json_and_search(tmp_path):
+    import json
+
+    from conftest import run_cli, shared_file
+
+    w = shared_file("weights/resnet20-cifar10.th")
+    r = run_cli("student", str(w), "--arch", "cifar_resnet20", "--out", str(tmp_path / "s"), "--input-shape", "3,32,32",
+                "--width", "0.5", "--batch", "1", "--json", str(tmp_path / "s.json"))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "s.json").read_text())
+    for who in ("teacher", "student"):
+        assert res[who]["params"] > 0 and res[who]["macs"] > 0 and res[who]["latency_ms"]["p50"] > 0
+    assert res["student"]["params"] < res["teacher"]["params"] / 4
+    assert "speedup" in r.stdout
+    # the saved student reloads without the teacher
+    from kdtoolkit.models import load_model
+
+    assert load_model(tmp_path / "s").module(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    # a budget below anything reachable is a clear error; a generous one picks the most capable candidate
+    r = run_cli("student", str(w), "--arch", "cifar_resnet20", "--out", str(tmp_path / "s2"), "--input-shape", "3,32,32",
+                "--latency-budget", "0.00001", "--batch", "1")
+    assert r.returncode == 2 and "no student meets" in r.stderr
+    r = run_cli("student", str(w), "--arch", "cifar_resnet20", "--out", str(tmp_path / "s3"), "--input-shape", "3,32,32",
+                "--latency-budget", "1000", "--batch", "1", "--json", str(tmp_path / "s3.json"))
+    assert r.returncode == 0, r.stderr
+    found = json.loads((tmp_path / "s3.json").read_text())["search"]
+    assert found["chosen"] == "d1-w1" and len(found["candidates"]) == 9

@@ -39,8 +39,8 @@ def _root(
 def _register() -> None:
     from kdtoolkit.cli import bundle, compress, info, stages  # noqa: F401  (modules register their commands)
     from kdtoolkit.cli import quantize  # noqa: F401
-    from kdtoolkit.cli import gate, profile, report  # noqa: F401  (profiling, CI gate, reports)
     from kdtoolkit.cli import engine  # noqa: F401  (check, build)
+    from kdtoolkit.cli import gate, profile, report  # noqa: F401  (profiling, CI gate, reports)
 
 
 _register()
@@ -51,6 +51,10 @@ def main() -> None:
     from kdtoolkit.errors import KdtError
 
     debug = "--debug" in sys.argv[1:]
+    if not debug:
+        import warnings
+
+        warnings.simplefilter("ignore")  # exporter/tracer chatter buries the one line users need
     try:
         app(prog_name="kdtoolkit")
     except KdtError as exc:

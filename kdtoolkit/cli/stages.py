@@ -67,3 +67,99 @@ def export_cmd(
     if "parity" in res:
         p = res["parity"]
         typer.echo(f"parity on {p['n']} test images: max |diff| {p['max_abs_diff']:.2e}, top-1 agreement {100 * p['top1_agreement']:.2f} %")
+
+
+@app.command("student")
+def student_cmd(
+    model: ModelArg,
+    out: Out,
+    arch: Arch = None,
+    trust_pickle: TrustPickle = False,
+    profile: Annotated[str, typer.Option("--profile", help="target profile: its backend measures latency")] = "ort-cpu",
+    student_arch: Annotated[Optional[str], typer.Option("--student-arch", help="build this architecture instead of converting the teacher")] = None,
+    depth: Annotated[float, typer.Option("--depth", help="fraction of repeated blocks kept per stage")] = 1.0,
+    width: Annotated[float, typer.Option("--width", help="fraction of channels kept (dependency-graph pruning)")] = 1.0,
+    no_separable: Annotated[bool, typer.Option("--no-separable", help="keep standard convs")] = False,
+    skip_stem: Annotated[bool, typer.Option("--skip-stem/--convert-stem", help="keep the first conv standard")] = True,
+    skip_first: Annotated[int, typer.Option("--skip-first", help="keep the first N convertible convs standard")] = 0,
+    skip: Annotated[Optional[str], typer.Option("--skip", help="comma-separated module names/patterns to keep standard")] = None,
+    only: Annotated[Optional[str], typer.Option("--only", help="comma-separated stages to convert (e.g. layer2,layer3)")] = None,
+    init: Annotated[str, typer.Option("--init", help="svd (teacher-initialised rank-1) or random")] = "svd",
+    latency_budget: Annotated[Optional[float], typer.Option("--latency-budget", help="ms at the profile's opt batch: search depth x width")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="a few batches to re-estimate BatchNorm after surgery")] = None,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="C,H,W (default: the model's metadata)")] = None,
+    batches: Annotated[str, typer.Option("--batch", help="batch sizes to time, comma-separated")] = "1,64",
+    json_out: JsonOut = None,
+) -> None:
+    """Build a student from the teacher and show params, MACs and measured latency against it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from kdtoolkit import fsutil
+    from kdtoolkit.artifact import ArtifactWriter
+    from kdtoolkit.errors import InputError
+    from kdtoolkit.models.loading import load_model, save_checkpoint
+    from kdtoolkit.profiles import load_profile
+    from kdtoolkit.stages import resolve_student_config
+    from kdtoolkit.student.build import StudentConfig, make_student
+    from kdtoolkit.student.search import latency_table
+
+    if init not in ("svd", "random"):
+        raise InputError("--init must be svd or random")
+    prof = load_profile(profile)
+    teacher = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    meta = dict(teacher.meta)
+    shape = parse_ints(input_shape, "--input-shape") or ((meta["channels"], *meta["input_size"]) if "input_size" in meta else None)
+    calib = None
+    if data:
+        from kdtoolkit.data import batches as data_batches, load_data
+
+        sp = load_data(data, input_size=tuple(shape[1:]) if shape else None, channels=shape[0] if shape else None,
+                       mean=tuple(meta["mean"]) if meta.get("mean") else None, std=tuple(meta["std"]) if meta.get("std") else None)
+        shape = shape or (sp.spec.channels, *sp.spec.input_size)
+        meta = {**sp.spec.to_dict(), **meta}
+        calib = data_batches(sp.train, sp.spec, 64, shuffle=True)
+    if shape is None:
+        raise InputError("the model carries no input size; give --input-shape C,H,W or --data")
+    full_shape = (1, *shape)
+    import torch
+
+    with torch.no_grad():
+        n_cls = int(teacher.module(torch.zeros(full_shape)).shape[-1])
+    cfg = StudentConfig(arch=student_arch, separable=not no_separable, skip_stem=skip_stem, skip_first=skip_first,
+                        skip=skip.split(",") if skip else [], only=only.split(",") if only else [], depth=depth, width=width,
+                        init=init, latency_budget_ms=latency_budget)
+    cfg, found = resolve_student_config(cfg, prof, teacher, full_shape, n_cls)
+    student, recipe, info = make_student(teacher, cfg, input_shape=full_shape, num_classes=n_cls, calib_batches=calib)
+    bs = [int(b) for b in batches.split(",")]
+    if not teacher.rewritable and not hasattr(teacher.module, "parameters"):
+        raise InputError("cannot time this teacher form; give a state dict + --arch")
+    table = latency_table(teacher.module, student.eval(), full_shape, bs, threads=prof.onnxruntime.intra_op_threads)
+    runtime = "onnxruntime-cpu" + (" (proxy: TensorRT is not on this machine)" if prof.is_tensorrt else "")
+    result = {**table, "latency_runtime": runtime, "profile": prof.name, "surgery": {k: v for k, v in info.items() if k != "converted"},
+              "converted": info.get("converted", []), "recipe": recipe}
+    if found is not None:
+        result["search"] = {k: v for k, v in found.items() if k != "config"}
+    with ArtifactWriter(out, kind="torch", stage="student", config=cfg.model_dump(mode="json")) as w:
+        save_checkpoint(w.path("model.pt"), student, recipe, meta)
+        w.metrics.update({"params": table["student"]["params"], "macs": table["student"]["macs"], "latency": table})
+        w.info.update({"model": meta, "model_file": "model.pt", "recipe": recipe, "surgery": info})
+    if json_out:
+        fsutil.write_json(json_out, result)
+    if found is not None:
+        t = Table(title=f"candidates within {found['budget_ms']:g} ms at batch {found['batch']} ({runtime})")
+        for c in ("candidate", "params", "MACs", "p50 (ms)", "meets"):
+            t.add_column(c)
+        for r in found["candidates"]:
+            t.add_row(r["name"] + (" *" if r["name"] == found["chosen"] else ""), f"{r['params']:,}", f"{r['macs']:,}", f"{r['p50_ms']:.3f}", "yes" if r["meets_budget"] else "no")
+        Console().print(t)
+    t = Table(title=f"teacher vs student on {prof.name} ({runtime})")
+    for c in ["model", "params", "MACs"] + [f"p50 b{b} (ms)" for b in bs]:
+        t.add_column(c, justify="right")
+    for name in ("teacher", "student"):
+        r = table[name]
+        t.add_row(name, f"{r['params']:,}", f"{r['macs']:,}", *[f"{r['latency_by_batch'][str(b)]['p50']:.3f}" for b in bs])
+    t.add_row("speedup", f"{table['teacher']['params'] / table['student']['params']:.1f}x", f"{table['teacher']['macs'] / table['student']['macs']:.1f}x",
+              *[f"{table['speedup'][f'b{b}']:.2f}x" for b in bs])
+    Console().print(t)
+    typer.echo(f"student written to {out} ({len(info.get('converted', []))} convs made separable)")

@@ -18,7 +18,7 @@ from kdtoolkit.errors import InputError
 Form = Literal["eager", "torchscript", "exported", "pickle"]
 CKPT_FORMAT = "kdtoolkit.model/1"
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
-_IGNORABLE_MISSING = ("num_batches_tracked", "_extra_state")
+_IGNORABLE_MISSING = ("num_batches_tracked", "_extra_state", "channel_index")
 
 
 @dataclass

@@ -17,33 +17,53 @@ from kdtoolkit.registry import Registry
 ARCHS: Registry = Registry("architecture")
 
 
+def _canonical_map(in_planes: int, out_planes: int) -> list[int]:
+    extra = out_planes - in_planes
+    return [-1] * (extra // 2) + list(range(in_planes)) + [-1] * (extra - extra // 2)
+
+
 class ShortcutA(nn.Module):
     """Option-A shortcut: subsample by stride 2 and zero-pad the new channels (no parameters).
 
-    The channel counts travel in the state dict (``_extra_state``) so that a width-shrunk student
-    rebuilds exactly from its weights.
+    The ``channel_index`` buffer maps each output channel to an input channel, or -1 for a zero
+    channel. Width shrinking edits it, and it travels in the state dict so that a shrunk student
+    rebuilds exactly from its weights. The canonical even padding exports as a plain Pad.
     """
 
     def __init__(self, in_planes: int, out_planes: int, stride: int = 2) -> None:
         super().__init__()
-        self.in_planes, self.out_planes, self.stride = in_planes, out_planes, stride
+        self.in_planes, self.stride = in_planes, stride
+        self.register_buffer("channel_index", torch.tensor(_canonical_map(in_planes, out_planes), dtype=torch.long))
+        self.canonical = True
+
+    @property
+    def out_planes(self) -> int:
+        return int(self.channel_index.numel())
+
+    def channel_map(self) -> list[int]:
+        return [int(v) for v in self.channel_index.tolist()]
+
+    def set_map(self, index: list[int], in_planes: int) -> None:
+        self.channel_index = torch.tensor(index, dtype=torch.long)
+        self.in_planes = in_planes
+        self.canonical = index == _canonical_map(in_planes, len(index))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
-        extra = self.out_planes - self.in_planes
-        if extra:
-            x = F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
-        return x
+        if self.canonical:
+            extra = self.out_planes - self.in_planes
+            return F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2)) if extra else x
+        src = torch.cat([torch.zeros_like(x[:, :1]), x], 1)  # slot 0 is the zero channel
+        return src.index_select(1, self.channel_index + 1)
 
-    def get_extra_state(self) -> dict[str, int]:
-        return {"in_planes": self.in_planes, "out_planes": self.out_planes, "stride": self.stride}
-
-    def set_extra_state(self, state: Any) -> None:
-        if isinstance(state, dict):
-            self.in_planes = int(state["in_planes"])
-            self.out_planes = int(state["out_planes"])
-            self.stride = int(state.get("stride", self.stride))
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        key = prefix + "channel_index"
+        if key in state_dict:
+            idx = [int(v) for v in state_dict[key].tolist()]
+            self.set_map(idx, max(idx) + 1 if max(idx) >= 0 else 0)
+            self.channel_index = state_dict[key].clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{self.in_planes}->{self.out_planes}, stride={self.stride}"

@@ -24,6 +24,10 @@ class StudentConfig(BaseModel):
     skip: list[str] = Field(default_factory=list, description="module names or patterns to keep standard")
     only: list[str] = Field(default_factory=list, description="convert only inside these module names (stages)")
     depth: float = Field(1.0, gt=0, le=1, description="fraction of shape-preserving blocks kept per stage")
+    width: float = Field(1.0, gt=0, le=1, description="fraction of channels kept (Torch-Pruning dependency graph)")
+    width_importance: Literal["l2", "bn"] = Field("l2", description="channel importance: group weight L2 norm or BN scale")
+    channel_multiple: int | None = Field(None, ge=1, description="round channel counts to this; default: the profile's")
+    latency_budget_ms: float | None = Field(None, gt=0, description="search depth/width for the most capable student within this p50 at the profile's opt batch")
     init: Literal["svd", "random"] = Field("svd", description="teacher-initialised rank-1 weights, or fresh init")
     bn_recalib_batches: int = Field(20, ge=0, description="batches to re-estimate BatchNorm statistics after surgery")
 
@@ -103,6 +107,11 @@ def make_student(teacher: Any, cfg: StudentConfig, *, input_shape: tuple[int, ..
             raise InputError("depth reduction found no stage of repeated shape-preserving blocks to shorten")
         info.update(T.reduce_depth(model, plan))
         recipe["transforms"].append({"op": "depth", "keep": plan})
+    if cfg.width < 1.0:
+        from kdtoolkit.student.shrink import shrink_width
+
+        info["shrink"] = shrink_width(model, example, cfg.width, round_to=cfg.channel_multiple or 1, importance=cfg.width_importance)
+        recipe["transforms"].append({"op": "width", "width": cfg.width})
     if cfg.separable:
         sel = {"skip_stem": cfg.skip_stem, "skip_first": cfg.skip_first, "skip": cfg.skip, "only": cfg.only}
         conv_info = T.to_separable(model, init="svd" if cfg.init == "svd" and base_init == "teacher" else "none", **sel)
@@ -118,8 +127,8 @@ def make_student(teacher: Any, cfg: StudentConfig, *, input_shape: tuple[int, ..
         info["init"] = "teacher-svd"
         if calib_batches is not None and cfg.bn_recalib_batches:
             info["bn_recalibrated_batches"] = T.recalibrate_bn(model, calib_batches, cfg.bn_recalib_batches)
-    if not cfg.separable and cfg.depth >= 1.0 and not cfg.arch:
-        raise InputError("the student would be a copy of the teacher: enable separable conversion, depth < 1, or --student-arch")
+    if not cfg.separable and cfg.depth >= 1.0 and cfg.width >= 1.0 and not cfg.arch:
+        raise InputError("the student would be a copy of the teacher: enable separable conversion, depth < 1, width < 1, or --student-arch")
     return model, recipe, info
 
 

@@ -181,6 +181,10 @@ def apply_transforms(model: nn.Module, transforms: list[dict[str, Any]], *, init
 def fit_to_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
     """Resize convs, BatchNorms and linears to the shapes in ``state`` (width-shrunk students)."""
     for name, mod in list(model.named_modules()):
+        idx = state.get(f"{name}.channel_index")
+        if idx is not None and hasattr(mod, "set_map"):  # a shrunk option-A shortcut
+            m = [int(v) for v in idx.tolist()]
+            mod.set_map(m, max(m) + 1 if max(m) >= 0 else 0)
         w = state.get(f"{name}.weight")
         if w is None:
             continue

@@ -1,0 +1,87 @@
+"""Choose the student by latency measured on the target's backend, not by FLOPs.
+
+Candidates (depth x width, separable) are exported to ONNX and timed interleaved with the
+teacher in one process (ONNX Runtime with spinning off). For a TensorRT profile on a machine
+without TensorRT the ONNX Runtime CPU figure is a labelled proxy. Among the candidates whose p50
+at the profile's opt batch meets the budget, the most capable one (most MACs, then parameters)
+wins; the table of everything tried is returned.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from kdtoolkit.errors import InputError
+from kdtoolkit.student.build import StudentConfig, count_macs, count_params, make_student
+
+DEPTHS = (1.0, 0.67, 0.34)
+WIDTHS = (1.0, 0.75, 0.5)
+
+
+def measure_models(models: dict[str, Any], input_shape: tuple[int, ...], batches: list[int], *, threads: int = 0,
+                   iters: int = 30, warmup: int = 5) -> dict[str, dict[int, dict[str, Any]]]:
+    """Export each model to a temp ONNX and time them all interleaved (ONNX Runtime CPU)."""
+    from kdtoolkit.export.onnx_export import export_onnx
+    from kdtoolkit.profile.runners import OrtRunner, measure
+
+    with tempfile.TemporaryDirectory(prefix="kdt-latency-") as tmp:
+        runners = []
+        for name, m in models.items():
+            path = Path(tmp) / f"{name}.onnx"
+            export_onnx(m, input_shape, path)
+            runners.append(OrtRunner(path, name=name, threads=threads))
+        try:
+            return measure(runners, batches, warmup=warmup, iters=iters)
+        finally:
+            for r in runners:
+                r.close()
+
+
+def latency_table(teacher: Any, student: Any, input_shape: tuple[int, ...], batches: list[int], *, threads: int = 0,
+                  iters: int = 30) -> dict[str, Any]:
+    """Teacher vs student: params, MACs, measured p50 per batch and speedups (the `student` command's table)."""
+    res = measure_models({"teacher": teacher, "student": student}, input_shape, batches, threads=threads, iters=iters)
+    out: dict[str, Any] = {}
+    for name, m in (("teacher", teacher), ("student", student)):
+        out[name] = {
+            "params": count_params(m), "macs": count_macs(m, input_shape),
+            "latency_ms": {"p50": res[name][batches[0]]["p50"], "p90": res[name][batches[0]]["p90"], "batch": batches[0]},
+            "latency_by_batch": {str(b): {k: res[name][b][k] for k in ("p50", "p90", "mean", "std")} for b in batches},
+        }
+    out["speedup"] = {f"b{b}": res["teacher"][b]["p50"] / res["student"][b]["p50"] for b in batches}
+    return out
+
+
+def search(teacher: Any, base: StudentConfig, *, budget_ms: float, input_shape: tuple[int, ...], num_classes: int,
+           batch: int, threads: int = 0, iters: int = 30, depths: tuple[float, ...] = DEPTHS,
+           widths: tuple[float, ...] = WIDTHS) -> dict[str, Any]:
+    """Try depth x width candidates; return the chosen StudentConfig and the measured table."""
+    cands: dict[str, tuple[StudentConfig, Any]] = {}
+    for d in depths:
+        for w in widths:
+            cfg = base.model_copy(update={"depth": d, "width": w, "latency_budget_ms": None})
+            try:
+                model, _, _ = make_student(teacher, cfg, input_shape=input_shape, num_classes=num_classes)
+            except InputError:
+                continue  # e.g. no blocks to drop in this architecture
+            cands[f"d{d:g}-w{w:g}"] = (cfg, model.eval())
+    if not cands:
+        raise InputError("no student candidate could be built for the latency search")
+    lat = measure_models({"teacher": teacher.module, **{k: m for k, (_, m) in cands.items()}}, input_shape, [batch],
+                         threads=threads, iters=iters)
+    rows = []
+    for name, (cfg, m) in cands.items():
+        p50 = lat[name][batch]["p50"]
+        rows.append({"name": name, "depth": cfg.depth, "width": cfg.width, "params": count_params(m),
+                     "macs": count_macs(m, input_shape), "p50_ms": p50, "meets_budget": p50 <= budget_ms})
+    ok = [r for r in rows if r["meets_budget"]]
+    if not ok:
+        fastest = min(rows, key=lambda r: r["p50_ms"])
+        raise InputError(f"no student meets the {budget_ms:g} ms budget at batch {batch}: the fastest candidate "
+                         f"({fastest['name']}) measured {fastest['p50_ms']:.3f} ms; raise the budget")
+    best = max(ok, key=lambda r: (r["macs"], r["params"]))
+    chosen = cands[best["name"]][0]
+    return {"chosen": best["name"], "config": chosen, "teacher_p50_ms": lat["teacher"][batch]["p50"], "batch": batch,
+            "budget_ms": budget_ms, "candidates": sorted(rows, key=lambda r: r["p50_ms"])}
