@@ -317,12 +317,6 @@ def _report_files(run_dir: Path) -> list[Path]:
 def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, tar: bool = False, splits: Any = None,
                 data: str | None = None, samples: int = 16, name: str | None = None) -> Path:
     """Write the bundle for a finished compress run; atomically (a temp folder or file renamed into place)."""
-    import numpy as np
-
-    from kdtoolkit.evaluate import predict
-    from kdtoolkit.pipeline import load_config
-    from kdtoolkit.profiles import load_profile
-
     run_dir, out = Path(run_dir), Path(out)
     if not run_dir.is_dir():
         raise InputError(f"run folder not found: {run_dir}")
@@ -331,6 +325,12 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
     if not summary_path.is_file():
         raise InputError(f"{run_dir}: no summary.json, so no measured figures to hand over; finish the run with `kdtoolkit compress`")
     summary = json.loads(summary_path.read_text())
+    import numpy as np  # heavy imports only once the run is known to be usable
+
+    from kdtoolkit.evaluate import predict
+    from kdtoolkit.pipeline import load_config
+    from kdtoolkit.profiles import load_profile
+
     deploy.check()
     cfg = load_config(run_dir / "config.yaml")
     profile = load_profile(cfg.profile, cfg.profile_overrides)
@@ -489,6 +489,8 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
             "reference": {"input": "reference/input.npy", "expected": "reference/expected.npy", "labels": "reference/labels.npy",
                           "images": images, "runtime": "onnxruntime", "count": len(idx),
                           "tolerance": dict(TOLERANCE.get(precision, TOLERANCE["fp32"])),
+                          **({"tolerance_engine": dict(TOLERANCE.get(str(engine.info.get("precision")), TOLERANCE["int8"]))}
+                             if engine is not None else {}),
                           "note": "expected = kdtoolkit's own ONNX Runtime evaluation of model/model.onnx on these test images"},
             "triton": {"path": f"triton/{model_name}", "platform": platform,
                        "needs_engine_from_device": platform == "tensorrt_plan" and engine is None},
@@ -631,7 +633,7 @@ def verify_bundle(path: str | os.PathLike[str], *, runtime: str | None = None, e
         extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() not in listed)
         if extra:
             emit(f"note: files not in the manifest (not checked): {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-        _check_model(root, m, runtime or (m.get("reference") or {}).get("runtime") or "onnxruntime", check)
+        _check_model(root, m, runtime or (m.get("runtime") or {}).get("name") or "onnxruntime", check)
         failed = [line for ok, line in results if not ok]
         if failed:
             raise CheckFailed(f"bundle {path}: {len(failed)} of {len(results)} checks failed ({failed[0][5:]})")
@@ -667,6 +669,7 @@ def _check_model(root: Path, m: dict[str, Any], runtime: str, check: Any) -> Non
         check(False, "reference batch", f"cannot read it ({exc})")
         return
     if runtime == "tensorrt":
+        tol = ref.get("tolerance_engine") or tol  # the engine's precision, against expected logits from ONNX Runtime
         engine = (m.get("runtime") or {}).get("engine")
         if not engine or not (root / engine).is_file():
             check(False, "load tensorrt", "the bundle has no engine plan (build it on the device: build_on_device.sh); "
@@ -717,6 +720,9 @@ def _run_tensorrt(plan: Path, m: dict[str, Any], x: Any) -> Any:
     from kdtoolkit.errors import lazy_import
 
     trt = lazy_import("tensorrt", extra="tensorrt", purpose="running the bundle's engine (or use --runtime onnxruntime)")
+    if not hasattr(trt, "Runtime"):  # tensorrt-stubs installs a namespace package of type stubs only
+        raise MissingDependency("tensorrt is needed for running the bundle's engine but only type stubs are installed; "
+                                "install TensorRT (pip install 'kdtoolkit[tensorrt]'), or use --runtime onnxruntime to check the ONNX")
     import numpy as np
     import torch
 

@@ -59,6 +59,8 @@ def test_compress_writes_bundle_with_measured_figures(run_dir, bundle):
     for rel in ("model/model.onnx", "reference/input.npy", "reference/expected.npy", "report/report.md", "labels.txt",
                 f"triton/{m['name']}/config.pbtxt", f"triton/{m['name']}/1/model.onnx", "deploy/infer_onnx.py", "README.md"):
         assert rel in m["files"], rel
+    for f in ("report.md", "report.html", *(p.name for p in run_dir.glob("*.png"))):  # whatever report files the run has
+        assert (run_dir / f).exists() <= (f"report/{f}" in m["files"]), f
     assert set(m["files"]) == {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file() and p.name != "manifest.json"}
 
 
@@ -96,8 +98,9 @@ def test_bundle_cli_folder_and_tar_verify(run_dir, tmp_path):
     assert any(ln.startswith("OK") and "hash model/model.onnx" in ln for ln in lines)
     assert any(ln.startswith("OK") and "reference outputs" in ln for ln in lines)
     assert not any(ln.startswith("FAIL") for ln in lines)
-    r = run_cli("bundle", str(run_dir), "--out", str(tmp_path / "t"), "--tar")
-    assert r.returncode == 0, r.stderr
+    from kdtoolkit.bundle import make_bundle
+
+    assert make_bundle(run_dir, tmp_path / "t", tar=True, samples=4) == tmp_path / "t.tar.gz"
     assert (tmp_path / "t.tar.gz").is_file() and not list(tmp_path.glob(".t*tmp*"))
     r = run_cli("verify", str(tmp_path / "t.tar.gz"))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -234,3 +237,36 @@ def test_tensorrt_profile_bundle_states_what_needs_the_device(run_dir, tmp_path)
     assert cfg_pb.platform == "tensorrt_plan" and cfg_pb.max_batch_size == 16 and m["triton"]["needs_engine_from_device"]
     assert cfg_pb.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     assert all(ok for ok, _ in verify_bundle(b, emit=lambda s: None))  # the ONNX and reference still verify on CPU
+
+
+def test_engine_bundle_names_missing_tensorrt(run_dir, tmp_path):
+    """A run with an engine: the bundle carries the plan and serves it; verify without TensorRT says so (exit 3)."""
+    import yaml
+
+    from kdtoolkit.artifact import Artifact, ArtifactWriter
+    from kdtoolkit.bundle import make_bundle
+
+    try:
+        import tensorrt
+        if hasattr(tensorrt, "Runtime"):
+            pytest.skip("TensorRT is installed: the fake plan below would be run")
+    except ImportError:
+        pass
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("bundle", ".work"))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["profile"] = "desktop-gpu"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    opt = Artifact.load(next(run.glob("*-optimize")))
+    with ArtifactWriter(run / "99-build", kind="engine", stage="build", parents=[opt]) as w:
+        w.path("model.plan").write_bytes(b"not a real plan")
+        w.info["precision"] = "fp16"
+    b = make_bundle(run, tmp_path / "eng", samples=4)
+    m = json.loads((b / "manifest.json").read_text())
+    assert m["runtime"] == {**m["runtime"], "name": "tensorrt", "engine": "model/model.plan"}
+    assert f"{m['triton']['path']}/1/model.plan" in m["files"] and not m["on_device"]["required"]
+    assert m["reference"]["tolerance_engine"] == {"atol": 5e-2, "rtol": 5e-2}
+    r = run_cli("verify", str(b))
+    assert r.returncode == 3 and "tensorrt" in r.stderr.lower() and "--runtime onnxruntime" in r.stderr, r.stderr
+    r = run_cli("verify", str(b), "--runtime", "onnxruntime")
+    assert r.returncode == 0, r.stdout + r.stderr
