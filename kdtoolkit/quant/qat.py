@@ -2,9 +2,10 @@
 
 * BatchNorm is folded into the conv weights first (``torch.fx`` conv+bn fusion in eval mode), so
   the weights that get fake-quantized are the weights the runtime multiplies.
-* Fake-quant sits where the QDQ graph has Q/DQ: on every tensor that feeds a Conv/Linear or a
-  residual Add (one quantizer per tensor, shared by all its consumers, as onnxruntime does), and
-  on Conv/Linear weights per output channel (axis 0), symmetric, zero point 0.
+* Fake-quant sits where the QDQ graph has Q/DQ: on every tensor that feeds a Conv/Linear, a
+  residual Add or a pooling op, and on the output of a Linear or Add (one quantizer per tensor, shared by all
+  its consumers: the placement onnxruntime's own quantizer uses, so ORT fuses the same kernels),
+  and on Conv/Linear weights per output channel (axis 0), symmetric, zero point 0.
 * The numbers are the runtime's: activation (scale, zero point) from the scheme's
   ``act_qparams`` (ORT's ``compute_scale_zp``), weight scale = absmax / 127 (or / 64 with
   reduce_range), clamping to the dtype range, round half to even (``torch.fake_quantize_*`` and
@@ -155,7 +156,22 @@ def prepare_qat(model: Any, scheme: Scheme) -> Any:
                 fq_of[arg] = graph.call_module(name, (arg,))
         user.replace_input_with(arg, fq_of[arg])
 
+    def quantize_output(node) -> None:
+        nonlocal count
+        users = list(node.users)
+        name = f"act_fq_{count}"
+        count += 1
+        gm.add_submodule(name, ActFakeQuant(qmin, qmax))
+        with graph.inserting_after(node):
+            fq = graph.call_module(name, (node,))
+        for u in users:
+            u.replace_input_with(node, fq)
+        fq_of[node] = fq
+
     adds = (operator.add, operator.iadd, torch.add)
+    F = torch.nn.functional
+    pools_f = (F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, torch.nn.functional.adaptive_max_pool2d)
+    pools_m = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
     for node in list(graph.nodes):
         if node.op == "call_module" and isinstance(mods.get(node.target), (nn.Conv2d, nn.Linear)):
             m = mods[node.target]
@@ -164,11 +180,16 @@ def prepare_qat(model: Any, scheme: Scheme) -> Any:
             parent, _, child = node.target.rpartition(".")
             setattr(gm.get_submodule(parent) if parent else gm, child, WeightFakeQuant(m, scheme.weight_range[1]))
             quantize_input(node, node.args[0])
+            if isinstance(m, nn.Linear):
+                quantize_output(node)  # ORT's quantizer also quantizes a Gemm's output (QGemm)
+        elif (node.op == "call_function" and node.target in pools_f) or (node.op == "call_module" and isinstance(mods.get(node.target), pools_m)):
+            quantize_input(node, node.args[0])  # pooling runs on int8 in ORT (QLinear pooling / pass-through)
         elif (node.op == "call_function" and node.target in adds) or (node.op == "call_method" and node.target in ("add", "add_")):
             tensors = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
             if len(tensors) == 2:
                 for a in tensors:
                     quantize_input(node, a)
+                quantize_output(node)  # QLinearAdd in ORT; TensorRT fuses the add with its output Q
     graph.lint()
     gm.recompile()
     return gm
@@ -280,6 +301,16 @@ def fold_weight_quantize(path: str | os.PathLike[str]) -> int:
     live = [i for i in m.graph.initializer if i.name in used]
     del m.graph.initializer[:]
     m.graph.initializer.extend(live)
+    # per-tensor scales and zero points as scalars, as onnxruntime's quantizer writes them (its QDQ
+    # fusions for Add and pooling look for scalar quantization parameters)
+    byname = {i.name: i for i in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            for name in n.input[1:]:
+                t = byname.get(name)
+                if t is not None and len(t.dims) == 1 and t.dims[0] == 1:
+                    arr = numpy_helper.to_array(t).reshape(())
+                    t.CopyFrom(numpy_helper.from_array(arr, name))
     live_nodes = [n for n in m.graph.node if n.op_type != "Constant" or n.output[0] in used]
     del m.graph.node[:]
     m.graph.node.extend(live_nodes)
