@@ -350,21 +350,31 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
                            on_bad_image=d.on_bad_image, train_limit=d.train_limit, test_limit=d.test_limit)
         splits.spec.classes = list(spec_d["classes"])
     spec = splits.spec
+    inputs, outputs = _io_from_onnx(onnx_src)
+    static_batch = inputs[0]["shape"][0] if isinstance(inputs[0]["shape"][0], int) else None
+    if static_batch:  # a fixed-batch model (DLA) takes exactly that many images per run
+        samples = static_batch
     idx = _pick_samples(splits.test.y, samples)
+    if static_batch and len(idx) != static_batch:
+        raise InputError(f"the model's batch is fixed at {static_batch} but the test split has only {len(idx)} images")
     sub = splits.test.subset(np.asarray(idx, dtype=np.int64))
     from kdtoolkit.data.datasets import to_tensor
     from kdtoolkit.engine.ort import make_session
 
     x_ref = to_tensor(sub.x, spec).numpy().astype(np.float32)
-    expected = predict(make_session(onnx_src), sub, spec, batch_size=max(1, min(len(sub), profile.batch.max))).astype(np.float32)
+    batch = static_batch or max(1, min(len(sub), profile.batch.max))
+    expected = predict(make_session(onnx_src), sub, spec, batch_size=batch).astype(np.float32)
 
-    inputs, outputs = _io_from_onnx(onnx_src)
     for d_ in inputs:
         d_["layout"] = spec.layout
     precision = deploy.metrics.get("precision") or deploy.info.get("precision") or "fp32"
     qdq = _has_qdq(onnx_src)
     model_name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", f"{_teacher_arch(deploy, run_dir) or 'model'}-{profile.name}")
     env_built = deploy.manifest.environment
+    if engine is not None:  # the engine was built where the build stage ran, on its GPU
+        trt_info = engine.info.get("tensorrt") or {}
+        env_built = {**engine.manifest.environment, **({"gpu": trt_info["device"]} if trt_info.get("device") else {}),
+                     **({"tensorrt": trt_info["version"]} if trt_info.get("version") else {})}
     prof_art = next((a for a in _stage_artifacts(run_dir) if a.kind == "profile"), None)
     env_measured = prof_art.manifest.environment if prof_art is not None else {}
     calib = next((a for a in _stage_artifacts(run_dir) if a.kind == "calibration"), None)
@@ -389,8 +399,9 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
             put("model/model.plan", engine.first_file((".plan", ".engine")))
             runtime = "tensorrt"
         calib_file = None
-        if calib is not None and not qdq:
-            cf = next((calib.path / n for n in calib.manifest.files if n.endswith((".cache", ".calib"))), None)
+        if not qdq:  # implicit INT8: the calibration cache lets trtexec rebuild with the same scales
+            cf = next((a.path / n for a in (engine, calib) if a is not None for n in a.manifest.files
+                       if n.endswith((".cache", ".calib")) and "timing" not in n), None)
             if cf is not None:
                 calib_file = "model/calibration.cache"
                 put(calib_file, cf)
@@ -404,7 +415,7 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
         for j, (img, lab) in enumerate(zip(sub.x, sub.y)):
             rel = f"reference/images/{j:03d}_{_safe(spec.classes[int(lab)])}.png"
             arr = img[..., 0] if img.shape[-1] == 1 else img
-            Image.fromarray(arr, "L" if img.shape[-1] == 1 else "RGB").save(put(rel))
+            Image.fromarray(np.ascontiguousarray(arr)).save(put(rel))  # uint8 HxW -> L, HxWx3 -> RGB; PNG is lossless
             images.append(rel)
         for f in _report_files(run_dir):
             put(f"report/{f.relative_to(run_dir).as_posix()}", f)
@@ -716,33 +727,12 @@ def _check_model(root: Path, m: dict[str, Any], runtime: str, check: Any) -> Non
 
 
 def _run_tensorrt(plan: Path, m: dict[str, Any], x: Any) -> Any:
-    """Run the engine on the reference batch with named tensors (TensorRT 8.5+), device memory through torch."""
-    from kdtoolkit.errors import lazy_import
+    """Run the engine on the reference batch with the engine module's runner (named tensors, execute_async_v3)."""
+    from kdtoolkit.engine.tensorrt import TrtRunner, load_tensorrt
 
-    trt = lazy_import("tensorrt", extra="tensorrt", purpose="running the bundle's engine (or use --runtime onnxruntime)")
-    if not hasattr(trt, "Runtime"):  # tensorrt-stubs installs a namespace package of type stubs only
-        raise MissingDependency("tensorrt is needed for running the bundle's engine but only type stubs are installed; "
-                                "install TensorRT (pip install 'kdtoolkit[tensorrt]'), or use --runtime onnxruntime to check the ONNX")
-    import numpy as np
-    import torch
-
-    if not torch.cuda.is_available():
-        raise MissingDependency("running a TensorRT engine needs a CUDA GPU; use --runtime onnxruntime to check the ONNX")
-    logger = trt.Logger(trt.Logger.WARNING)
-    with trt.Runtime(logger) as rt:
-        engine = rt.deserialize_cuda_engine(plan.read_bytes())
-        if engine is None:
-            raise CheckFailed(f"{plan}: TensorRT could not deserialize the engine (built for another GPU or TensorRT version?)")
-        ctx = engine.create_execution_context()
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        inp = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT][0]
-        outn = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT][0]
-        ctx.set_input_shape(inp, tuple(x.shape))
-        xin = torch.from_numpy(np.ascontiguousarray(x.astype(trt.nptype(engine.get_tensor_dtype(inp))))).cuda()
-        out = torch.empty(tuple(ctx.get_tensor_shape(outn)), dtype=torch.from_numpy(np.zeros(1, trt.nptype(engine.get_tensor_dtype(outn)))).dtype, device="cuda")
-        ctx.set_tensor_address(inp, xin.data_ptr())
-        ctx.set_tensor_address(outn, out.data_ptr())
-        stream = torch.cuda.Stream()
-        ctx.execute_async_v3(stream.cuda_stream)
-        stream.synchronize()
-        return out.float().cpu().numpy()
+    try:
+        load_tensorrt()
+    except MissingDependency as exc:
+        raise MissingDependency(f"{exc} (or use --runtime onnxruntime to check the bundle's ONNX)") from None
+    with TrtRunner(plan) as runner:
+        return runner(x)
