@@ -60,9 +60,16 @@ def print_profile(doc: dict) -> None:
                           f"{s['p50'] / ref:.3f}x")
     console = Console()
     Console(width=max(console.width, 150)).print(table)
-    m = doc["models"][first]
-    typer.echo(f"runner: {m.get('runner')}, threads {doc['settings'].get('threads') or 'all cores'}, providers "
-               f"{', '.join(m.get('providers') or ['-'])}; mem = RSS growth from load + warm-up (shared process: an upper bound)")
+    for name, m in doc["models"].items():
+        how = m.get("runner", "?")
+        if how == "onnxruntime":
+            how += f" ({', '.join(m.get('providers') or [])}, intra-op threads {m.get('intra_op_threads') or 'all cores'}, spinning off)"
+        elif how == "torch":
+            how += f" ({'torch.compile' if m.get('compiled') else 'eager'}, {m.get('torch_threads')} threads)"
+            if m.get("compile_error"):
+                how += f"; torch.compile failed, ran eager: {m['compile_error']}"
+        typer.echo(f"{name}: {how}")
+    typer.echo("mem = RSS growth from loading + warm-up (models share one process: an upper bound)")
 
 
 @app.command("profile")

@@ -286,6 +286,8 @@ def load_runner(
 
 def _torch_runner(path: Path, label: str, arch: str | None, trust_pickle: bool, compile: bool, threads: int,
                   input_shape: tuple[int, ...] | None, meta: dict[str, Any] | None) -> TorchRunner:
+    import torch  # noqa: F401  (the library's own memory is not the model's)
+
     from kdtoolkit.models.loading import load_model
 
     before = rss_bytes()
