@@ -41,6 +41,7 @@ def _register() -> None:
     from kdtoolkit.cli import quantize  # noqa: F401
     from kdtoolkit.cli import engine  # noqa: F401  (check, build)
     from kdtoolkit.cli import gate, profile, report  # noqa: F401  (profiling, CI gate, reports)
+    from kdtoolkit.cli import train  # noqa: F401  (distill, finetune)
 
 
 _register()

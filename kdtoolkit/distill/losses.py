@@ -1,13 +1,24 @@
-"""Distillation losses, each registered by name and citing its paper."""
+"""Distillation losses, each registered by name and citing its paper.
+
+``LOSSES`` holds the logit losses the trainer calls as ``fn(student_logits, teacher_logits, labels,
+alpha=, temperature=, label_smoothing=)``; ``FEATURE_LOSSES`` holds the losses on intermediate
+features (FitNets hints, attention transfer), which the trainer adds on top when enabled.
+Golden values for every loss are in tests/test_losses.py, computed independently with numpy.
+"""
 
 from __future__ import annotations
 
+import difflib
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kdtoolkit.registry import Registry
 
 LOSSES: Registry = Registry("loss")
+FEATURE_LOSSES: Registry = Registry("feature loss")
 
 
 @LOSSES.register("kd")
@@ -24,11 +35,15 @@ def kd_loss(
 
     alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y). The T^2 factor keeps
     the soft-target gradients on the same scale as the hard-label ones when T changes.
-    ``labels`` may be class indices or soft targets (mixup/cutmix).
+    ``labels`` may be class indices or soft targets (mixup/cutmix). ``teacher_logits`` may be a
+    stack of several teachers' logits (K, N, C): they are averaged (equal fixed weights).
     """
     ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
     if teacher_logits is None or alpha == 0:
         return ce
+    if teacher_logits.dim() == 3:
+        return multi_teacher_kd_loss(student_logits, teacher_logits, labels, alpha=alpha, temperature=temperature,
+                                     label_smoothing=label_smoothing)
     t = temperature
     kl = F.kl_div(
         F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1), reduction="batchmean", log_target=True
@@ -40,3 +55,247 @@ def kd_loss(
 def ce_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor, *, label_smoothing: float = 0.0, **_: float) -> torch.Tensor:
     """Plain cross-entropy on labels (training without a teacher, and fine-tuning)."""
     return F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
+
+
+# -- multi-teacher -------------------------------------------------------------------------------
+def teacher_weights(
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    mode: Literal["fixed", "confidence", "ce"] = "fixed",
+    fixed: list[float] | None = None,
+) -> torch.Tensor:
+    """Per-sample teacher weights (K, N) that sum to 1 over the K teachers.
+
+    * ``fixed``: the given weights (normalised), the same for every sample (equal if none given);
+    * ``confidence``: proportional to each teacher's max softmax probability on the sample;
+    * ``ce``: softmax over teachers of minus their cross-entropy on the label, so a teacher that is
+      right and sure counts more (the idea of CA-MKD, Zhang et al. 2022, "Confidence-Aware
+      Multi-Teacher Knowledge Distillation").
+    """
+    k, n, _ = teacher_logits.shape
+    if mode == "fixed":
+        w = torch.tensor(fixed if fixed else [1.0] * k, dtype=teacher_logits.dtype, device=teacher_logits.device)
+        if w.numel() != k:
+            from kdtoolkit.errors import InputError
+
+            raise InputError(f"{w.numel()} teacher weights given for {k} teachers")
+        return (w / w.sum())[:, None].expand(k, n)
+    with torch.no_grad():
+        if mode == "confidence":
+            conf = teacher_logits.softmax(-1).amax(-1)
+            return conf / conf.sum(0, keepdim=True)
+        if labels.dim() == 2:  # soft targets (mixup): CE against them
+            ce = -(labels[None] * teacher_logits.log_softmax(-1)).sum(-1)
+        else:
+            ce = -teacher_logits.log_softmax(-1).gather(-1, labels[None, :, None].expand(k, n, 1)).squeeze(-1)
+        return (-ce).softmax(0)
+
+
+@LOSSES.register("multi_kd")
+def multi_teacher_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 0.9,
+    temperature: float = 4.0,
+    label_smoothing: float = 0.0,
+    weighting: Literal["fixed", "confidence", "ce"] = "fixed",
+    weights: list[float] | None = None,
+) -> torch.Tensor:
+    """Multi-teacher KD: Hinton's loss with the soft-target term a per-sample weighted sum over teachers.
+
+    You, Xu, Xu, Tao 2017, "Learning from Multiple Teacher Networks" (fixed weights); per-sample
+    confidence weighting as in CA-MKD (Zhang, Chen, Wang 2022). ``teacher_logits`` is (K, N, C).
+    loss = alpha * T^2 * mean_i sum_k w_ki KL(softmax(t_ki/T) || softmax(s_i/T)) + (1 - alpha) CE.
+    """
+    ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
+    if teacher_logits is None or alpha == 0:
+        return ce
+    if teacher_logits.dim() == 2:
+        teacher_logits = teacher_logits[None]
+    t = temperature
+    w = teacher_weights(teacher_logits, labels, weighting, weights)  # K, N
+    log_s = F.log_softmax(student_logits / t, dim=1)[None]  # 1, N, C
+    log_t = F.log_softmax(teacher_logits / t, dim=-1)  # K, N, C
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # K, N
+    return alpha * t * t * (w * kl).sum(0).mean() + (1 - alpha) * ce
+
+
+# -- feature losses ------------------------------------------------------------------------------
+def _match_size(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Pool/resize the student map to the teacher's spatial size (pairs named by hand may differ)."""
+    if s.shape[-2:] == t.shape[-2:]:
+        return s
+    if s.shape[-2] >= t.shape[-2] and s.shape[-1] >= t.shape[-1]:
+        return F.adaptive_avg_pool2d(s, t.shape[-2:])
+    return F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+
+
+@FEATURE_LOSSES.register("hint")
+def hint_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor]) -> torch.Tensor:
+    """FitNets (Romero et al. 2015, "FitNets: Hints for Thin Deep Nets"): mean squared error between the
+    adapted student feature (1x1 conv + BN regressor, see :class:`HintAdapter`) and the teacher's
+    feature, averaged over pairs."""
+    total = student_feats[0].new_zeros(())
+    for s, t in zip(student_feats, teacher_feats):
+        total = total + F.mse_loss(_match_size(s, t), t.detach())
+    return total / max(len(student_feats), 1)
+
+
+def attention_map(x: torch.Tensor, p: int = 2) -> torch.Tensor:
+    """Spatial attention of a feature map: mean over channels of |x|^p, flattened, L2-normalised."""
+    return F.normalize(x.abs().pow(p).mean(1).flatten(1), dim=1)
+
+
+@FEATURE_LOSSES.register("at")
+def attention_transfer_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor], p: int = 2) -> torch.Tensor:
+    """Attention transfer (Zagoruyko & Komodakis 2017, "Paying More Attention to Attention").
+
+    Sum over pairs of mean_{i,j} (Q_s - Q_t)^2 with Q = normalise(mean_c |A|^p), as in the paper's
+    reference code (channel counts may differ; no adapter needed)."""
+    total = student_feats[0].new_zeros(())
+    for s, t in zip(student_feats, teacher_feats):
+        total = total + (attention_map(_match_size(s, t), p) - attention_map(t.detach(), p)).pow(2).mean()
+    return total
+
+
+class HintAdapter(nn.Module):
+    """1x1 conv + BN from the student's channels to the teacher's (the FitNets regressor).
+
+    Trained with the student and thrown away afterwards: never part of the saved student."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 1, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+# -- taps: stage outputs through forward hooks ---------------------------------------------------
+def probe_feature_maps(model: nn.Module, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, C,H,W) of every submodule with a 4-D output, in the order their forward calls finish."""
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    hooks = []
+    for name, m in model.named_modules():
+        if not name:
+            continue
+
+        def hook(_m: nn.Module, _i: object, out: object, name: str = name) -> None:
+            if isinstance(out, torch.Tensor) and out.dim() == 4:
+                seen.append((name, tuple(out.shape[1:])))
+
+        hooks.append(m.register_forward_hook(hook))
+    was = model.training
+    try:
+        model.eval()
+        p = next(model.parameters(), None)
+        with torch.no_grad():
+            model(torch.zeros(1, *shape, device=p.device if p is not None else "cpu"))
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def stage_outputs(model: nn.Module, shape: tuple[int, ...]) -> dict[tuple[int, int], tuple[str, int]]:
+    """The last module (in finishing order) producing each spatial size: the stage outputs.
+
+    For a CIFAR ResNet that is layer1/layer2/layer3; a container finishes after its children, so
+    the whole stage is chosen rather than its last ReLU."""
+    out: dict[tuple[int, int], tuple[str, int]] = {}
+    for name, (c, h, w) in probe_feature_maps(model, shape):
+        out[(h, w)] = (name, c)
+    return out
+
+
+def auto_pairs(student: nn.Module, teacher: nn.Module, shape: tuple[int, ...]) -> list[tuple[str, str]]:
+    """Pair student and teacher stage outputs by spatial size (sizes both have), largest size first."""
+    s, t = stage_outputs(student, shape), stage_outputs(teacher, shape)
+    common = sorted(set(s) & set(t), key=lambda hw: -hw[0] * hw[1])
+    return [(s[hw][0], t[hw][0]) for hw in common]
+
+
+def resolve_pairs(
+    student: nn.Module, teacher: nn.Module, shape: tuple[int, ...], hints: list[str] | None
+) -> list[tuple[str, str]]:
+    """Student/teacher module pairs: automatic when ``hints`` is empty, else "student[:teacher]" names.
+
+    A student name without a teacher name is paired with the teacher's stage output of the same
+    spatial size. Unknown names are one-line InputErrors that list close names."""
+    from kdtoolkit.errors import InputError
+
+    if not hints:
+        pairs = auto_pairs(student, teacher, shape)
+        if not pairs:
+            raise InputError("no student and teacher feature maps share a spatial size; name the hint layers (student:teacher)")
+        return pairs
+    s_maps = {n: shp for n, shp in probe_feature_maps(student, shape)}
+    t_maps = {n: shp for n, shp in probe_feature_maps(teacher, shape)}
+    s_names = dict(student.named_modules())
+    t_names = dict(teacher.named_modules())
+    t_stages = stage_outputs(teacher, shape)
+    pairs = []
+    for h in hints:
+        sn, _, tn = h.partition(":")
+        for who, name, names, maps in (("student", sn, s_names, s_maps), ("teacher", tn, t_names, t_maps)):
+            if who == "teacher" and not tn:
+                continue
+            if name not in names:
+                close = difflib.get_close_matches(name, [n for n in names if n], n=5, cutoff=0.4) or [n for n in maps][:5]
+                raise InputError(f"hint layer {name!r} does not exist in the {who}; close names: {', '.join(close)}")
+            if name not in maps:
+                raise InputError(f"hint layer {name!r} of the {who} has no 4-D feature-map output; pick one of: {', '.join(list(maps)[:8])}")
+        if not tn:
+            hw = s_maps[sn][1:]
+            if tuple(hw) not in t_stages:
+                raise InputError(f"hint layer {sn!r} outputs {hw[0]}x{hw[1]} but no teacher stage does; name it as {sn}:TEACHER_LAYER")
+            tn = t_stages[tuple(hw)][0]
+        pairs.append((sn, tn))
+    return pairs
+
+
+class FeatureTaps:
+    """Forward hooks that keep the outputs of named modules from the latest forward call."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.names = names
+        self.feats: dict[str, torch.Tensor] = {}
+        mods = dict(model.named_modules())
+        self._hooks = [mods[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str):
+        def fn(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
+            self.feats[name] = out
+
+        return fn
+
+    def get(self) -> list[torch.Tensor]:
+        return [self.feats[n] for n in self.names]
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+class DistillWrapper(nn.Module):
+    """Student plus hint adapters as one module, so DDP syncs the adapters' gradients too.
+
+    forward(x) -> (logits, adapted features of the first ``n_hint`` taps, raw features of the rest (AT))."""
+
+    def __init__(self, student: nn.Module, taps: FeatureTaps, adapters: nn.ModuleList | None, n_hint: int = 0) -> None:
+        super().__init__()
+        self.student = student
+        self.adapters = adapters if adapters is not None else nn.ModuleList()
+        self._taps = taps
+        self.n_hint = n_hint
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        logits = self.student(x)
+        feats = self._taps.get()
+        hinted = [a(f) for a, f in zip(self.adapters, feats[: self.n_hint])]
+        return logits, hinted, feats[self.n_hint:]

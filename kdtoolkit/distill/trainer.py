@@ -37,6 +37,17 @@ class LossConfig(BaseModel):
     alpha: Schedule = Field(default_factory=lambda: Schedule(start=0.9), description="weight of the soft-target term")
     temperature: Schedule = Field(default_factory=lambda: Schedule(start=4.0), description="softmax temperature T")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the hard-label term")
+    hint_weight: float = Field(0.0, ge=0, description="weight of the FitNets hint loss (0 = off)")
+    hints: list[str] = Field(default_factory=list, description="hint pairs 'student[:teacher]' module names; empty = pair stage outputs by spatial size")
+    at_weight: float = Field(0.0, ge=0, description="weight of the attention-transfer loss (0 = off; the paper uses 1000)")
+    at_layers: list[str] = Field(default_factory=list, description="attention-transfer pairs 'student[:teacher]'; empty = automatic")
+    teacher_weights: list[float] | None = Field(None, description="fixed weights of several teachers (None = equal)")
+    teacher_weighting: Literal["fixed", "confidence", "ce"] = Field(
+        "fixed", description="multi-teacher: fixed weights, or per sample by teacher max-softmax confidence or by CE on the label")
+
+    @property
+    def uses_features(self) -> bool:
+        return self.hint_weight > 0 or self.at_weight > 0
 
 
 class TrainConfig(BaseModel):
@@ -63,6 +74,9 @@ class TrainConfig(BaseModel):
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps")
     cache_teacher: bool = Field(True, description="cache teacher logits on disk when augmentation is off")
     sync_bn: bool = Field(True, description="SyncBatchNorm under DDP so N processes match one")
+    lr_scales: dict[str, float] = Field(default_factory=dict, description="lr multiplier per parameter-name prefix (longest match wins; '' = all)")
+    freeze: list[str] = Field(default_factory=list, description="module-name prefixes frozen at the start (in model order)")
+    unfreeze_every: int | None = Field(None, ge=1, description="gradual unfreezing: unfreeze the deepest frozen one every N epochs")
     loss: LossConfig = Field(default_factory=LossConfig)
     eval_batch_size: int = Field(512, ge=1, description="batch for validation")
 
@@ -115,13 +129,78 @@ def _mix(x: torch.Tensor, y: torch.Tensor, n_cls: int, cfg: TrainConfig, gen: to
     return x, lam * soft + (1 - lam) * soft[perm]
 
 
+def _n_outputs(model: Any, spec: DataSpec, who: str) -> int:
+    """Output count on one sample, with the model named in the error when it cannot run."""
+    from kdtoolkit.evaluate import as_predictor
+
+    x = np.zeros((1, spec.channels, *spec.input_size), np.float32)
+    try:
+        return int(np.asarray(as_predictor(model)(x)).shape[-1])
+    except Exception as exc:
+        raise InputError(f"the {who} does not run on inputs of shape 1x{spec.channels}x{spec.input_size[0]}x{spec.input_size[1]}: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def _lr_scale(name: str, scales: dict[str, float]) -> float:
+    best, scale = -1, 1.0
+    for prefix, v in scales.items():
+        if (name == prefix or name.startswith(prefix + ".") or prefix == "") and len(prefix) > best:
+            best, scale = len(prefix), v
+    return scale
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig, extra: list[nn.Parameter] | None = None) -> list[dict[str, Any]]:
+    """Optimiser groups by (lr_scale, decay): a lower lr for pretrained layers is a group with lr_scale < 1.
+
+    Frozen parameters stay in their group (their grad is None, so the optimiser skips them) so that
+    gradual unfreezing needs no new optimiser and a checkpoint's optimiser state still fits."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    named = [(n, p) for n, p in model.named_parameters()] + [(f"__extra__.{i}", p) for i, p in enumerate(extra or [])]
+    for n, p in named:
+        if not p.requires_grad and not cfg.freeze:
+            continue  # frozen by the caller for good (e.g. QAT's fixed parts): not optimised
+        scale = 1.0 if n.startswith("__extra__") else _lr_scale(n, cfg.lr_scales)
+        decay = p.ndim > 1 if cfg.optimizer == "sgd" else True
+        groups.setdefault((scale, decay), []).append(p)
+    out = []
+    for (scale, decay), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1])):
+        out.append({"params": ps, "lr_scale": scale, "weight_decay": cfg.weight_decay if decay else 0.0})
+    return out
+
+
+def apply_freeze(model: nn.Module, cfg: TrainConfig, epoch: int) -> list[str]:
+    """Freeze cfg.freeze minus those unfrozen so far (deepest first, one every ``unfreeze_every`` epochs).
+
+    Frozen modules get requires_grad False and BatchNorm in eval mode (their statistics stay pretrained).
+    Returns the prefixes frozen now."""
+    frozen = list(cfg.freeze)
+    if cfg.unfreeze_every and frozen:
+        n_open = min(len(frozen), epoch // cfg.unfreeze_every)
+        frozen = frozen[: len(frozen) - n_open]
+    mods = dict(model.named_modules())
+    for n, p in model.named_parameters():
+        p.requires_grad_(not any(n == f or n.startswith(f + ".") for f in frozen))
+    for f in frozen:
+        if f not in mods:
+            import difflib
+
+            close = difflib.get_close_matches(f, [m for m in mods if m], n=5, cutoff=0.4)
+            raise InputError(f"cannot freeze {f!r}: no such module; close names: {', '.join(close)}")
+        for m in mods[f].modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    return frozen
+
+
 class Trainer:
     """Train ``student`` (optionally distilling from ``teacher``) with checkpoints in ``work_dir``."""
 
-    def __init__(self, cfg: TrainConfig, work_dir: str | os.PathLike[str], *, progress: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, work_dir: str | os.PathLike[str], *, progress: bool = True,
+                 tensorboard: str | os.PathLike[str] | None = None) -> None:
         self.cfg = cfg
         self.work_dir = Path(work_dir)
         self.progress = progress
+        self.tensorboard = Path(tensorboard) if tensorboard else None
         self.rank, self.world, self.local_rank = dist_info()
         self.is_main = self.rank == 0
 
@@ -143,62 +222,114 @@ class Trainer:
             log(f"warning: checkpoint {p} unreadable, starting over", enabled=self.is_main)
             return None
 
+    def _tb_writer(self) -> Any:
+        if self.tensorboard is None or not self.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception as exc:  # tensorboard not installed
+            log(f"note: --tensorboard needs the tensorboard package ({type(exc).__name__}); metrics are still in "
+                f"{self.work_dir / 'metrics.jsonl'}; pip install tensorboard", enabled=True)
+            return None
+        return SummaryWriter(str(self.tensorboard))
+
     # -- training -----------------------------------------------------------------------------
     def fit(self, student: nn.Module, splits: Splits, teacher: Any = None) -> dict[str, Any]:
+        """Train; ``teacher`` is None, one model, or a list of models (multi-teacher KD)."""
         cfg = self.cfg
         spec = splits.spec
         train = splits.train
+        teachers: list[Any] = [] if teacher is None else list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
         if cfg.batch_size * self.world > len(train):
             raise InputError(f"batch size {cfg.batch_size} x {self.world} process(es) is larger than the training split ({len(train)} samples)")
-        if teacher is not None:
-            from kdtoolkit.evaluate import check_outputs
+        if teachers:
+            n_s = _n_outputs(student, spec, "student")
+            for k, t in enumerate(teachers):
+                who = "teacher" if len(teachers) == 1 else f"teacher {k + 1}"
+                n_t = _n_outputs(t, spec, who)
+                if n_t != n_s:
+                    raise InputError(f"{who} has {n_t} outputs but the student has {n_s}: they must predict the same classes")
+            if n_s != len(spec.classes):
+                raise InputError(f"the student and teacher have {n_s} outputs but the data has {len(spec.classes)} classes")
+        use_features = bool(teachers) and cfg.loss.uses_features
+        if use_features and not isinstance(teachers[0], nn.Module):
+            raise InputError("hint / attention-transfer losses need an eager PyTorch teacher (forward hooks)")
+        if len(teachers) > 1 and cfg.loss.name in ("kd", "multi_kd"):
+            from functools import partial
 
-            n_t = check_outputs(teacher, spec)
-            n_s = check_outputs(student, spec)
-            if n_t != n_s:
-                raise InputError(f"teacher has {n_t} outputs but the student has {n_s}")
-        loss_fn = LOSSES.get(cfg.loss.name)
+            from kdtoolkit.distill.losses import multi_teacher_kd_loss
+
+            loss_fn = partial(multi_teacher_kd_loss, weighting=cfg.loss.teacher_weighting, weights=cfg.loss.teacher_weights)
+        else:
+            loss_fn = LOSSES.get(cfg.loss.name)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         device = torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() and os.environ.get("KDTOOLKIT_CPU") != "1" else "cpu")
         student.to(device)
-        if teacher is not None and isinstance(teacher, nn.Module):
-            teacher.to(device).eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
-        model: nn.Module = student
+        for t in teachers:
+            if isinstance(t, nn.Module):
+                t.to(device).eval()
+                for p in t.parameters():
+                    p.requires_grad_(False)
         if self.world > 1:
             import torch.distributed as dist
 
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             if cfg.sync_bn:
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        raw = model.module if hasattr(model, "module") else model
-        params = [p for p in raw.parameters() if p.requires_grad]
+                if device.type == "cuda":
+                    student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+                else:  # torch's SyncBatchNorm is GPU-only
+                    from kdtoolkit.distill.syncbn import convert_gloo_sync_bn
+
+                    student = convert_gloo_sync_bn(student)
+        raw: nn.Module = student
+        # feature distillation: hooks on paired modules, adapters trained with the student (never saved with it)
+        adapters: nn.ModuleList | None = None
+        t_taps = None
+        n_hint = 0
+        core: nn.Module = raw
+        if use_features:
+            from kdtoolkit.distill.losses import DistillWrapper, FeatureTaps, HintAdapter, probe_feature_maps, resolve_pairs
+
+            shape = (spec.channels, *spec.input_size)
+            hint_pairs = resolve_pairs(raw, teachers[0], shape, cfg.loss.hints) if cfg.loss.hint_weight > 0 else []
+            at_pairs = resolve_pairs(raw, teachers[0], shape, cfg.loss.at_layers) if cfg.loss.at_weight > 0 else []
+            s_ch = {n: c[0] for n, c in probe_feature_maps(raw, shape)}
+            t_ch = {n: c[0] for n, c in probe_feature_maps(teachers[0], shape)}
+            adapters = nn.ModuleList([HintAdapter(s_ch[s], t_ch[t]) for s, t in hint_pairs]).to(device)
+            n_hint = len(hint_pairs)
+            s_taps = FeatureTaps(raw, [s for s, _ in hint_pairs + at_pairs])
+            t_taps = FeatureTaps(teachers[0], [t for _, t in hint_pairs + at_pairs])
+            core = DistillWrapper(raw, s_taps, adapters, n_hint)
+            log(f"feature distillation pairs (student -> teacher): hints {hint_pairs or '-'}, AT {at_pairs or '-'}",
+                enabled=self.progress and self.is_main)
+        extra = list(adapters.parameters()) if adapters is not None else []
+        groups = param_groups(raw, cfg, extra)
+        params = [p for g in groups for p in g["params"]]
         if cfg.optimizer == "sgd":
-            decay = [p for p in params if p.ndim > 1]
-            no_decay = [p for p in params if p.ndim <= 1]
-            opt: torch.optim.Optimizer = torch.optim.SGD(
-                [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-            )
+            opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
         else:
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         for g in opt.param_groups:
             g["base_lr"] = cfg.lr * g.get("lr_scale", 1.0)
         ema = copy.deepcopy(raw).eval() if cfg.ema_decay else None
         scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
 
+        def wrap() -> nn.Module:
+            if self.world > 1:
+                return nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None)
+            return core
+
         steps_per_epoch = len(train) // (cfg.batch_size * self.world)
         total = cfg.epochs * steps_per_epoch
         if cfg.max_steps:
             total = min(total, cfg.max_steps)
-        cache = None
-        use_cache = teacher is not None and cfg.cache_teacher and cfg.augment == "none" and not cfg.mixup and not cfg.cutmix
+        caches: list[TeacherCache] = []
+        use_cache = bool(teachers) and cfg.cache_teacher and cfg.augment == "none" and not cfg.mixup and not cfg.cutmix and not use_features
         if use_cache:
-            cache = TeacherCache(teacher, train, spec, self.work_dir / "teacher_logits.npy")
+            caches = [TeacherCache(t, train, spec, self.work_dir / ("teacher_logits.npy" if k == 0 else f"teacher{k}_logits.npy"))
+                      for k, t in enumerate(teachers)]
 
         state = self._load()
         step, epoch, batch_in_epoch = 0, 0, 0
@@ -211,6 +342,8 @@ class Trainer:
             opt.load_state_dict(state["optimizer"])
             if ema is not None and state.get("ema") is not None:
                 ema.load_state_dict(state["ema"])
+            if adapters is not None and state.get("adapters") is not None:
+                adapters.load_state_dict(state["adapters"])
             step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
             history, best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
             torch.set_rng_state(state["torch_rng"])
@@ -220,21 +353,38 @@ class Trainer:
         def snapshot(done_epoch: bool) -> dict[str, Any]:
             return {
                 "model": raw.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                "adapters": adapters.state_dict() if adapters is not None else None,
                 "step": step, "epoch": epoch + (1 if done_epoch else 0), "batch_in_epoch": 0 if done_epoch else batch_in_epoch,
                 "history": history, "best": best, "bad_epochs": bad_epochs,
                 "torch_rng": torch.get_rng_state(), "mix_rng": mix_gen.get_state(),
             }
 
         metrics_log = self.work_dir / "metrics.jsonl"
+        if state is None and self.is_main and metrics_log.exists():
+            metrics_log.unlink()  # a fresh run: no lines from an abandoned one
+        tb = self._tb_writer()
+        frozen_now: list[str] | None = None
+        model = wrap() if not cfg.freeze else core
         stop = False
         t_start = time.perf_counter()
         while epoch < cfg.epochs and step < total and not stop:
             model.train()
-            if teacher is not None and isinstance(teacher, nn.Module):
-                teacher.eval()
+            if cfg.freeze:
+                frozen = apply_freeze(raw, cfg, epoch)
+                if frozen != frozen_now:
+                    if frozen_now is not None:
+                        log(f"epoch {epoch + 1}: frozen now: {', '.join(frozen) or 'nothing'}", enabled=self.progress and self.is_main)
+                    frozen_now = frozen
+                    model = wrap()  # DDP only syncs parameters that need grad when it is built
+                    model.train()
+                    apply_freeze(raw, cfg, epoch)
+            for t in teachers:
+                if isinstance(t, nn.Module):
+                    t.eval()
             it = batches(train, spec, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, augment=cfg.augment,
                          drop_last=True, rank=self.rank, world_size=self.world, with_index=True, start_batch=batch_in_epoch)
             run_loss, run_n, t_epoch = 0.0, 0, time.perf_counter()
+            n_epoch_steps = 0
             with Progress(f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch, enabled=self.progress and self.is_main) as bar:
                 if batch_in_epoch:
                     bar.advance(batch_in_epoch)
@@ -247,18 +397,33 @@ class Trainer:
                     temp = cfg.loss.temperature.at(progress_t)
                     xm, target = _mix(x, y, len(spec.classes), cfg, mix_gen) if (cfg.mixup or cfg.cutmix) else (x, y)
                     t_logits = None
-                    if teacher is not None and alpha > 0:
-                        if cache is not None:
-                            t_logits = cache(idx).to(device)
+                    if teachers and (alpha > 0 or use_features):
+                        if caches:
+                            outs = [c(idx).to(device) for c in caches]
                         else:
                             with torch.no_grad():
-                                t_logits = teacher(xm).float()
+                                outs = [t(xm).float() for t in teachers]
+                        t_logits = outs[0] if len(outs) == 1 else torch.stack(outs)
                     factor = lr_factor(step, total, cfg.warmup_steps, cfg.schedule)
                     for g in opt.param_groups:
                         g["lr"] = g["base_lr"] * factor
                     with torch.autocast(device.type, enabled=scaler is not None):
-                        out = model(xm)
-                        loss = loss_fn(out.float(), t_logits, target, alpha=alpha, temperature=temp, label_smoothing=cfg.loss.label_smoothing)
+                        if use_features:
+                            from kdtoolkit.distill.losses import FEATURE_LOSSES
+
+                            out, hinted, at_s = model(xm)
+                            t_feats = t_taps.get()
+                            loss = loss_fn(out.float(), t_logits if alpha > 0 else None, target, alpha=alpha, temperature=temp,
+                                           label_smoothing=cfg.loss.label_smoothing)
+                            if n_hint:
+                                loss = loss + cfg.loss.hint_weight * FEATURE_LOSSES.get("hint")(
+                                    [h.float() for h in hinted], [f.float() for f in t_feats[:n_hint]])
+                            if cfg.loss.at_weight > 0:
+                                loss = loss + cfg.loss.at_weight * FEATURE_LOSSES.get("at")(
+                                    [f.float() for f in at_s], [f.float() for f in t_feats[n_hint:]])
+                        else:
+                            out = model(xm)
+                            loss = loss_fn(out.float(), t_logits, target, alpha=alpha, temperature=temp, label_smoothing=cfg.loss.label_smoothing)
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(
                             f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; the last good checkpoint is kept at "
@@ -286,6 +451,7 @@ class Trainer:
                                     pe.copy_(pm)
                     step += 1
                     batch_in_epoch += 1
+                    n_epoch_steps += 1
                     run_loss += loss.item() * len(y)
                     run_n += len(y)
                     bar.advance(1, loss=run_loss / run_n, lr=opt.param_groups[0]["lr"])
@@ -293,12 +459,17 @@ class Trainer:
                         self._save(snapshot(False))
             eval_model = ema if ema is not None else raw
             val = self.evaluate(eval_model, splits.val, spec) if len(splits.val) else {"accuracy": float("nan")}
+            dt = time.perf_counter() - t_epoch
             rec = {"epoch": epoch + 1, "step": step, "train_loss": run_loss / max(run_n, 1), "val_accuracy": val["accuracy"],
-                   "epoch_time_s": time.perf_counter() - t_epoch, "steps_per_s": (batch_in_epoch) / max(time.perf_counter() - t_epoch, 1e-9)}
+                   "epoch_time_s": dt, "steps_per_s": n_epoch_steps / max(dt, 1e-9)}
             history.append(rec)
             if self.is_main:
                 with open(metrics_log, "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
+                if tb is not None:
+                    for k in ("train_loss", "val_accuracy", "epoch_time_s"):
+                        tb.add_scalar(k, rec[k], epoch + 1)
+                    tb.flush()
                 log(f"epoch {epoch + 1}: train loss {rec['train_loss']:.4f}, val top-1 {100 * rec['val_accuracy']:.2f} %", enabled=self.progress)
             improved = val["accuracy"] > best["val_accuracy"]
             if improved:
@@ -314,16 +485,24 @@ class Trainer:
             self._save(snapshot(True))
             epoch += 1
             batch_in_epoch = 0
+        if tb is not None:
+            tb.close()
+        if t_taps is not None:
+            t_taps.remove()
+            core._taps.remove()  # type: ignore[union-attr]
+        if cfg.freeze:
+            for p in raw.parameters():
+                p.requires_grad_(True)
         # the returned model is the best on validation (the test split is never looked at here)
         best_path = self.work_dir / "best.pt"
         final = ema if ema is not None else raw
-        if best_path.exists():
-            final.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
-        final.to("cpu").eval()
         if self.world > 1:
             import torch.distributed as dist
 
-            dist.barrier()
+            dist.barrier()  # rank 0 has finished writing best.pt
+        if best_path.exists():
+            final.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
+        final.to("cpu").eval()
         return {"model": final, "history": history, "best": best, "steps": step, "train_time_s": time.perf_counter() - t_start}
 
     @staticmethod

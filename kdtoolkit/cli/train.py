@@ -1,0 +1,324 @@
+"""Training commands: `distill` and `finetune`, both over the one Trainer.
+
+Both write a torch artifact (model.pt with its recipe, history, metrics.jsonl, test accuracy) that
+`compress` takes as its teacher or student. Checkpoints live in a work folder beside ``--out``
+named by a hash of everything that decides the run, so rerunning the same command after a kill
+resumes. Under ``torchrun --nproc_per_node N -m kdtoolkit distill ...`` every process trains
+(DistributedDataParallel) and only rank 0 evaluates and writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from kdtoolkit.cli import app
+from kdtoolkit.cli.options import Arch, Data, JsonOut, ModelArg, Out, Quiet, TrustPickle, parse_floats, parse_ints
+
+Optim = Annotated[str, typer.Option("--optimizer", help="sgd (Nesterov momentum) or adamw")]
+Epochs = Annotated[int, typer.Option("--epochs", help="passes over the training split")]
+MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="stop after this many optimiser steps")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="batch size per process")]
+Lr = Annotated[float, typer.Option("--lr", help="peak learning rate")]
+Wd = Annotated[float, typer.Option("--weight-decay", help="weight decay")]
+Warmup = Annotated[int, typer.Option("--warmup", help="linear warm-up steps")]
+Sched = Annotated[str, typer.Option("--schedule", help="lr decay after warm-up: cosine, linear or constant")]
+Clip = Annotated[float, typer.Option("--grad-clip", help="max gradient norm (0 = off)")]
+Ema = Annotated[Optional[float], typer.Option("--ema", help="EMA decay of the weights, e.g. 0.999 (evaluated and saved)")]
+Patience = Annotated[Optional[int], typer.Option("--patience", help="early stopping: epochs without validation improvement")]
+Augment = Annotated[str, typer.Option("--augment", help="none, crop, flip or crop_flip (none keeps the teacher cache)")]
+Mixup = Annotated[float, typer.Option("--mixup", help="mixup Beta(a, a), 0 = off")]
+Cutmix = Annotated[float, typer.Option("--cutmix", help="cutmix Beta(a, a), 0 = off")]
+Seed = Annotated[int, typer.Option("--seed", help="seed for split, order, augmentation and init")]
+CkptEvery = Annotated[Optional[int], typer.Option("--checkpoint-every", help="also checkpoint every N steps (always every epoch)")]
+Smooth = Annotated[float, typer.Option("--label-smoothing", help="label smoothing of the hard-label term")]
+TrainLimit = Annotated[Optional[int], typer.Option("--train-limit", help="seeded subset of the training split")]
+TestLimit = Annotated[Optional[int], typer.Option("--test-limit", help="seeded subset of the test split")]
+BadImage = Annotated[str, typer.Option("--on-bad-image", help="fail (naming the file) or skip unreadable images")]
+Tensorboard = Annotated[Optional[Path], typer.Option("--tensorboard", help="also write TensorBoard scalars here (needs tensorboard)")]
+Mean = Annotated[Optional[str], typer.Option("--mean", help="normalisation mean (default: the model's metadata, else the data's)")]
+Std = Annotated[Optional[str], typer.Option("--std", help="normalisation std")]
+InputSize = Annotated[Optional[str], typer.Option("--input-size", help="H,W of the model input (default: model metadata or data)")]
+NoCache = Annotated[bool, typer.Option("--no-teacher-cache", help="run the teacher every step even when augmentation is off")]
+Amp = Annotated[bool, typer.Option("--amp", help="mixed precision (CUDA only)")]
+ValFraction = Annotated[float, typer.Option("--val-fraction", help="share of the training split held out for validation")]
+
+
+def _splits(data: str | None, meta: dict[str, Any], *, seed: int, on_bad_image: str, train_limit: int | None,
+            test_limit: int | None, mean: str | None, std: str | None, input_size: str | None, val_fraction: float):
+    from kdtoolkit.data import load_data
+    from kdtoolkit.errors import InputError
+
+    if not data:
+        raise InputError("--data is required (an ImageFolder, .tar.gz, .npz, or a built-in name such as mnist-mini)")
+    if on_bad_image not in ("fail", "skip"):
+        raise InputError(f"--on-bad-image must be fail or skip, got {on_bad_image!r}")
+    size = parse_ints(input_size, "--input-size") or (tuple(meta["input_size"]) if meta.get("input_size") else None)
+    m = parse_floats(mean, "--mean") or (tuple(meta["mean"]) if meta.get("mean") else None)
+    s = parse_floats(std, "--std") or (tuple(meta["std"]) if meta.get("std") else None)
+    return load_data(data, input_size=size, channels=meta.get("channels"), mean=m, std=s, seed=seed, on_bad_image=on_bad_image,
+                     train_limit=train_limit, test_limit=test_limit, val_fraction=val_fraction)
+
+
+def _train_config(**kw: Any):
+    from pydantic import ValidationError
+
+    from kdtoolkit.distill.trainer import TrainConfig
+    from kdtoolkit.errors import InputError
+
+    try:
+        return TrainConfig.model_validate(kw)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        raise InputError(f"invalid option {'.'.join(str(p) for p in e['loc'])}: {e['msg']}") from None
+
+
+def _schedule(start: float, end: float | None, kind: str) -> dict[str, Any]:
+    return {"start": start, "end": end, "kind": kind if end is not None else "constant"}
+
+
+def _work_dir(out: Path, key: dict[str, Any]) -> Path:
+    from kdtoolkit import fsutil
+
+    return out.parent / f".{out.name}.work-{fsutil.stable_hash(key)[:12]}"
+
+
+def _write(out: Path, stage: str, cfg, model, recipe: dict[str, Any], splits, result: dict[str, Any], work: Path,
+           extra_metrics: dict[str, Any], extra_info: dict[str, Any], teacher_logits=None) -> dict[str, Any]:
+    import shutil
+
+    from kdtoolkit import fsutil
+    from kdtoolkit.artifact import ArtifactWriter
+    from kdtoolkit.evaluate import evaluate
+    from kdtoolkit.models.loading import save_checkpoint
+    from kdtoolkit.student.build import count_params
+
+    spec = splits.spec
+    r = evaluate(model, splits.test, spec, reference=teacher_logits)
+    with ArtifactWriter(out, kind="torch", stage=stage, config=cfg.model_dump(mode="json")) as w:
+        save_checkpoint(w.path("model.pt"), model, recipe, spec.to_dict())
+        fsutil.write_json(w.path("history.json"), result["history"])
+        if (work / "metrics.jsonl").exists():
+            shutil.copyfile(work / "metrics.jsonl", w.path("metrics.jsonl"))
+        w.metrics.update({"accuracy": r["accuracy"], "n_test": r["n"], "params": count_params(model),
+                          "best_val_accuracy": result["best"]["val_accuracy"], "best_epoch": result["best"]["epoch"],
+                          "steps": result["steps"], "train_time_s": result["train_time_s"], **extra_metrics})
+        if "agreement" in r:
+            w.metrics["teacher_agreement"] = r["agreement"]
+        w.info.update({"model": spec.to_dict(), "model_file": "model.pt", "recipe": recipe, "arch": recipe.get("arch"),
+                       "work_dir": str(work), **extra_info})
+    return dict(w.artifact.metrics)
+
+
+def _report(out: Path, metrics: dict[str, Any], json_out: Path | None) -> None:
+    from kdtoolkit import fsutil
+
+    if json_out:
+        fsutil.write_json(json_out, {"artifact": str(out), **metrics})
+    typer.echo(f"wrote {out / 'model.pt'}: test top-1 {100 * metrics['accuracy']:.2f} % "
+               f"(best val {100 * metrics['best_val_accuracy']:.2f} % at epoch {metrics['best_epoch']}, {metrics['steps']} steps)")
+
+
+@app.command("distill")
+def distill_cmd(
+    teacher: ModelArg,
+    out: Out,
+    student: Annotated[Optional[str], typer.Argument(help="student model file or artifact (or give --student-arch)")] = None,
+    data: Data = None,
+    arch: Arch = None,
+    trust_pickle: TrustPickle = False,
+    student_arch: Annotated[Optional[str], typer.Option("--student-arch", help="build a fresh student of this architecture")] = None,
+    student_width: Annotated[Optional[float], typer.Option("--student-width", help="width multiplier for --student-arch (zoo archs)")] = None,
+    extra_teacher: Annotated[Optional[list[str]], typer.Option("--extra-teacher", help="another teacher (repeat): multi-teacher KD")] = None,
+    teacher_weights: Annotated[Optional[str], typer.Option("--teacher-weights", help="fixed teacher weights, comma-separated")] = None,
+    teacher_weighting: Annotated[str, typer.Option("--teacher-weighting", help="fixed, confidence (max softmax) or ce (per sample)")] = "fixed",
+    optimizer: Optim = "sgd",
+    epochs: Epochs = 3,
+    max_steps: MaxSteps = None,
+    batch_size: BatchSize = 128,
+    lr: Lr = 0.05,
+    weight_decay: Wd = 5e-4,
+    warmup: Warmup = 0,
+    schedule: Sched = "cosine",
+    grad_clip: Clip = 5.0,
+    ema: Ema = None,
+    patience: Patience = None,
+    augment: Augment = "none",
+    mixup: Mixup = 0.0,
+    cutmix: Cutmix = 0.0,
+    seed: Seed = 0,
+    checkpoint_every: CkptEvery = None,
+    alpha: Annotated[float, typer.Option("--alpha", help="weight of the soft-target term")] = 0.9,
+    alpha_end: Annotated[Optional[float], typer.Option("--alpha-end", help="alpha at the end of training (schedule)")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", "-T", help="KD temperature")] = 4.0,
+    temperature_end: Annotated[Optional[float], typer.Option("--temperature-end", help="T at the end of training (schedule)")] = None,
+    schedule_kind: Annotated[str, typer.Option("--kd-schedule", help="shape of the alpha/T schedules: linear or cosine")] = "linear",
+    label_smoothing: Smooth = 0.0,
+    hint_weight: Annotated[float, typer.Option("--hint-weight", help="FitNets hint loss weight (0 = off)")] = 0.0,
+    hints: Annotated[Optional[str], typer.Option("--hints", help="hint pairs student[:teacher],...; default: pair stages by spatial size")] = None,
+    at_weight: Annotated[float, typer.Option("--at-weight", help="attention-transfer loss weight (0 = off; the paper uses 1000)")] = 0.0,
+    at_layers: Annotated[Optional[str], typer.Option("--at-layers", help="AT pairs student[:teacher],...; default: automatic")] = None,
+    no_teacher_cache: NoCache = False,
+    amp: Amp = False,
+    train_limit: TrainLimit = None,
+    test_limit: TestLimit = None,
+    val_fraction: ValFraction = 0.1,
+    on_bad_image: BadImage = "fail",
+    mean: Mean = None,
+    std: Std = None,
+    input_size: InputSize = None,
+    tensorboard: Tensorboard = None,
+    quiet: Quiet = False,
+    json_out: JsonOut = None,
+) -> None:
+    """Distil TEACHER into STUDENT (KD, hints, attention transfer, several teachers) with the one trainer."""
+    from kdtoolkit.distill.trainer import Trainer, dist_info
+    from kdtoolkit.errors import InputError
+    from kdtoolkit.models.loading import build_arch, load_model
+
+    rank = dist_info()[0]
+    if (student is None) == (student_arch is None):
+        raise InputError("give the student as a model file/artifact or as --student-arch NAME (one of them)")
+    t = load_model(teacher, arch=arch, trust_pickle=trust_pickle)
+    extra = [load_model(p, arch=arch, trust_pickle=trust_pickle) for p in (extra_teacher or [])]
+    splits = _splits(data, t.meta, seed=seed, on_bad_image=on_bad_image, train_limit=train_limit, test_limit=test_limit,
+                     mean=mean, std=std, input_size=input_size, val_fraction=val_fraction)
+    spec = splits.spec
+    if student_arch:
+        from kdtoolkit.models.loading import _arch_kwargs
+
+        kw = _arch_kwargs(student_arch, len(spec.classes), spec.channels)
+        if student_width is not None:
+            kw["width"] = student_width
+        import torch
+
+        torch.manual_seed(seed)
+        s_module = build_arch(student_arch, **kw)
+        recipe: dict[str, Any] = {"arch": student_arch, "arch_kwargs": kw, "transforms": []}
+        s_source = f"arch:{student_arch}:{kw}"
+    else:
+        s = load_model(student, trust_pickle=trust_pickle)
+        if not s.rewritable or s.recipe is None:
+            raise InputError(f"{student}: the student must be a trainable eager model with a recipe (a kdtoolkit checkpoint or artifact)")
+        s_module, recipe, s_source = s.module, s.recipe, str(Path(student).resolve())
+    weights = list(parse_floats(teacher_weights, "--teacher-weights") or []) or None
+    cfg = _train_config(
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+        warmup_steps=warmup, schedule=schedule, grad_clip=grad_clip or None, ema_decay=ema, patience=patience, augment=augment,
+        mixup=mixup, cutmix=cutmix, amp=amp, seed=seed, checkpoint_every=checkpoint_every, cache_teacher=not no_teacher_cache,
+        loss={"name": "kd", "alpha": _schedule(alpha, alpha_end, schedule_kind), "temperature": _schedule(temperature, temperature_end, schedule_kind),
+              "label_smoothing": label_smoothing, "hint_weight": hint_weight, "hints": hints.split(",") if hints else [],
+              "at_weight": at_weight, "at_layers": at_layers.split(",") if at_layers else [], "teacher_weights": weights,
+              "teacher_weighting": teacher_weighting},
+    )
+    teachers = [t.module] + [e.module for e in extra]
+    key = {"cmd": "distill", "cfg": cfg.model_dump(mode="json"), "teachers": [str(Path(p).resolve()) for p in [teacher, *(extra_teacher or [])]],
+           "student": s_source, "data": [data, train_limit, test_limit, on_bad_image, mean, std, input_size, val_fraction]}
+    work = _work_dir(out, key)
+    result = Trainer(cfg, work, progress=not quiet, tensorboard=tensorboard).fit(s_module.train(), splits,
+                                                                                  teacher=teachers if len(teachers) > 1 else teachers[0])
+    if rank != 0:
+        return
+    from kdtoolkit.evaluate import evaluate
+
+    t_eval = evaluate(t.module, splits.test, spec)
+    metrics = _write(out, "distill", cfg, result["model"], recipe, splits, result, work,
+                     {"teacher_accuracy": t_eval["accuracy"]}, {"teachers": key["teachers"]}, teacher_logits=t_eval["logits"])
+    _report(out, metrics, json_out)
+
+
+@app.command("finetune")
+def finetune_cmd(
+    model: ModelArg,
+    out: Out,
+    data: Data = None,
+    num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="classes of the new head (default: the data's)")] = None,
+    arch: Arch = None,
+    trust_pickle: TrustPickle = False,
+    reset_head: Annotated[bool, typer.Option("--reset-head", help="new head even when the class count already fits")] = False,
+    freeze_backbone: Annotated[bool, typer.Option("--freeze-backbone", help="train only the head (and unfrozen stages)")] = False,
+    freeze_stages: Annotated[int, typer.Option("--freeze-stages", help="freeze the first N stages")] = 0,
+    unfreeze_every: Annotated[Optional[int], typer.Option("--unfreeze-every", help="gradual unfreezing: one more stage every k epochs")] = None,
+    backbone_lr_scale: Annotated[float, typer.Option("--backbone-lr-scale", help="lr multiplier of the pretrained layers (head = 1)")] = 1.0,
+    optimizer: Optim = "sgd",
+    epochs: Epochs = 3,
+    max_steps: MaxSteps = None,
+    batch_size: BatchSize = 128,
+    lr: Lr = 0.01,
+    weight_decay: Wd = 5e-4,
+    warmup: Warmup = 0,
+    schedule: Sched = "cosine",
+    grad_clip: Clip = 5.0,
+    ema: Ema = None,
+    patience: Patience = None,
+    augment: Augment = "crop_flip",
+    mixup: Mixup = 0.0,
+    cutmix: Cutmix = 0.0,
+    seed: Seed = 0,
+    checkpoint_every: CkptEvery = None,
+    label_smoothing: Smooth = 0.0,
+    amp: Amp = False,
+    train_limit: TrainLimit = None,
+    test_limit: TestLimit = None,
+    val_fraction: ValFraction = 0.1,
+    on_bad_image: BadImage = "fail",
+    mean: Mean = None,
+    std: Std = None,
+    input_size: InputSize = None,
+    tensorboard: Tensorboard = None,
+    quiet: Quiet = False,
+    json_out: JsonOut = None,
+) -> None:
+    """Fine-tune MODEL on new data: new head, frozen or gradually unfrozen stages, lower lr for pretrained layers."""
+    from kdtoolkit.distill.finetune import replace_head, stage_names
+    from kdtoolkit.distill.trainer import Trainer, dist_info
+    from kdtoolkit.errors import InputError
+    from kdtoolkit.evaluate import evaluate
+    from kdtoolkit.models.loading import load_model
+
+    rank = dist_info()[0]
+    m = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    if not m.rewritable:
+        raise InputError(f"{model}: a {m.form} model cannot be fine-tuned here; give a state dict with --arch or a kdtoolkit checkpoint")
+    splits = _splits(data, m.meta, seed=seed, on_bad_image=on_bad_image, train_limit=train_limit, test_limit=test_limit,
+                     mean=mean, std=std, input_size=input_size, val_fraction=val_fraction)
+    k = num_classes or len(splits.spec.classes)
+    if k != len(splits.spec.classes):
+        raise InputError(f"--num-classes {k} but the data has {len(splits.spec.classes)} classes")
+    recipe = dict(m.recipe or {"arch": arch, "arch_kwargs": {}, "transforms": []})
+    recipe["arch_kwargs"] = dict(recipe.get("arch_kwargs", {}))
+    before = None
+    try:
+        before = evaluate(m.module, splits.test, splits.spec)["accuracy"]
+    except InputError:
+        pass  # the old head does not fit the new classes
+    head, replaced = replace_head(m.module, k, recipe, force=reset_head)
+    stages = stage_names(m.module, head)
+    n_freeze = len(stages) if freeze_backbone else freeze_stages
+    if n_freeze > len(stages):
+        raise InputError(f"--freeze-stages {n_freeze} but the model has {len(stages)} stages: {', '.join(stages)}")
+    if unfreeze_every and not n_freeze:
+        raise InputError("--unfreeze-every needs --freeze-backbone or --freeze-stages N")
+    scales = {"": backbone_lr_scale, head: 1.0} if backbone_lr_scale != 1.0 else {}
+    cfg = _train_config(
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+        warmup_steps=warmup, schedule=schedule, grad_clip=grad_clip or None, ema_decay=ema, patience=patience, augment=augment,
+        mixup=mixup, cutmix=cutmix, amp=amp, seed=seed, checkpoint_every=checkpoint_every, lr_scales=scales,
+        freeze=stages[:n_freeze], unfreeze_every=unfreeze_every, loss={"name": "ce", "label_smoothing": label_smoothing},
+    )
+    key = {"cmd": "finetune", "cfg": cfg.model_dump(mode="json"), "model": str(Path(model).resolve()), "k": k, "reset": reset_head,
+           "data": [data, train_limit, test_limit, on_bad_image, mean, std, input_size, val_fraction]}
+    work = _work_dir(out, key)
+    if rank == 0 and not quiet:
+        typer.echo(f"head {head} ({'new, ' if replaced else 'kept, '}{k} classes); stages {', '.join(stages)}; "
+                   f"frozen at start: {', '.join(stages[:n_freeze]) or 'none'}", err=True)
+    result = Trainer(cfg, work, progress=not quiet, tensorboard=tensorboard).fit(m.module.train(), splits)
+    if rank != 0:
+        return
+    metrics = _write(out, "finetune", cfg, result["model"], recipe, splits, result, work,
+                     {"accuracy_before": before, "head_replaced": replaced}, {"head": head, "stages": stages, "source": str(model)})
+    if before is not None and not quiet:
+        typer.echo(f"test top-1 before fine-tuning: {100 * before:.2f} %")
+    _report(out, metrics, json_out)
