@@ -35,10 +35,7 @@ class ShortcutA(nn.Module):
         self.in_planes, self.stride = in_planes, stride
         self.register_buffer("channel_index", torch.tensor(_canonical_map(in_planes, out_planes), dtype=torch.long))
         self.canonical = True
-
-    @property
-    def out_planes(self) -> int:
-        return int(self.channel_index.numel())
+        self.out_planes = out_planes  # a plain int, so tracing for export sees a constant
 
     def channel_map(self) -> list[int]:
         return [int(v) for v in self.channel_index.tolist()]
@@ -46,6 +43,7 @@ class ShortcutA(nn.Module):
     def set_map(self, index: list[int], in_planes: int) -> None:
         self.channel_index = torch.tensor(index, dtype=torch.long)
         self.in_planes = in_planes
+        self.out_planes = len(index)
         self.canonical = index == _canonical_map(in_planes, len(index))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
