@@ -151,8 +151,8 @@ def environment_diff(a: dict[str, Any], a_name: str, b: dict[str, Any], b_name: 
         if da[k] != db[k]:
             dev.append(f"{k}: baseline {db[k]!r}, candidate {da[k]!r}")
     sa, sb = {**_runtime_versions(a, a_name), **_settings(a, a_name)}, {**_runtime_versions(b, b_name), **_settings(b, b_name)}
-    for k in sorted(set(sa) | set(sb)):
-        if sa.get(k) != sb.get(k):
+    for k in sorted(set(sa) | set(sb)):  # a setting one side does not record (an older JSON) is not compared
+        if sa.get(k) != sb.get(k) and sa.get(k) is not None and sb.get(k) is not None:
             other.append(f"{k}: baseline {sb.get(k)!r}, candidate {sa.get(k)!r}")
     return dev, other
 
