@@ -457,11 +457,12 @@ class Trainer:
                     bar.advance(1, loss=run_loss / run_n, lr=opt.param_groups[0]["lr"])
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                         self._save(snapshot(False))
+            dt = time.perf_counter() - t_epoch  # training only: validation is timed apart
             eval_model = ema if ema is not None else raw
+            t_val = time.perf_counter()
             val = self.evaluate(eval_model, splits.val, spec) if len(splits.val) else {"accuracy": float("nan")}
-            dt = time.perf_counter() - t_epoch
             rec = {"epoch": epoch + 1, "step": step, "train_loss": run_loss / max(run_n, 1), "val_accuracy": val["accuracy"],
-                   "epoch_time_s": dt, "steps_per_s": n_epoch_steps / max(dt, 1e-9)}
+                   "epoch_time_s": dt, "steps_per_s": n_epoch_steps / max(dt, 1e-9), "val_time_s": time.perf_counter() - t_val}
             history.append(rec)
             if self.is_main:
                 with open(metrics_log, "a") as fh:
