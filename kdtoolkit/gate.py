@@ -170,6 +170,11 @@ def _measure_alone(side: Side, batches: list[int], s: GateSettings, like: dict[s
                           threads=threads, providers=providers, names=[side.role], seed=s.seed)
 
 
+def _stored(side: Side) -> tuple[dict[str, Any], str]:
+    assert side.stored is not None and side.name is not None
+    return side.stored, side.name
+
+
 def run_gate(candidate: str, baseline: str, settings: GateSettings | None = None) -> GateResult:
     """Compare candidate with baseline; see the module docstring for the rules."""
     from kdtoolkit.profile.session import profile_models
@@ -187,8 +192,7 @@ def run_gate(candidate: str, baseline: str, settings: GateSettings | None = None
         notes.append("baseline and candidate re-measured interleaved in this job (random order every round)")
     else:
         mode = "stored"
-        stored = base.stored if base.is_stored else cand.stored
-        stored_name = base.name if base.is_stored else cand.name
+        stored, stored_name = _stored(base if base.is_stored else cand)
         have = sorted(int(b) for b in stored["results"][stored_name])
         if s.batches:
             missing = [b for b in s.batches if b not in have]
@@ -196,12 +200,13 @@ def run_gate(candidate: str, baseline: str, settings: GateSettings | None = None
                 raise InputError(f"{base.spec if base.is_stored else cand.spec}: no samples at batch {missing} (has {have})")
         batches = s.batches or have
         if base.is_stored and cand.is_stored:
-            chave = sorted(int(b) for b in cand.stored["results"][cand.name])
+            cstored, cstored_name = _stored(cand)
+            chave = sorted(int(b) for b in cstored["results"][cstored_name])
             batches = [b for b in batches if b in chave]
             if not batches:
                 raise InputError(f"baseline and candidate JSON share no batch size (baseline {have}, candidate {chave})")
-        bdoc, bname = (base.stored, base.name) if base.is_stored else (_measure_alone(base, batches, s, stored), "baseline")
-        cdoc, cname = (cand.stored, cand.name) if cand.is_stored else (_measure_alone(cand, batches, s, stored), "candidate")
+        bdoc, bname = _stored(base) if base.is_stored else (_measure_alone(base, batches, s, stored), "baseline")
+        cdoc, cname = _stored(cand) if cand.is_stored else (_measure_alone(cand, batches, s, stored), "candidate")
         dev, other = environment_diff(cdoc, cname, bdoc, bname)
         if (dev or other) and not s.allow_env_mismatch:
             what = "another device" if dev else "different settings or runtime versions"

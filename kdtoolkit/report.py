@@ -66,7 +66,7 @@ def points(run_dir: Path, s: dict[str, Any]) -> list[dict[str, Any]]:
         m = man.get("metrics", {})
         lat = (m.get("precision_latency_ms") or {}).get("int8")
         if m.get("accuracy_int8") is not None and lat:
-            out.append({"name": "int8", "label": "INT8 (not chosen)", "accuracy": m["accuracy_int8"],
+            out.append({"name": "int8", "label": "INT8 (not chosen; timed in the quantize stage)", "accuracy": m["accuracy_int8"],
                         "latency": {str(b): v["p50"] for b, v in lat.items()}, "session": "quantize"})
     return out
 
@@ -125,10 +125,15 @@ def plot_pareto(pts: list[dict[str, Any]], path: Path, runtime: str) -> Path:
     fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 4.2), squeeze=False)
     for ax, b in zip(axes[0], batches):
         here = [p for p in pts if b in p["latency"]]
-        for p in here:
-            x, y = p["latency"][b], 100 * p["accuracy"]
+        xy = [(p["latency"][b], 100 * p["accuracy"]) for p in here]
+        xr = max(x for x, _ in xy) or 1.0
+        yr = (max(y for _, y in xy) - min(y for _, y in xy)) or 1.0
+        for p, (x, y) in zip(here, xy):
             ax.scatter([x], [y], s=90, color=_COLORS.get(p["name"], "grey"), zorder=3, edgecolor="black", linewidth=0.6)
-            ax.annotate(f"{p['label']}\n{x:.2f} ms, {y:.1f} %", (x, y), textcoords="offset points", xytext=(8, -4), fontsize=8)
+            # a neighbour close by and above: put this label below the point so the two do not overlap
+            below = any(abs(qx - x) < 0.3 * xr and 0 <= qy - y < 0.25 * yr and (qx, qy) != (x, y) for qx, qy in xy)
+            ax.annotate(f"{p['label']}\n{x:.2f} ms, {y:.1f} %", (x, y), textcoords="offset points",
+                        xytext=(8, -22) if below else (8, 3), fontsize=8)
         front = sorted(((p["latency"][b], 100 * p["accuracy"]) for p in here), key=lambda t: (t[0], -t[1]))
         best, line = -1.0, []
         for x, y in front:
@@ -179,7 +184,11 @@ def plot_latency(samples: dict[str, dict[str, list[float]]], path: Path) -> Path
         lo, hi = min(min(d) for d in data), max(max(d) for d in data)
         log = lo > 0 and hi / lo > 5  # a long tail (a loaded machine) would squash the boxes on a linear axis
         if log:
+            from matplotlib.ticker import FuncFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
         ax.set_xlabel(f"latency per batch of {b} (ms{', log scale' if log else ''}); whiskers p1-p99, dots beyond")
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("Latency distributions (raw samples, models interleaved in one process)", fontsize=10)

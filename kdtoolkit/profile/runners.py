@@ -147,7 +147,7 @@ class TorchRunner:
                 self.module, self.compiled = cm, True
             except Exception as exc:  # inductor needs a C compiler; many setups lack one
                 self.compile_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
-        self.load_rss_bytes = None
+        self.load_rss_bytes: int | None = None
 
     def describe(self) -> dict[str, Any]:
         import torch
@@ -188,7 +188,7 @@ class TrtAdapter:
         spec = inner.inputs[0]
         self._profile = spec.get("profile") or {}
         self._shape = tuple(self._profile.get("opt") or spec.get("shape") or ())
-        self.load_rss_bytes = None
+        self.load_rss_bytes: int | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"runner": self.kind, "path": str(getattr(self.inner, "plan_path", "")), "profile": self._profile}
@@ -351,8 +351,8 @@ def measure(
                 r.run(x)
             if warmup == 0:
                 r.run(x)
-            d = _delta(before, rss_bytes())
-            warm_mem[r.name] = None if d is None or warm_mem[r.name] is None else warm_mem[r.name] + d
+            d, acc = _delta(before, rss_bytes()), warm_mem[r.name]
+            warm_mem[r.name] = None if d is None or acc is None else acc + d
         samples: dict[str, list[float]] = {r.name: [] for r in runners}
         start = time.perf_counter()
         i = 0
