@@ -94,10 +94,11 @@ def parse_percent(text: str | float | None, what: str = "--max-slowdown") -> flo
 
 
 def resolve_side(spec: str, role: str) -> Side:
-    """A model/artifact to measure, or stored numbers: FILE.json[:NAME] or a profile artifact folder."""
+    """A model/artifact to measure, or stored numbers: FILE.json[:NAME] or a profile artifact folder[:NAME]."""
     path, name = spec, None
-    if ".json:" in spec:
-        path, _, name = spec.rpartition(":")
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail and (head.endswith(".json") or (Path(head) / "profile.json").is_file()):
+        path, name = head, tail
     p = Path(path)
     stored_like = p.suffix.lower() == ".json" or (p.is_dir() and (p / "profile.json").is_file())
     if not stored_like:

@@ -148,3 +148,13 @@ def test_unloadable_and_bad_flags_exit_2(models, tmp_path):
     assert r.returncode == 2 and "not found" in r.stderr
     r = run_cli("gate", str(models["small"]), "--baseline", str(models["copy"]), "--max-slowdown", "lots")
     assert r.returncode == 2 and "percentage" in r.stderr
+
+
+def test_profile_artifact_folder_as_stored_side(stored, tmp_path):
+    from kdtoolkit.gate import GateSettings, run_gate
+
+    folder = tmp_path / "07-profile"
+    folder.mkdir()
+    (folder / "profile.json").write_text(stored.read_text())
+    r = run_gate(f"{folder}:small", str(stored), GateSettings())
+    assert r.mode == "stored" and r.verdict == "pass"
