@@ -172,8 +172,16 @@ def prepare_qat(model: Any, scheme: Scheme) -> Any:
     F = torch.nn.functional
     pools_f = (F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, torch.nn.functional.adaptive_max_pool2d)
     pools_m = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
+    for node in list(graph.nodes):  # identities would split one tensor into two quantizers
+        if node.op == "call_module" and isinstance(mods.get(node.target), nn.Identity):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
     for node in list(graph.nodes):
-        if node.op == "call_module" and isinstance(mods.get(node.target), (nn.Conv2d, nn.Linear)):
+        if node.op == "call_function" and node.target in (operator.getitem, F.pad) and node.args and node.args[0] in fq_of:
+            # a slice/pad of an already-quantized tensor reads the quantized copy (as in ORT's graph), so the
+            # float tensor has the Q as its only consumer and ORT can fold the ReLU before it
+            node.replace_input_with(node.args[0], fq_of[node.args[0]])
+        elif node.op == "call_module" and isinstance(mods.get(node.target), (nn.Conv2d, nn.Linear)):
             m = mods[node.target]
             if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
                 continue
@@ -189,7 +197,15 @@ def prepare_qat(model: Any, scheme: Scheme) -> Any:
             if len(tensors) == 2:
                 for a in tensors:
                     quantize_input(node, a)
-                quantize_output(node)  # QLinearAdd in ORT; TensorRT fuses the add with its output Q
+                users = list(node.users)
+                relu = len(users) == 1 and (
+                    (users[0].op == "call_function" and users[0].target in (F.relu, torch.relu))
+                    or (users[0].op == "call_module" and isinstance(mods.get(users[0].target), nn.ReLU))
+                    or (users[0].op == "call_method" and users[0].target == "relu"))
+                if not relu:
+                    # QLinearAdd in ORT; before a ReLU the ReLU's output is quantized instead (by its
+                    # consumer), as ORT's quantizer does: ORT then drops the ReLU into Q (zp = 0) and fuses the add
+                    quantize_output(node)
     graph.lint()
     gm.recompile()
     return gm
