@@ -26,21 +26,28 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 
 
-def hand_loop(student, teacher, x_all, y_all, steps: int, bs: int, lr: float, seed: int) -> float:
-    """The minimal KD loop a user would write: returns steps/s."""
+def hand_loop(student, teacher, x_u8, y_all, spec, steps: int, bs: int, lr: float, seed: int) -> float:
+    """The minimal KD loop a user would write: returns steps/s.
+
+    Batches are made from the same uint8 arrays with the same ``to_tensor`` as the Trainer's, so both
+    feed identical tensors (memory format included: that alone changes CPU conv speed)."""
+    import numpy as np
+
+    from kdtoolkit.data.datasets import to_tensor
+
     import torch
     import torch.nn.functional as F
 
     opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(x_all), generator=g)
+    perm = torch.randperm(len(x_u8), generator=g)
     student.train()
     teacher.eval()
     t0 = time.perf_counter()
     for i in range(steps):
-        idx = perm[i * bs:(i + 1) * bs]
-        x, y = x_all[idx], y_all[idx]
+        idx = np.sort(perm[i * bs:(i + 1) * bs].numpy())
+        x, y = to_tensor(x_u8[idx], spec), y_all[idx]
         with torch.no_grad():
             t = teacher(x)
         s = student(x)
@@ -67,7 +74,7 @@ def main() -> None:
 
     import torch
 
-    from kdtoolkit.data.datasets import load_data, to_tensor
+    from kdtoolkit.data.datasets import load_data
     from kdtoolkit.distill.trainer import TrainConfig, Trainer
     from kdtoolkit.envinfo import environment
     from kdtoolkit.models.zoo import small_cnn
@@ -79,7 +86,6 @@ def main() -> None:
     splits = load_data(src, train_limit=int(n_train / 0.9) + 64, test_limit=200, val_fraction=0.1, seed=a.seed)
     splits.val = splits.val.subset(list(range(min(64, len(splits.val)))))
     splits.train = splits.train.subset(list(range(n_train)))
-    x_all = to_tensor(splits.train.x, splits.spec)
     y_all = torch.from_numpy(splits.train.y)
     torch.manual_seed(a.seed)
     teacher = small_cnn(10, 1, 1.0).eval()
@@ -103,7 +109,7 @@ def main() -> None:
                 rec["trainer_steps_per_s"] = res["history"][0]["steps_per_s"]
                 shutil.rmtree(wd, ignore_errors=True)
             else:
-                rec["loop_steps_per_s"] = hand_loop(s, teacher, x_all, y_all, a.steps, a.batch_size, 0.05, a.seed)
+                rec["loop_steps_per_s"] = hand_loop(s, teacher, splits.train.x, y_all, splits.spec, a.steps, a.batch_size, 0.05, a.seed)
         rec["ratio"] = rec["trainer_steps_per_s"] / rec["loop_steps_per_s"]
         rounds.append(rec)
         rounds_p.write_text(json.dumps(rounds, indent=2))

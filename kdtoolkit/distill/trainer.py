@@ -326,10 +326,18 @@ class Trainer:
         if cfg.max_steps:
             total = min(total, cfg.max_steps)
         caches: list[TeacherCache] = []
-        use_cache = bool(teachers) and cfg.cache_teacher and cfg.augment == "none" and not cfg.mixup and not cfg.cutmix and not use_features
+        kd_on = cfg.loss.alpha.start > 0 or (cfg.loss.alpha.end or 0) > 0
+        use_cache = bool(teachers) and kd_on and cfg.cache_teacher and cfg.augment == "none" and not cfg.mixup and not cfg.cutmix and not use_features
         if use_cache:
-            caches = [TeacherCache(t, train, spec, self.work_dir / ("teacher_logits.npy" if k == 0 else f"teacher{k}_logits.npy"))
-                      for k, t in enumerate(teachers)]
+            paths = [self.work_dir / ("teacher_logits.npy" if k == 0 else f"teacher{k}_logits.npy") for k in range(len(teachers))]
+            if self.world > 1:  # rank 0 fills the cache; the others wait and map the same files
+                import torch.distributed as dist
+
+                if self.is_main:
+                    for t, p in zip(teachers, paths):
+                        TeacherCache(t, train, spec, p)
+                dist.barrier()
+            caches = [TeacherCache(t, train, spec, p) for t, p in zip(teachers, paths)]
 
         state = self._load()
         step, epoch, batch_in_epoch = 0, 0, 0
