@@ -40,10 +40,12 @@ def main() -> None:
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    est_steps = a.epochs * int(0.9 * (a.train_limit or 50000)) // a.batch_size
+    warmup = max(1, min(50, est_steps // 20))  # 5 % of the steps, at most 50
     cmd = [sys.executable, "-m", "kdtoolkit", "finetune", str(DATA / "weights" / "resnet56-cifar10.th"), "--arch", "cifar_resnet56",
            "--data", str(DATA / "cifar10-jpeg.tar.gz"), "--num-classes", "10", "--mean", MEAN, "--std", STD,
            "--out", str(work / "ft"), "--epochs", str(a.epochs), "--lr", str(a.lr), "--batch-size", str(a.batch_size),
-           "--augment", "crop_flip", "--warmup", "50", "--backbone-lr-scale", str(a.backbone_lr_scale), "--seed", str(a.seed),
+           "--augment", "crop_flip", "--warmup", str(warmup), "--backbone-lr-scale", str(a.backbone_lr_scale), "--seed", str(a.seed),
            "--checkpoint-every", "50", "--json", str(work / "ft.json")]
     if a.train_limit:
         cmd += ["--train-limit", str(a.train_limit)]

@@ -41,10 +41,11 @@ def main() -> None:
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    warmup = max(1, min(50, a.epochs * int(0.9 * a.train_limit) // a.batch_size // 20))  # 5 % of the steps, at most 50
     base = [sys.executable, "-m", "kdtoolkit", "distill", str(DATA / "weights" / "resnet56-cifar10-jpeg-ft.th"), "--arch", "cifar_resnet56",
             "--student-arch", a.student_arch, "--data", str(DATA / "cifar10-jpeg.tar.gz"), "--mean", MEAN, "--std", STD,
             "--epochs", str(a.epochs), "--train-limit", str(a.train_limit), "--lr", str(a.lr), "--batch-size", str(a.batch_size),
-            "--augment", "crop_flip", "--warmup", "50", "--seed", str(a.seed), "--checkpoint-every", "50", "-T", str(a.temperature)]
+            "--augment", "crop_flip", "--warmup", str(warmup), "--seed", str(a.seed), "--checkpoint-every", "50", "-T", str(a.temperature)]
     if a.student_width:
         base += ["--student-width", str(a.student_width)]
     if a.test_limit:

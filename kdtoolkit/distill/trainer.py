@@ -391,7 +391,7 @@ class Trainer:
                     t.eval()
             it = batches(train, spec, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, augment=cfg.augment,
                          drop_last=True, rank=self.rank, world_size=self.world, with_index=True, start_batch=batch_in_epoch)
-            run_loss, run_n, t_epoch = 0.0, 0, time.perf_counter()
+            run_loss, run_n, t_epoch, cpu_epoch = 0.0, 0, time.perf_counter(), time.process_time()
             n_epoch_steps = 0
             with Progress(f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch, enabled=self.progress and self.is_main) as bar:
                 if batch_in_epoch:
@@ -466,11 +466,12 @@ class Trainer:
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                         self._save(snapshot(False))
             dt = time.perf_counter() - t_epoch  # training only: validation is timed apart
+            cpu_dt = time.process_time() - cpu_epoch  # CPU seconds: steadier than wall time on a shared machine
             eval_model = ema if ema is not None else raw
             t_val = time.perf_counter()
             val = self.evaluate(eval_model, splits.val, spec) if len(splits.val) else {"accuracy": float("nan")}
             rec = {"epoch": epoch + 1, "step": step, "train_loss": run_loss / max(run_n, 1), "val_accuracy": val["accuracy"],
-                   "epoch_time_s": dt, "steps_per_s": n_epoch_steps / max(dt, 1e-9), "val_time_s": time.perf_counter() - t_val}
+                   "epoch_time_s": dt, "steps_per_s": n_epoch_steps / max(dt, 1e-9), "epoch_cpu_s": cpu_dt, "val_time_s": time.perf_counter() - t_val}
             history.append(rec)
             if self.is_main:
                 with open(metrics_log, "a") as fh:
