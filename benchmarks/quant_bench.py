@@ -29,16 +29,22 @@ DATA = ROOT.parent / "shared" / "data"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+_KEY = {"fp32": ""}
+
+
 def section(work: Path, name: str, fn):
-    """Run ``fn`` once; cache its JSON result so an interrupted benchmark resumes here."""
+    """Run ``fn`` once per FP32 student; cache its JSON result so an interrupted benchmark resumes here."""
     p = work / "sections" / f"{name}.json"
     if p.exists():
-        print(f"[bench] {name}: cached ({p})", flush=True)
-        return json.loads(p.read_text())
+        res = json.loads(p.read_text())
+        if res.get("_fp32_sha256") == _KEY["fp32"]:
+            print(f"[bench] {name}: cached ({p})", flush=True)
+            return res
     t0 = time.perf_counter()
     print(f"[bench] {name} ...", flush=True)
     res = fn()
     res["_seconds"] = round(time.perf_counter() - t0, 1)
+    res["_fp32_sha256"] = _KEY["fp32"]
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(res, indent=2, default=str))
     return res
@@ -95,6 +101,9 @@ def main() -> None:
     qart = stage("quantize")
     fp32 = stage("export").file("model.onnx")
     qat_int8 = qart.file("int8.onnx")
+    from kdtoolkit.fsutil import sha256_file
+
+    _KEY["fp32"] = sha256_file(fp32)  # cached sections are reused only for this exact FP32 student
     summary = {"teacher": {"accuracy": stage("teacher").metrics.get("accuracy")},
                "student": {"accuracy_torch": stage("distill").metrics.get("accuracy")}}
 
