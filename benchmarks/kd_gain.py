@@ -70,6 +70,7 @@ def main() -> None:
                     "nproc": os.cpu_count(), "load_avg_at_end": os.getloadavg()},
         "seeds": {"seed": a.seed}, "student": a.student_arch, "epochs": a.epochs, "train_limit": a.train_limit,
         "runs": runs, "kd_gain_points": 100 * gain,
+        "budget": f"{runs['kd']['steps']} optimiser steps per run ({a.train_limit} training images x {a.epochs} epoch(s))",
         "reference": "plain KD gains about +1 to +3 points over the student alone (CRD/DKD papers, full budgets)",
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
