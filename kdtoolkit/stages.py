@@ -274,6 +274,9 @@ def write_summary(ctx, *, teacher: Artifact, student: Artifact, deploy: Artifact
     s_row["accuracy_torch"] = student.metrics.get("accuracy")
     s_row["teacher_agreement"] = student.metrics.get("teacher_agreement")
     s_row["precision"] = deploy.metrics.get("precision")
+    s_row["precision_reason"] = deploy.metrics.get("precision_reason")
+    if deploy.metrics.get("kept_in_float"):
+        s_row["kept_in_float"] = deploy.metrics["kept_in_float"]
     t_row = row("teacher", teacher, t_onnx, teacher.metrics["accuracy"])
     speed = {f"b{b}": lat["teacher"][b]["p50"] / lat["student"][b]["p50"] for b in lat["teacher"]}
     summary = {

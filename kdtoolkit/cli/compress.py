@@ -25,6 +25,8 @@ def print_summary(summary: dict, run_dir: Path) -> None:
                       *[f"{r['latency_by_batch'][b]['p50']:.3f} / {r['latency_by_batch'][b]['p90']:.3f}" for b in bs])
     table.add_row("speedup", f"{-summary['accuracy_drop_points']:+.2f} pts", "", "", *[f"{summary['speedup']['b' + b]:.2f}x" for b in bs])
     Console().print(table)
+    if s.get("precision_reason"):
+        typer.echo(f"precision: {s.get('precision')} ({s['precision_reason']})")
     typer.echo(f"run folder: {run_dir}")
     for name, path in summary["stages"].items():
         typer.echo(f"  {name:15s} {path}")
