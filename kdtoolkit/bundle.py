@@ -574,12 +574,7 @@ def open_bundle(path: str | os.PathLike[str]) -> tuple[Path, Any]:
     p = Path(path)
     if p.is_file() and p.name.endswith((".tar.gz", ".tgz", ".tar")):
         tmp = Path(tempfile.mkdtemp(prefix="kdt-bundle-"))
-        try:
-            with tarfile.open(p) as tf:
-                tf.extractall(tmp, filter="data")
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise InputError(f"{p}: cannot unpack bundle ({exc})") from None
+        fsutil.extract_tar(p, tmp, "bundle")
         subs = [d for d in tmp.iterdir() if d.is_dir()]
         root = subs[0] if len(subs) == 1 and not (tmp / MANIFEST).exists() else tmp
         return root, tmp

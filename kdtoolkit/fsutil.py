@@ -79,6 +79,20 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(data.encode()).hexdigest()
 
 
+def extract_tar(path: str | os.PathLike[str], into: str | os.PathLike[str], what: str = "archive") -> None:
+    """Unpack a tar(.gz) with the safe 'data' filter; a broken archive is one clear InputError."""
+    import tarfile
+
+    from kdtoolkit.errors import InputError
+
+    try:
+        with tarfile.open(path) as tf:
+            tf.extractall(into, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        shutil.rmtree(into, ignore_errors=True)
+        raise InputError(f"{path}: cannot unpack {what} ({exc})") from None
+
+
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a finished temp folder into place; an older folder of that name is removed only after."""
     final_dir.parent.mkdir(parents=True, exist_ok=True)

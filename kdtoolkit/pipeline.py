@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kdtoolkit import fsutil
-from kdtoolkit.artifact import Artifact, ArtifactWriter
+from kdtoolkit.artifact import Artifact
 from kdtoolkit.distill.trainer import TrainConfig
 from kdtoolkit.errors import InputError
 from kdtoolkit.progress import log
@@ -185,8 +185,9 @@ def compress(cfg: CompressConfig, run_dir: str | os.PathLike[str], *, progress: 
     student = run_stage(ctx, 1, "student", S.student_stage, [teacher], {"student": cfg.student.model_dump(mode="json"), "data": data_cfg})
     distilled = run_stage(ctx, 2, "distill", S.distill_stage, [teacher, student],
                           {"train": cfg.train.model_dump(mode="json"), "data": data_cfg})
-    opset = min(cfg.opset or ctx.profile.max_opset, ctx.profile.max_opset if cfg.opset is None else cfg.opset)
-    exp_cfg = {"opset": opset, "data": data_cfg, "batch": ctx.profile.batch.model_dump()}
+    from kdtoolkit.export.onnx_export import choose_opset
+
+    exp_cfg = {"opset": choose_opset(cfg.opset, ctx.profile.max_opset), "data": data_cfg, "batch": ctx.profile.batch.model_dump()}
     t_onnx = run_stage(ctx, 3, "export-teacher", S.export_stage, [teacher], exp_cfg)
     s_onnx = run_stage(ctx, 4, "export", S.export_stage, [distilled], exp_cfg)
     quant = run_stage(ctx, 5, "quantize", S.quantize_stage, [teacher, distilled, s_onnx],

@@ -120,12 +120,12 @@ def distill_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
 
 
 def export_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
-    from kdtoolkit.export.onnx_export import export_onnx, opset_of, parity, simplify
+    from kdtoolkit.export.onnx_export import JETPACK_MAX_OPSET, choose_opset, export_onnx, opset_of, parity, simplify
 
     (src,) = inputs
     loaded = _load(src)
-    opset = ctx.cfg.opset or min(ctx.profile.max_opset, 17)
-    if opset > 17:
+    opset = choose_opset(ctx.cfg.opset, ctx.profile.max_opset)
+    if opset > JETPACK_MAX_OPSET:
         log(f"[export] note: opset {opset} is newer than the TensorRT 8.5/8.6 parsers (JetPack 5, 6.0) accept", enabled=ctx.progress)
     with ArtifactWriter(out_dir, kind="onnx", stage="export", config={"opset": opset}, parents=[src], input_key=key) as w:
         raw = w.dir / ".raw.onnx"
@@ -256,7 +256,6 @@ def profile_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
 def write_summary(ctx, *, teacher: Artifact, student: Artifact, deploy: Artifact, profile: Artifact) -> dict[str, Any]:
     lat = profile.metrics["latency_ms"]
     b1 = min(int(b) for b in lat["teacher"])
-    bmax = max(int(b) for b in lat["teacher"])
 
     def row(name: str, art: Artifact, onnx: Path, acc: float) -> dict[str, Any]:
         per = lat[name]

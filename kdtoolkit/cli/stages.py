@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -28,7 +27,7 @@ def export_cmd(
     from kdtoolkit import fsutil
     from kdtoolkit.artifact import ArtifactWriter
     from kdtoolkit.errors import InputError
-    from kdtoolkit.export.onnx_export import export_onnx, opset_of, parity, simplify
+    from kdtoolkit.export.onnx_export import JETPACK_MAX_OPSET, choose_opset, export_onnx, opset_of, parity, simplify
     from kdtoolkit.models.loading import load_model
 
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
@@ -45,8 +44,8 @@ def export_cmd(
         from kdtoolkit.profiles import load_profile
 
         prof = load_profile(profile)
-    chosen = opset or (min(prof.max_opset, 17) if prof else 17)
-    if chosen > 17:
+    chosen = choose_opset(opset, prof.max_opset if prof else None)
+    if chosen > JETPACK_MAX_OPSET:
         typer.echo(f"note: opset {chosen} is newer than the TensorRT 8.5/8.6 parsers of JetPack 5 and 6.0 accept (17)", err=True)
     with ArtifactWriter(out, kind="onnx", stage="export", config={"opset": chosen, "static_batch": static_batch}) as w:
         raw = w.dir / ".raw.onnx"

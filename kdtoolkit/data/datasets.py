@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,12 +87,9 @@ def extract_archive(path: Path) -> Path:
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
-    try:
-        with tarfile.open(path) as tf:
-            tf.extractall(tmp, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise InputError(f"{path}: cannot unpack archive ({exc})") from None
+    from kdtoolkit.fsutil import extract_tar
+
+    extract_tar(path, tmp)
     (tmp / ".complete").write_text("ok\n")
     if dest.exists():
         shutil.rmtree(dest)

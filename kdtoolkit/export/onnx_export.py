@@ -17,6 +17,14 @@ from kdtoolkit.errors import InputError
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+JETPACK_MAX_OPSET = 17  # newest opset the TensorRT 8.5/8.6 parsers of JetPack 5 and 6.0 accept
+
+
+def choose_opset(requested: int | None, profile_max: int | None = None) -> int:
+    """The opset to export at: the one asked for, else the profile's maximum capped at 17."""
+    if requested is not None:
+        return requested
+    return min(profile_max or JETPACK_MAX_OPSET, JETPACK_MAX_OPSET)
 
 
 def export_onnx(

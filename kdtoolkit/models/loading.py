@@ -18,7 +18,7 @@ from kdtoolkit.errors import InputError
 Form = Literal["eager", "torchscript", "exported", "pickle"]
 CKPT_FORMAT = "kdtoolkit.model/1"
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
-_IGNORABLE_MISSING = ("num_batches_tracked", "_extra_state", "channel_index")
+_IGNORABLE_MISSING = ("num_batches_tracked", "channel_index")
 
 
 @dataclass
@@ -98,7 +98,7 @@ def extract_state_dict(obj: Any, source: str) -> dict[str, Any]:
         for key in _STATE_KEYS:
             if key in obj and isinstance(obj[key], dict):
                 return extract_state_dict(obj[key], source)
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor) or k.endswith("_extra_state")}
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors and len(tensors) >= len(obj) - 2:
             return {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items() if k in tensors}
     raise InputError(f"{source}: no state dict found (expected a dict of tensors, or one under {', '.join(_STATE_KEYS)})")
