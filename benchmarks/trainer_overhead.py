@@ -91,7 +91,8 @@ def main() -> None:
     torch.manual_seed(a.seed)
     teacher = small_cnn(10, 1, 1.0).eval()
     init = small_cnn(10, 1, 0.5).state_dict()
-    cfg = TrainConfig(epochs=1, batch_size=a.batch_size, lr=0.05, seed=a.seed, cache_teacher=False, augment="none")
+    cfg = TrainConfig(epochs=1, batch_size=a.batch_size, lr=0.05, seed=a.seed, cache_teacher=False, augment="none",
+                      channels_last=False)  # the hand loop feeds NCHW: same memory format in both
 
     load0 = __import__("os").getloadavg()
     rounds_p = work / "rounds.json"

@@ -70,6 +70,7 @@ class TrainConfig(BaseModel):
     mixup: float = Field(0.0, ge=0, description="mixup Beta(a, a); 0 = off")
     cutmix: float = Field(0.0, ge=0, description="cutmix Beta(a, a); 0 = off")
     amp: bool = Field(False, description="mixed precision (CUDA only)")
+    channels_last: bool = Field(True, description="train in channels-last memory format (separable students step ~1.5x faster on CPU)")
     seed: int = Field(0, description="seed for order, augmentation and init")
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps")
     cache_teacher: bool = Field(True, description="cache teacher logits on disk when augmentation is off")
@@ -265,7 +266,8 @@ class Trainer:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         device = torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() and os.environ.get("KDTOOLKIT_CPU") != "1" else "cpu")
-        student.to(device)
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        student.to(device, memory_format=fmt)
         for t in teachers:
             if isinstance(t, nn.Module):
                 t.to(device).eval()
@@ -399,7 +401,7 @@ class Trainer:
                 for x, y, idx in it:
                     if step >= total:
                         break
-                    x, y = x.to(device, non_blocking=True), y.to(device)
+                    x, y = x.to(device, non_blocking=True, memory_format=fmt if x.dim() == 4 else torch.preserve_format), y.to(device)
                     progress_t = step / max(1, total)
                     alpha = cfg.loss.alpha.at(progress_t)
                     temp = cfg.loss.temperature.at(progress_t)
@@ -512,7 +514,7 @@ class Trainer:
             dist.barrier()  # rank 0 has finished writing best.pt
         if best_path.exists():
             final.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
-        final.to("cpu").eval()
+        final.to("cpu", memory_format=torch.contiguous_format).eval()
         return {"model": final, "history": history, "best": best, "steps": step, "train_time_s": time.perf_counter() - t_start}
 
     @staticmethod
