@@ -94,15 +94,16 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--iters", type=int, default=60, help="interleaved timing rounds per batch size")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jetson-profile", default="jetson-agx-orin", help="also build the off-device hand-off for this profile ('' to skip)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     for p in (args.data, args.teacher):
         if not p.exists():
             sys.exit(f"missing {p}: the shared data folder must sit beside the checkout")
 
+    from kdtoolkit.engine.ort import make_session
     from kdtoolkit.envinfo import environment
     from kdtoolkit.evaluate import evaluate
-    from kdtoolkit.engine.ort import make_session
     from kdtoolkit.profile.runners import OrtRunner, measure
 
     t0 = time.perf_counter()
@@ -130,11 +131,17 @@ def main() -> None:
                            "b1_p90": lat[r["name"]][1]["p90"], "b64_p90": lat[r["name"]][64]["p90"]}
     t = {r["name"]: r for r in rows}
     k = t["kdtoolkit"]
+    fp32 = {n: json.loads((Path(run["stages"]["distill"]) / "manifest.json").read_text())["metrics"]["accuracy"]
+            for n, run in (("kd", kd), ("alone", alone))}
+    trend = {n: [{"epoch": h["epoch"], "val_accuracy": h["val_accuracy"], "step": h["step"]}
+                 for h in json.loads((Path(run["stages"]["distill"]) / "history.json").read_text())]
+             for n, run in (("kd", kd), ("alone", alone))}
     figures = {
         "speedup_b1": t["teacher"]["latency_ms"]["b1"] / k["latency_ms"]["b1"],
         "speedup_b64": t["teacher"]["latency_ms"]["b64"] / k["latency_ms"]["b64"],
         "accuracy_drop_points": 100 * (t["teacher"]["accuracy"] - k["accuracy"]),
         "kd_gain_points": 100 * (k["accuracy"] - t["student_alone"]["accuracy"]),
+        "kd_gain_points_fp32": 100 * (fp32["kd"] - fp32["alone"]),
         "kdtoolkit_precision": kd["student"].get("precision"),
         "targets": {"speedup_b1": ">= 5", "speedup_b64": ">= 10", "accuracy_drop_points": "<= 1.0", "kd_gain_points": ">= 1.5"},
     }
@@ -144,27 +151,82 @@ def main() -> None:
         "machine": environment()["cpu"], "environment": {k2: v for k2, v in environment().items() if k2 != "cpu"},
         "budget": {"epochs": args.epochs, "train_limit": args.train_limit, "test_limit": args.test_limit, "depth": args.depth,
                    "width": args.width, "augment": args.augment, "seed": args.seed, "timing_rounds": args.iters},
-        "rows": rows, "figures": figures, "wall_s": time.perf_counter() - t0,
+        "rows": rows, "figures": figures,
+        "distill_fp32_test_accuracy": fp32,
+        "trend": {"what": "validation top-1 (the held-out 10 % of the training split) after each epoch of the distill stage",
+                  **trend},
+        "jetson": jetson_handoff(args, args.out / "kd", args.out / "jetson") if args.jetson_profile else None,
+        "wall_s": time.perf_counter() - t0,
     }
     from kdtoolkit import fsutil
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     fsutil.write_json(RESULTS / "reference.json", result)
-    _plot(rows, RESULTS / "reference.png")
-    print("| row | top-1 | p50 b1 (ms) | p50 b64 (ms) | size |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['name']} | {100 * r['accuracy']:.2f} % | {r['latency_ms']['b1']:.3f} | {r['latency_ms']['b64']:.2f} | {r['size_bytes'] / 1e6:.2f} MB |")
+    _plot(rows, trend, RESULTS / "reference.png")
+    table = _table(rows)
+    fsutil.write_text(RESULTS / "reference.md", table)
+    print(table)
     print(json.dumps(figures, indent=2))
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _table(rows: list[dict]) -> str:
+    """The README table: one line per row, speedups against the FP32 teacher."""
+    base = next(r for r in rows if r["name"] == "teacher")["latency_ms"]
+    lines = ["| row | top-1 | p50 batch 1 (ms) | p50 batch 64 (ms) | speedup b1 / b64 | ONNX size |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lat = r["latency_ms"]
+        lines.append(f"| {r['name']} | {100 * r['accuracy']:.2f} % | {lat['b1']:.3f} | {lat['b64']:.2f} | "
+                     f"{base['b1'] / lat['b1']:.2f}x / {base['b64'] / lat['b64']:.2f}x | {r['size_bytes'] / 1e6:.2f} MB |")
+    return "\n".join(lines) + "\n"
+
+
+def jetson_handoff(args: argparse.Namespace, kd_dir: Path, out: Path) -> dict:
+    """Item 2: the same run for a TensorRT profile, built off the device.
+
+    The finished teacher/student/distill stages are copied from the ort-cpu run, so `compress` skips
+    them by content hash (what a user gets by rerunning with another --profile into a copy of the run)
+    and only export, QDQ quantization, the static check and the bundle are redone for the target."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stage in ("00-teacher", "01-student", "02-distill"):
+        if not (out / stage).exists() and (kd_dir / stage).exists():
+            shutil.copytree(kd_dir / stage, out / stage)
+    prev = args.profile
+    args.profile = args.jetson_profile
+    try:
+        summary = compress_run(args, out, alpha=0.9)
+    finally:
+        args.profile = prev
+    bundle = json.loads((out / "bundle" / "manifest.json").read_text())
+    check = json.loads((out / "bundle" / "model" / "check.json").read_text()) if (out / "bundle" / "model" / "check.json").exists() else None
+    return {
+        "profile": args.jetson_profile, "bundle": str(out / "bundle"),
+        "qdq_onnx": bundle["model"]["qdq"], "precision": bundle["model"]["precision"],
+        "check": None if check is None else {**check["counts"], "ok": check["ok"], "tensorrt_version": check["tensorrt_version"]},
+        "proxy_accuracy": bundle["metrics"]["accuracy"], "proxy_latency_runtime": bundle["metrics"]["latency_ms"]["runtime"],
+        "needs_device": bundle["on_device"]["needs_device"], "commands": bundle["on_device"]["commands"],
+        "reused_stages": [s for s in ("teacher", "student", "distill") if s in summary.get("skipped", [])],
+    }
+
+
+def _plot(rows: list[dict], trend: dict, path: Path) -> None:
+    """Accuracy against latency for every row (batch 1 and 64), and the students' accuracy against epochs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[2]
+    for name, pts in trend.items():
+        ax.plot([p["epoch"] for p in pts], [100 * p["val_accuracy"] for p in pts], marker="o", label=f"student, {name}")
+    teacher = next(r for r in rows if r["name"] == "teacher")
+    ax.axhline(100 * teacher["accuracy"], color="gray", ls="--", label="teacher (test)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
     for ax, b in zip(axes, ("b1", "b64")):
         for r in rows:
             ax.scatter(r["latency_ms"][b], 100 * r["accuracy"], s=60)
