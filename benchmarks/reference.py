@@ -61,7 +61,12 @@ def ort_ptq(teacher_onnx: Path, out: Path, splits, n_calib: int = 512) -> Path:
     """onnxruntime.quantization.quantize_static with its usual settings: QDQ, per-channel, u8 activations, MinMax."""
     if out.exists():
         return out
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from kdtoolkit.data.datasets import to_tensor
@@ -120,10 +125,12 @@ def main() -> None:
         "student_alone": Path(alone["stages"]["optimize"]) / "model.onnx",
         "kdtoolkit": Path(kd["stages"]["optimize"]) / "model.onnx",
     }
+    precision = {"teacher": "fp32", "ort_ptq": "int8", "student_alone": alone["student"].get("precision"),
+                 "kdtoolkit": kd["student"].get("precision")}
     rows = []
     for name, path in models.items():
         acc = evaluate(make_session(path), splits.test, splits.spec)["accuracy"]
-        rows.append({"name": name, "accuracy": acc, "onnx": str(path), "size_bytes": path.stat().st_size})
+        rows.append({"name": name, "accuracy": acc, "precision": precision[name], "onnx": str(path), "size_bytes": path.stat().st_size})
     runners = [OrtRunner(p, name=n) for n, p in models.items()]
     lat = measure(runners, [1, 64], warmup=10, iters=args.iters)
     for r in rows:
@@ -131,8 +138,9 @@ def main() -> None:
                            "b1_p90": lat[r["name"]][1]["p90"], "b64_p90": lat[r["name"]][64]["p90"]}
     t = {r["name"]: r for r in rows}
     k = t["kdtoolkit"]
-    fp32 = {n: json.loads((Path(run["stages"]["distill"]) / "manifest.json").read_text())["metrics"]["accuracy"]
-            for n, run in (("kd", kd), ("alone", alone))}
+    distill_metrics = {n: json.loads((Path(run["stages"]["distill"]) / "manifest.json").read_text())["metrics"]
+                       for n, run in (("kd", kd), ("alone", alone))}
+    fp32 = {n: m["accuracy"] for n, m in distill_metrics.items()}
     trend = {n: [{"epoch": h["epoch"], "val_accuracy": h["val_accuracy"], "step": h["step"]}
                  for h in json.loads((Path(run["stages"]["distill"]) / "history.json").read_text())]
              for n, run in (("kd", kd), ("alone", alone))}
@@ -150,7 +158,9 @@ def main() -> None:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": environment()["cpu"], "environment": {k2: v for k2, v in environment().items() if k2 != "cpu"},
         "budget": {"epochs": args.epochs, "train_limit": args.train_limit, "test_limit": args.test_limit, "depth": args.depth,
-                   "width": args.width, "augment": args.augment, "seed": args.seed, "timing_rounds": args.iters},
+                   "width": args.width, "augment": args.augment, "seed": args.seed, "timing_rounds": args.iters,
+                   "distill_train_time_s": {n: m["train_time_s"] for n, m in distill_metrics.items()},
+                   "distill_steps": {n: m["steps"] for n, m in distill_metrics.items()}},
         "rows": rows, "figures": figures,
         "distill_fp32_test_accuracy": fp32,
         "trend": {"what": "validation top-1 (the held-out 10 % of the training split) after each epoch of the distill stage",
@@ -172,10 +182,11 @@ def main() -> None:
 def _table(rows: list[dict]) -> str:
     """The README table: one line per row, speedups against the FP32 teacher."""
     base = next(r for r in rows if r["name"] == "teacher")["latency_ms"]
-    lines = ["| row | top-1 | p50 batch 1 (ms) | p50 batch 64 (ms) | speedup b1 / b64 | ONNX size |", "|---|---|---|---|---|---|"]
+    lines = ["| row | precision | top-1 | p50 batch 1 (ms) | p50 batch 64 (ms) | speedup b1 / b64 | ONNX size |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lat = r["latency_ms"]
-        lines.append(f"| {r['name']} | {100 * r['accuracy']:.2f} % | {lat['b1']:.3f} | {lat['b64']:.2f} | "
+        lines.append(f"| {r['name']} | {r['precision']} | {100 * r['accuracy']:.2f} % | {lat['b1']:.3f} | {lat['b64']:.2f} | "
                      f"{base['b1'] / lat['b1']:.2f}x / {base['b64'] / lat['b64']:.2f}x | {r['size_bytes'] / 1e6:.2f} MB |")
     return "\n".join(lines) + "\n"
 
