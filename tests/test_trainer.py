@@ -142,3 +142,19 @@ def test_finetune_head_and_stages() -> None:
     assert replace_head(m, 4, recipe) == ("linear", True)
     assert m.linear.out_features == 4 and recipe["arch_kwargs"]["num_classes"] == 4
     assert stage_names(m, "linear") == ["conv1", "bn1", "layer1", "layer2", "layer3"]
+
+
+def test_channels_last_trains_the_same_weights_and_hands_back_nchw(splits, tmp_path) -> None:
+    """The memory format is a speed choice only: same steps, same weights (to float tolerance)."""
+    torch.manual_seed(1)
+    teacher = small_cnn(10, 1, 0.25)
+    out = {}
+    for cl in (True, False):
+        res = Trainer(_cfg(epochs=1, channels_last=cl), tmp_path / str(cl), progress=False).fit(_student(), splits, teacher=teacher)
+        out[cl] = res["model"].state_dict()
+        assert all(v.is_contiguous() for v in out[cl].values())  # saved and exported as ordinary NCHW tensors
+    assert out[True].keys() == out[False].keys()
+    for k in out[True]:
+        assert torch.allclose(out[True][k].float(), out[False][k].float(), atol=1e-4), k
+    # the teacher the caller passed in is left in its own format
+    assert all(p.is_contiguous() for p in teacher.parameters())
