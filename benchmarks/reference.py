@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -130,7 +131,7 @@ def main() -> None:
     rows = []
     for name, path in models.items():
         acc = evaluate(make_session(path), splits.test, splits.spec)["accuracy"]
-        rows.append({"name": name, "accuracy": acc, "precision": precision[name], "onnx": str(path), "size_bytes": path.stat().st_size})
+        rows.append({"name": name, "accuracy": acc, "precision": precision[name], "onnx": os.path.relpath(path, REPO), "size_bytes": path.stat().st_size})
     runners = [OrtRunner(p, name=n) for n, p in models.items()]
     lat = measure(runners, [1, 64], warmup=10, iters=args.iters)
     for r in rows:
@@ -212,7 +213,7 @@ def jetson_handoff(args: argparse.Namespace, kd_dir: Path, out: Path) -> dict:
     bundle = json.loads((out / "bundle" / "manifest.json").read_text())
     check = json.loads((out / "bundle" / "model" / "check.json").read_text()) if (out / "bundle" / "model" / "check.json").exists() else None
     return {
-        "profile": args.jetson_profile, "bundle": str(out / "bundle"),
+        "profile": args.jetson_profile, "bundle": os.path.relpath(out / "bundle", REPO),
         "qdq_onnx": bundle["model"]["qdq"], "precision": bundle["model"]["precision"],
         "check": None if check is None else {**check["counts"], "ok": check["ok"], "tensorrt_version": check["tensorrt_version"]},
         "proxy_accuracy": bundle["metrics"]["accuracy"], "proxy_latency_runtime": bundle["metrics"]["latency_ms"]["runtime"],

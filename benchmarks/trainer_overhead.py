@@ -128,7 +128,7 @@ def main() -> None:
         "command": " ".join(["benchmarks/trainer_overhead.py", *sys.argv[1:]]),
         "machine": {**{k: env.get(k) for k in ("cpu", "platform", "torch", "python", "torch_threads", "gpu")},
                     "nproc": __import__("os").cpu_count(), "load_avg_at_end": __import__("os").getloadavg()},
-        "seeds": {"seed": a.seed}, "data": src, "steps_per_run": a.steps, "batch_size": a.batch_size,
+        "seeds": {"seed": a.seed}, "data": __import__("os").path.relpath(src, ROOT) if src != "mnist-mini" else src, "steps_per_run": a.steps, "batch_size": a.batch_size,
         "student": "small_cnn width 0.5", "teacher": "small_cnn width 1.0 (live forward in both)",
         "rounds": rounds, "median_ratio_trainer_over_loop": ratio,
         "median_trainer_steps_per_s": statistics.median(x["trainer_steps_per_s"] for x in rounds),
