@@ -7,8 +7,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +106,68 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     os.replace(tmp_dir, final_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+LOCK_NAME = ".lock"
+
+
+def _lock_holder(fh: Any) -> str:
+    """Who holds the lock, from what the holder wrote into the lock file (best effort)."""
+    try:
+        fh.seek(0)
+        info = json.loads(fh.read() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not isinstance(info, dict) or "pid" not in info:
+        return "pid unknown"
+    host = info.get("host")
+    where = f" on {host}" if host and host != socket.gethostname() else ""
+    return f"pid {info['pid']}{where}, started {info.get('started', '?')}"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike[str], *, wait: bool = False, poll_s: float = 0.5,
+             on_wait: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """Hold an exclusive lock on a run folder so two runs never work in it at once.
+
+    ``fcntl.flock`` on ``RUN/.lock``: the kernel drops it when its holder exits or is killed, so a
+    lock left by a killed run never blocks that run's resume (no stale-lock clean-up needed). The
+    file keeps the holder's pid, host and start time only to name them in the refusal. With
+    ``wait`` the call blocks until the holder finishes (``on_wait`` is told once who it waits for).
+    Where the filesystem has no flock (some network mounts), the run goes ahead unlocked.
+    """
+    import fcntl
+    import time
+
+    from kdtoolkit.errors import InputError
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_NAME
+    fh = open(path, "a+")  # noqa: SIM115 (held open for the lifetime of the lock)
+    try:
+        told = False
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = _lock_holder(fh)
+                if not wait:
+                    raise InputError(f"run folder {run_dir} is in use by another kdtoolkit process ({holder}); "
+                                     "wait for it or pass --wait") from None
+                if on_wait is not None and not told:
+                    on_wait(f"run folder {run_dir} is in use by another kdtoolkit process ({holder}); waiting for it")
+                    told = True
+                time.sleep(poll_s)
+            except OSError:
+                break  # no flock on this filesystem: run unlocked rather than refuse every run
+        stamp = {"pid": os.getpid(), "host": socket.gethostname(),
+                 "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps(stamp) + "\n")
+        fh.flush()
+        yield path
+    finally:
+        fh.close()  # closing the descriptor releases the flock
