@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kdtoolkit.engine.trt_version import build_path, dla_plan, parse_version
+from kdtoolkit.engine.trt_version import build_path, dla_plan, parse_version, trt_version_number
 from kdtoolkit.errors import InputError
 
 
@@ -60,9 +60,22 @@ def test_explicit_batch_flag_only_below_10(v, flag):
     assert build_path(v).explicit_batch_flag is flag
 
 
-@pytest.mark.parametrize("v,dep", [("8.6.1", False), ("10.0.1", False), ("10.1.0", True), ("10.13", True), ("11.0", False)])
-def test_precision_flags_deprecated_from_10_1(v, dep):
+# NvInfer.h: BuilderFlag::kFP16/kINT8 are TRT_DEPRECATED from 10.12; the IInt8*Calibrator classes from 10.1
+@pytest.mark.parametrize("v,dep", [("8.6.1", False), ("10.0.1", False), ("10.1.0", False), ("10.11.0", False),
+                                   ("10.12.0", True), ("10.13", True), ("11.0", False)])
+def test_precision_flags_deprecated_from_10_12(v, dep):
     assert build_path(v).precision_flags_deprecated is dep
+
+
+@pytest.mark.parametrize("v,dep", [("8.6.1", False), ("10.0.1", False), ("10.1.0", True), ("10.3", True), ("11.0", False)])
+def test_calibrator_deprecated_from_10_1(v, dep):
+    assert build_path(v).calibrator_deprecated is dep
+
+
+def test_describe_names_each_deprecation_with_its_version():
+    assert "deprecated" not in build_path("10.0.1").describe()
+    assert "calibrator since 10.1" in build_path("10.3").describe() and "10.12" not in build_path("10.3").describe()
+    assert "builder flags since 10.12" in build_path("10.13").describe()
 
 
 @pytest.mark.parametrize("v,lvl", [("8.5.2", False), ("8.6.0", True), ("10.3", True), ("11.0", True)])
@@ -73,7 +86,7 @@ def test_builder_optimization_level_from_8_6(v, lvl):
 @pytest.mark.parametrize(
     "v,dla",
     [("8.5.2", True), ("8.6.2", True), ("10.3.0", True), ("10.7.0", True), ("10.8.0", False), ("10.13", False),
-     ("11.0", False), ("11.3.1", False), ("11.4.0", True), ("11.4.1", True)],
+     ("11.0", False), ("11.3.1", False), ("11.4.0", False), ("11.4.1", True), ("11.5", True), ("12.0", False)],
 )
 def test_dla_availability(v, dla):
     assert build_path(v).dla is dla
@@ -84,10 +97,27 @@ def test_tuple_input_equals_string():
 
 
 def test_dla_plan_flag_path_uses_calibrator():
-    assert dla_plan(build_path("8.5.2"), precision="int8", has_qdq=False) == {"int8": "calibrator", "fp16": True}
-    assert dla_plan(build_path("10.3"), precision="fp16", has_qdq=False) == {"int8": None, "fp16": True}
-    with pytest.raises(InputError, match="qdq-translator"):
+    assert dla_plan(build_path("8.5.2"), precision="int8", has_qdq=False)["int8"] == "calibrator"
+    assert dla_plan(build_path("8.5.2"), precision="int8", has_qdq=False, calib_cache=True)["int8"] == "calibration_cache"
+    assert dla_plan(build_path("10.3"), precision="fp16", has_qdq=False) == {"int8": None, "fp16": True, "strip_qdq": False}
+    with pytest.raises(InputError, match="got a Q/DQ ONNX and no cache"):
         dla_plan(build_path("8.6.1"), precision="int8", has_qdq=True)
+
+
+@pytest.mark.parametrize("v", ["8.5.2", "8.6.2", "10.3.0", "10.7.0"])
+def test_dla_plan_qdq_below_11_builds_from_a_calibration_cache(v):
+    plan = dla_plan(build_path(v), precision="int8", has_qdq=True, calib_cache=True)
+    assert plan == {"int8": "calibration_cache_from_qdq", "fp16": True, "strip_qdq": True}
+
+
+def test_dla_on_11_4_0_is_refused_with_the_jetson_release_named():
+    with pytest.raises(InputError, match=r"11\.4\.1\+"):
+        dla_plan(build_path("11.4.0"), precision="int8", has_qdq=True)
+
+
+@pytest.mark.parametrize("v,n", [("8.5.2", 8502), ("8.6.1", 8601), ("10.3.0", 100300), ("10.13.2", 101302), ((8, 5), 8500)])
+def test_trt_version_number_as_in_calibration_cache_headers(v, n):
+    assert trt_version_number(v) == n
 
 
 def test_dla_plan_strongly_typed_needs_qdq():
