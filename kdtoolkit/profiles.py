@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from kdtoolkit.errors import InputError
 
@@ -80,6 +80,14 @@ class Profile(_Strict):
     tensorrt: TensorRTSettings | None = Field(None, description="TensorRT build options")
     onnxruntime: OrtSettings = Field(default_factory=OrtSettings, description="ORT session options")
     power_mode: str | None = Field(None, description="Jetson nvpmodel mode the figures assume")
+    # How the user asked for it (an alias such as "jetson-agx"), kept out of the fields so that it never
+    # changes a dump, a manifest or a stage's cache key: "jetson-agx" and "jetson-agx-orin" are one target.
+    _requested_as: str | None = PrivateAttr(None)
+
+    @property
+    def requested_as(self) -> str | None:
+        """The alias the profile was asked for by (e.g. "jetson-agx"), or None when asked by its own name or a file."""
+        return self._requested_as
 
     @model_validator(mode="after")
     def _consistent(self) -> Profile:
@@ -158,15 +166,104 @@ def builtin_names() -> list[str]:
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
 
 
+# Names people type for the built-in profiles. `jetson-agx` is the spelling of our own headline command
+# and means AGX Orin (the current AGX); AGX Xavier has its own profile and names.
+ALIASES: dict[str, str] = {
+    "jetson-agx": "jetson-agx-orin", "agx-orin": "jetson-agx-orin", "orin-agx": "jetson-agx-orin",
+    "jetson-orin-agx": "jetson-agx-orin",
+    "orin-dla": "jetson-agx-orin-dla", "agx-orin-dla": "jetson-agx-orin-dla", "jetson-agx-dla": "jetson-agx-orin-dla",
+    "jetson-orin-dla": "jetson-agx-orin-dla",
+    "orin-nano": "jetson-orin-nano", "jetson-nano-orin": "jetson-orin-nano", "nano-orin": "jetson-orin-nano",
+    "orin-nano-8gb": "jetson-orin-nano",
+    "orin-nx": "jetson-orin-nx", "jetson-nx-orin": "jetson-orin-nx", "nx-orin": "jetson-orin-nx",
+    "jetson-xavier": "jetson-agx-xavier", "agx-xavier": "jetson-agx-xavier", "xavier-agx": "jetson-agx-xavier",
+    "jetson-xavier-agx": "jetson-agx-xavier",
+    "xavier-nx": "jetson-xavier-nx", "jetson-nx-xavier": "jetson-xavier-nx", "nx-xavier": "jetson-xavier-nx",
+    "cpu": "ort-cpu", "onnxruntime": "ort-cpu", "onnxruntime-cpu": "ort-cpu", "ort": "ort-cpu", "x86": "ort-cpu",
+    "x86-cpu": "ort-cpu",
+    "gpu": "desktop-gpu", "cuda": "desktop-gpu", "dgpu": "desktop-gpu", "desktop": "desktop-gpu",
+    "tensorrt": "desktop-gpu", "trt": "desktop-gpu", "nvidia-gpu": "desktop-gpu",
+}
+
+# Devices below our TensorRT floor: their last JetPack is 4.6.x, whose TensorRT is 8.2 (JetPack 5, the
+# first with TensorRT 8.5, supports only Xavier and Orin).
+_JETPACK4 = ("its last JetPack is 4.6 with TensorRT 8.2, and kdtoolkit needs TensorRT 8.5 or newer "
+             "(JetPack 5.1+: Xavier or Orin)")
+_NANO = f"the original Jetson Nano (Maxwell GPU) is not supported: {_JETPACK4}; for the Orin Nano use jetson-orin-nano"
+_TX2 = f"the Jetson TX2 (Pascal GPU) is not supported: {_JETPACK4}"
+_TX1 = f"the Jetson TX1 (Maxwell GPU) is not supported: {_JETPACK4}"
+UNSUPPORTED: dict[str, str] = {
+    "jetson-nano": _NANO, "jetson-nano-2gb": _NANO, "jetson-nano-4gb": _NANO, "nano-2gb": _NANO, "nano-4gb": _NANO,
+    "nano": f"for the Orin Nano use jetson-orin-nano; {_NANO.split('; for the Orin')[0]}",
+    "jetson-tx2": _TX2, "tx2": _TX2, "jetson-tx2-nx": _TX2, "tx2-nx": _TX2, "jetson-tx1": _TX1, "tx1": _TX1,
+}
+
+# Names that fit several supported devices: answered with the choices rather than a guess.
+AMBIGUOUS: dict[str, tuple[str, ...]] = {
+    "orin": ("jetson-agx-orin", "jetson-orin-nx", "jetson-orin-nano"),
+    "jetson-orin": ("jetson-agx-orin", "jetson-orin-nx", "jetson-orin-nano"),
+    "xavier": ("jetson-agx-xavier", "jetson-xavier-nx"),
+    "nx": ("jetson-orin-nx", "jetson-xavier-nx"),
+    "jetson-nx": ("jetson-orin-nx", "jetson-xavier-nx"),
+    "agx": ("jetson-agx-orin", "jetson-agx-xavier"),
+    "jetson": ("jetson-agx-orin", "jetson-orin-nx", "jetson-orin-nano", "jetson-agx-xavier", "jetson-xavier-nx"),
+}
+
+
+def _normalise(name: str) -> str:
+    """Case, spaces, underscores and an 'nvidia' prefix do not matter: "NVIDIA Jetson_AGX" is jetson-agx."""
+    s = "-".join(name.strip().lower().replace("_", " ").replace("-", " ").split())
+    return s.removeprefix("nvidia-")
+
+
+def aliases_of(canonical: str) -> list[str]:
+    """The aliases that resolve to one built-in profile, for `profiles list`."""
+    return sorted(a for a, c in ALIASES.items() if c == canonical)
+
+
+def resolve_profile_name(name: str) -> tuple[str, str | None]:
+    """Map a profile name as typed to a built-in profile: (canonical name, the alias used or None).
+
+    Refuses in one line, naming why: a device below our TensorRT floor, a name that fits several
+    devices, or an unknown name (with difflib's "did you mean").
+    """
+    key = _normalise(name)
+    known = builtin_names()
+    if key in known:
+        return key, (None if name == key else name)
+    if key in ALIASES and ALIASES[key] in known:
+        return ALIASES[key], name
+    if key in UNSUPPORTED:
+        raise InputError(f"profile {name!r}: {UNSUPPORTED[key]}")
+    if key in AMBIGUOUS:
+        raise InputError(f"profile {name!r} fits several devices; pick one: {', '.join(AMBIGUOUS[key])} "
+                         "(kdtoolkit profiles list shows every name and alias)")
+    import difflib
+
+    vocabulary = sorted({*known, *(a for a, c in ALIASES.items() if c in known)})
+    scored = sorted(((difflib.SequenceMatcher(None, key, v).ratio(), v) for v in vocabulary), reverse=True)
+    best = scored[0][0] if scored else 0.0
+    close: list[str] = []
+    for ratio, match in scored:  # only the near-best matches: a hint that lists half the catalogue is noise
+        if ratio < max(0.6, best - 0.08):
+            break
+        canonical = match if match in known else ALIASES[match]
+        if canonical not in close:
+            close.append(canonical)
+    hint = f"did you mean {' or '.join(close[:3])}? " if close else ""
+    raise InputError(f"unknown profile {name!r}; {hint}known: {', '.join(known)} "
+                     "(kdtoolkit profiles list shows their aliases; or give a path to a YAML file)")
+
+
 def load_profile(name_or_path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Profile:
-    """Load a built-in profile by name or a user's YAML file by path."""
+    """Load a built-in profile by name or alias (see resolve_profile_name), or a user's YAML file by path."""
     s = str(name_or_path)
     path = Path(s)
     if s.endswith((".yaml", ".yml")) or os.sep in s:
         if not path.is_file():
             raise InputError(f"profile file not found: {s}")
         return parse_profile(path.read_text(), s, overrides)
-    builtin = BUILTIN_DIR / f"{s}.yaml"
-    if not builtin.is_file():
-        raise InputError(f"unknown profile {s!r}; known: {', '.join(builtin_names())} (or give a path to a YAML file)")
-    return parse_profile(builtin.read_text(), s, overrides)
+    canonical, alias = resolve_profile_name(s)
+    profile = parse_profile((BUILTIN_DIR / f"{canonical}.yaml").read_text(), canonical, overrides)
+    profile._requested_as = alias
+    return profile

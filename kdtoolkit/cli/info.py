@@ -42,12 +42,16 @@ def env_cmd(json_out: JsonOut = None) -> None:
 
 @profiles_app.command("list")
 def profiles_list() -> None:
-    """The built-in profiles."""
-    from kdtoolkit.profiles import builtin_names, load_profile
+    """The built-in profiles, each with the aliases it answers to (e.g. jetson-agx for jetson-agx-orin)."""
+    from kdtoolkit.profiles import aliases_of, builtin_names, load_profile
 
     for name in builtin_names():
         p = load_profile(name)
         typer.echo(f"{name:22s} {p.backend:12s} {p.precision:5s} batch {p.batch.min}-{p.batch.max}  {p.description}")
+        if aliases := aliases_of(name):
+            typer.echo(f"{'':22s} aliases: {', '.join(aliases)}")
+    typer.echo("not supported: the original Jetson Nano, TX1 and TX2 (their last JetPack, 4.6, has TensorRT 8.2; "
+               "kdtoolkit needs 8.5 or newer)")
 
 
 @profiles_app.command("show")
@@ -60,6 +64,8 @@ def profiles_show(name: Annotated[str, typer.Argument(help="profile name or YAML
     from kdtoolkit.profiles import load_profile
 
     p = load_profile(name)
+    if p.requested_as:
+        typer.echo(f"profile: {p.requested_as} -> {p.name}", err=True)
     data = p.model_dump(mode="json")
     if json_out:
         fsutil.write_json(json_out, data)
