@@ -118,11 +118,45 @@ def _plt():
     return plt
 
 
+def _fit_suptitle(fig: Any, text: str, fontsize: float) -> Any:
+    """A figure title wrapped to the figure's width.
+
+    A centred suptitle wider than the figure is cut off on both sides (seen with one panel and a long
+    runtime label such as "onnxruntime-cpu (proxy for a TensorRT target: ...)"); wrap until it fits.
+    """
+    import textwrap
+
+    renderer = fig.canvas.get_renderer()
+    fig_w = fig.bbox.width
+    title = fig.suptitle(text, fontsize=fontsize)
+    width = len(text)
+    while title.get_window_extent(renderer).width > 0.96 * fig_w and width > 20:
+        width = int(width * 0.85)
+        title.set_text("\n".join(textwrap.wrap(text, width)))
+    return title
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Save with the canvas grown to hold every label: nothing drawn is ever cut at the edge."""
+    fig.savefig(path, dpi=110, format="png", bbox_inches="tight", pad_inches=0.15)
+
+
 def plot_pareto(pts: list[dict[str, Any]], path: Path, runtime: str) -> Path:
     """Top-1 against p50 latency, one panel per batch size; the Pareto front joins the undominated points."""
     plt = _plt()
+    fig = pareto_figure(pts, runtime)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def pareto_figure(pts: list[dict[str, Any]], runtime: str) -> Any:
+    """The accuracy-against-latency figure itself (laid out, not saved), so tests can check its text fits."""
+    plt = _plt()
     batches = sorted(pts[0]["latency"], key=int)  # the profile session's batch sizes (teacher and student)
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 4.2), squeeze=False)
+    # constrained layout makes room for the suptitle and labels; one panel gets a wider figure than 5.2 in
+    fig, axes = plt.subplots(1, len(batches), figsize=(max(6.4, 5.2 * len(batches)), 4.6), squeeze=False,
+                             layout="constrained")
     for ax, b in zip(axes[0], batches):
         here = [p for p in pts if b in p["latency"]]
         xy = [(p["latency"][b], 100 * p["accuracy"]) for p in here]
@@ -152,11 +186,9 @@ def plot_pareto(pts: list[dict[str, Any]], path: Path, runtime: str) -> Path:
         ax.set_ylabel("top-1 on the test split (%)")
         ax.set_title(f"accuracy vs latency, batch {b}")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Up and to the left is better. Latency: {runtime}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    _fit_suptitle(fig, f"Up and to the left is better. Latency: {runtime}", fontsize=9)
+    fig.canvas.draw()  # run the layout now, so callers (and tests) see the final positions
+    return fig
 
 
 def plot_latency(samples: dict[str, dict[str, list[float]]], path: Path) -> Path:
@@ -164,7 +196,8 @@ def plot_latency(samples: dict[str, dict[str, list[float]]], path: Path) -> Path
     plt = _plt()
     names = list(samples)
     batches = sorted({b for per in samples.values() for b in per}, key=int)
-    fig, axes = plt.subplots(len(batches), 1, figsize=(8, 1.2 + 1.3 * len(names) * len(batches)), squeeze=False)
+    fig, axes = plt.subplots(len(batches), 1, figsize=(8, 1.2 + 1.3 * len(names) * len(batches)), squeeze=False,
+                             layout="constrained")
     for ax, b in zip(axes[:, 0], batches):
         data = [samples[n][b] for n in names if b in samples[n]]
         labels = [n for n in names if b in samples[n]]
@@ -191,9 +224,8 @@ def plot_latency(samples: dict[str, dict[str, list[float]]], path: Path) -> Path
             ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
         ax.set_xlabel(f"latency per batch of {b} (ms{', log scale' if log else ''}); whiskers p1-p99, dots beyond")
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("Latency distributions (raw samples, models interleaved in one process)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
+    _fit_suptitle(fig, "Latency distributions (raw samples, models interleaved in one process)", fontsize=10)
+    _save(fig, path)
     plt.close(fig)
     return path
 

@@ -81,3 +81,108 @@ def test_report_cli(run_dir, tmp_path):
     (run_dir / "summary.json").write_text('{"teacher": ')
     r = run_cli("report", str(run_dir))
     assert r.returncode == 2 and "not valid JSON" in r.stderr
+
+
+# --- the report renders whole ------------------------------------------------------------------------
+
+_PROXY = "onnxruntime-cpu (proxy for a TensorRT target: not measured on the device)"  # the longest real runtime label
+
+
+def _one_panel(run_dir: Path) -> Path:
+    """The same run cut to one batch size with the TensorRT-proxy label: the case whose title was cut off."""
+    s = json.loads((run_dir / "summary.json").read_text())
+    for who in ("teacher", "student"):
+        s[who]["latency_by_batch"] = {"1": s[who]["latency_by_batch"]["1"]}
+    s["speedup"] = {"b1": s["speedup"]["b1"]}
+    s["latency_runtime"] = _PROXY
+    s["profile"], s["backend"] = "jetson-agx-orin", "tensorrt"
+    (run_dir / "summary.json").write_text(json.dumps(s))
+    return run_dir
+
+
+def _outside(extent, fig_bbox, tol: float = 1.0) -> bool:
+    return (extent.x0 < fig_bbox.x0 - tol or extent.x1 > fig_bbox.x1 + tol
+            or extent.y0 < fig_bbox.y0 - tol or extent.y1 > fig_bbox.y1 + tol)
+
+
+@pytest.mark.parametrize("batches", [("1",), ("1", "4")])
+def test_pareto_titles_and_labels_lie_inside_the_figure(batches):
+    """Every title, axis label and point label is inside the figure itself, before any crop at save time."""
+    import matplotlib.pyplot as plt
+
+    from kdtoolkit.report import pareto_figure
+
+    pts = [{"name": "teacher", "label": "teacher", "accuracy": 0.9394, "latency": {b: 8.3 * int(b) for b in batches},
+            "session": "profile"},
+           {"name": "student", "label": "student (int8)", "accuracy": 0.8236, "latency": {b: 1.3 * int(b) for b in batches},
+            "session": "profile"}]
+    fig = pareto_figure(pts, _PROXY)
+    try:
+        r = fig.canvas.get_renderer()
+        texts = [fig._suptitle] + [t for ax in fig.axes for t in (ax.title, ax.xaxis.label, ax.yaxis.label, *ax.texts)]
+        assert fig._suptitle is not None and "Latency: onnxruntime-cpu" in fig._suptitle.get_text()
+        for t in texts:
+            if t.get_visible() and t.get_text():
+                ext = t.get_window_extent(r)
+                assert not _outside(ext, fig.bbox), f"{t.get_text()!r} at {ext} leaves the figure {fig.bbox}"
+    finally:
+        plt.close(fig)
+
+
+def test_saved_plots_have_nothing_cut_at_their_edges(run_dir):
+    """A title cut off at the sides leaves dark pixels in the image's edge columns; a whole one leaves them white."""
+    import numpy as np
+    from PIL import Image
+
+    from kdtoolkit.report import LATENCY_PNG, PARETO_PNG, rebuild
+
+    rebuild(_one_panel(run_dir))
+    for png in (PARETO_PNG, LATENCY_PNG):
+        img = np.asarray(Image.open(run_dir / png).convert("L"))
+        for name, strip in (("left", img[:, :3]), ("right", img[:, -3:]), ("top", img[:3]), ("bottom", img[-3:])):
+            assert strip.min() > 200, f"{png}: something is drawn across its {name} edge"
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser")) if p), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium binary on PATH (Debian: apt-get install chromium)")
+def test_report_html_renders_whole_in_headless_chromium(run_dir, tmp_path):
+    """Open report.html in a real headless Chromium: the page loads, every image decodes, nothing overflows."""
+    from playwright.sync_api import sync_playwright
+
+    from kdtoolkit.report import rebuild
+
+    rebuild(_one_panel(run_dir))
+    page_url = (run_dir / "report.html").resolve().as_uri()
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"]
+    with sync_playwright() as pw:
+        ctx = pw.chromium.launch_persistent_context(str(tmp_path / "chromium-profile"), executable_path=_chromium(),
+                                                    headless=True, args=args, viewport={"width": 1280, "height": 900},
+                                                    timeout=60_000)
+        try:
+            page = ctx.new_page()
+            failed: list[str] = []
+            page.on("requestfailed", lambda req: failed.append(req.url))
+            resp = page.goto(page_url, wait_until="load", timeout=60_000)
+            assert resp is None or resp.ok
+            assert page.title() == "kdtoolkit report: jetson-agx-orin"
+            assert "kdtoolkit run: profile" in page.inner_text("h1")
+            imgs = page.eval_on_selector_all(
+                "img", "els => els.map(e => ({src: e.getAttribute('src'), complete: e.complete, w: e.naturalWidth, "
+                       "h: e.naturalHeight, shown: e.getBoundingClientRect().width}))")
+            assert [i["src"] for i in imgs] == ["report_pareto.png", "report_latency.png"]
+            for i in imgs:
+                assert i["complete"] and i["w"] > 0 and i["h"] > 0, f"{i['src']} did not load: {i}"
+                assert i["shown"] > 300, f"{i['src']} is drawn too small to read: {i}"
+            assert not failed, f"requests failed: {failed}"
+            # the page fits its width: no image or table pushes past the viewport
+            assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+            shot = page.screenshot(full_page=True)
+            assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 20_000
+        finally:
+            ctx.close()
