@@ -47,7 +47,10 @@ def rules(rep, severity=None):
 def test_clean_conv_passes_every_tensorrt_profile():
     for name in ("jetson-agx-orin", "jetson-orin-nano", "desktop-gpu"):
         rep = check_model(_conv_relu(), load_profile(name))
-        assert rep.ok and rep.findings == [], (name, rep.lines())
+        assert rep.ok, (name, rep.lines())
+    # desktop-gpu is auto: an FP32 ONNX builds FP16, nothing to say; the int8 Jetson profiles need calibration for it
+    assert check_model(_conv_relu(), load_profile("desktop-gpu")).findings == []
+    assert rules(check_model(_conv_relu(), ORIN)) == [("int8.calibration", "")]
 
 
 def test_unsupported_op_is_an_error_naming_the_node():
@@ -209,12 +212,67 @@ def test_dla_layer_limits(node, ok):
     assert (dla_reason(node, shapes, {}) is None) is ok
 
 
-def test_dla_refuses_fp32_and_flags_qdq_before_tensorrt_11():
+def test_dla_refuses_fp32_and_a_qdq_onnx_without_a_calibration_cache_before_tensorrt_11(tmp_path):
+    """Issue 15.1: a Q/DQ ONNX cannot build on DLA below TensorRT 11 unless its scales come as a calibration cache."""
     fp32 = DLA.model_copy(update={"precision": "fp32"})
     assert ("dla.precision", "") in rules(check_model(_conv_relu(x_shape=(1, 3, 16, 16)), fp32), "error")
     m = _qdq_model()
     m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
-    assert ("dla.qdq", "") in rules(check_model(m, DLA), "warning")
+    rep = check_model(m, DLA)
+    assert ("dla.qdq", "") in rules(rep, "error") and not rep.ok
+    assert "no calibration cache comes with this Q/DQ ONNX" in "\n".join(rep.lines())
+    # with the cache written from its scales (beside the ONNX, where the pipeline puts it) it builds
+    from kdtoolkit.engine.calib_cache import write_calibration_cache_from_qdq
+
+    onnx.save(m, str(tmp_path / "model.onnx"))
+    write_calibration_cache_from_qdq(tmp_path / "model.onnx", tmp_path / "calibration.cache")
+    rep = check_file(tmp_path / "model.onnx", DLA)
+    assert rep.ok and ("dla.qdq", "") in rules(rep, "info"), rep.lines()
+    # from TensorRT 11.4.1 DLA is strongly typed: the Q/DQ ONNX itself is right
+    assert "dla.qdq" not in {r for r, _ in rules(check_model(m, DLA, tensorrt_version="11.4.1"))}
+
+
+def test_dla_versions_without_jetson_dla_are_errors():
+    m = _conv_relu(x_shape=(1, 3, 16, 16))
+    for v in ("10.8", "11.0", "11.4.0"):
+        assert ("dla.version", "") in rules(check_model(m, DLA, tensorrt_version=v), "error"), v
+    assert "dla.version" not in {r for r, _ in rules(check_model(m, DLA, tensorrt_version="10.3"))}
+
+
+def test_a_bad_calibration_cache_is_an_error(tmp_path):
+    m = _qdq_model()
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    (tmp_path / "c.cache").write_text("not a cache\n")
+    assert ("calibration-cache", "") in rules(check_model(m, DLA, calib_cache=tmp_path / "c.cache"), "error")
+
+
+def test_int8_without_qdq_on_strongly_typed_tensorrt_is_an_error():
+    assert ("int8.route", "") in rules(check_model(_conv_relu(), ORIN, tensorrt_version="11.0"), "error")
+
+
+@pytest.mark.parametrize("op,version,ok", [
+    # rows of onnx-tensorrt docs/operators.md per release branch
+    ("Hardmax", "8.5", False), ("Hardmax", "8.6", False), ("Hardmax", "9.2", True), ("Hardmax", "10.0", True),
+    ("GroupNormalization", "8.5", False), ("GroupNormalization", "8.6", True), ("GroupNormalization", "10.3", True),
+    ("LayerNormalization", "8.5", False), ("LayerNormalization", "8.6", True), ("IsInf", "8.6", True),
+    ("CastLike", "9.0", False), ("CastLike", "9.1", True), ("Gelu", "8.6", False), ("Gelu", "10.0", True),
+    ("DeformConv", "10.0", False), ("DeformConv", "10.1", True), ("Col2Im", "10.0", False), ("Col2Im", "10.13", False),
+    ("Mod", "8.5", True), ("OneHot", "8.5", True), ("Unique", "10.1", False), ("Conv", "8.5", True),
+])
+def test_operator_table_follows_onnx_tensorrt_operators_md_per_release(op, version, ok):
+    assert parser_supports(op, version) is ok
+
+
+def test_hardmax_and_group_norm_versions_in_findings():
+    nodes = [helper.make_node("Hardmax", ["x"], ["y"], name="hm", axis=1)]
+    assert check_model(_model(nodes, []), ORIN, tensorrt_version="10.0").ok
+    gn = [helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], name="gn", num_groups=1)]
+    inits = [numpy_helper.from_array(np.ones(3, np.float32), "s"), numpy_helper.from_array(np.zeros(3, np.float32), "b")]
+    m = _model(gn, inits, opset=18)
+    prof = load_profile("desktop-gpu")
+    assert ("unsupported-op", "gn") not in rules(check_model(m, prof, tensorrt_version="8.6"))
+    rep = check_model(m, prof, tensorrt_version="8.5")
+    assert ("unsupported-op", "gn") in rules(rep, "error") and "parsed from TensorRT 8.6" in "\n".join(rep.lines())
 
 
 def test_ort_profile_only_checks_opset_and_its_own_scheme():
@@ -257,14 +315,14 @@ def resnet20_onnx(tmp_path_factory) -> Path:
 
 def test_exported_resnet20_is_clean_for_jetson_agx_orin(resnet20_onnx):
     rep = check_file(resnet20_onnx, ORIN)
-    assert rep.errors == 0 and rep.findings == [], rep.lines()
+    assert rep.errors == 0 and rules(rep) == [("int8.calibration", "")], rep.lines()  # FP32 ONNX, int8 profile
     dla = check_file(resnet20_onnx, DLA)
     assert dla.errors == 0  # GPU fallback is on: the Gemm head and the shortcut Pads fall back, with warnings
     assert {f.node for f in dla.findings if f.rule == "dla.fallback"} >= {"/linear/Gemm"}
 
 
 def test_cli_check_clean_model_exits_0_and_writes_json(resnet20_onnx, tmp_path):
-    r = run_cli("check", str(resnet20_onnx), "--profile", "jetson-agx-orin", "--json", str(tmp_path / "c.json"))
+    r = run_cli("check", str(resnet20_onnx), "--profile", "desktop-gpu", "--json", str(tmp_path / "c.json"))
     assert r.returncode == 0, r.stderr
     assert "0 error(s), 0 warning(s)" in r.stdout
     data = json.loads((tmp_path / "c.json").read_text())
@@ -338,17 +396,67 @@ def test_offdevice_record_writes_check_counts_and_build_script(tmp_path):
         shutil.copyfile(src, w.path("model.onnx"))
         record_tensorrt_check(w, ORIN, calib_data="mnist-mini")
     art = w.artifact
-    assert art.metrics["tensorrt_check"] == {"errors": 0, "warnings": 0, "tensorrt_version": "8.5"}
+    assert art.metrics["tensorrt_check"] == {"errors": 0, "warnings": 1, "tensorrt_version": "8.5"}
     assert json.loads(art.file("check.json").read_text())["ok"] is True
     script = art.file("build_on_device.sh").read_text()
-    assert "kdtoolkit build model.onnx --profile jetson-agx-orin --out engine --calib-data mnist-mini" in script
-    assert "--minShapes=x:1x3x16x16 --optShapes=x:1x3x16x16 --maxShapes=x:16x3x16x16 --fp16 --int8 --calib=calibration.cache" in script
+    # issue 15.3: no --calib-data path of this machine, no --calib=FILE for a file that is not there, no --int8
+    # with placeholder ranges; issue 15.4: workspace as a plain number (MiB)
+    assert 'kdtoolkit build model.onnx --profile jetson-agx-orin --out engine --calib-data "${CALIB_DATA:?' in script
+    assert "--calib-data mnist-mini" not in script and "--calib=" not in script and "--int8" not in script
+    assert "--memPoolSize=workspace:2048 " in script and "2048M" not in script
+    assert "--minShapes=x:1x3x16x16 --optShapes=x:1x3x16x16 --maxShapes=x:16x3x16x16 --fp16" in script
+    assert "trtexec cannot calibrate from data" in script and "(the run calibrated from 'mnist-mini')" in script
+    assert art.info["on_device_build"]["trtexec_precision"] == "fp16"
     assert "--builderOptimizationLevel" not in script  # trtexec 8.5 (the profile's oldest) has no such flag
     assert not list(art.path.glob("*.plan"))  # never pretends to have built an engine
     with ArtifactWriter(tmp_path / "dla", kind="onnx", stage="optimize") as w:
         onnx.save(_conv_relu(x_shape=(1, 3, 16, 16)), str(w.path("model.onnx")))
         record_tensorrt_check(w, DLA)
     assert "--useDLACore=0 --allowGPUFallback" in w.artifact.file("build_on_device.sh").read_text()
+
+
+def _qdq_dla_model():
+    m = _qdq_model()
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    return m
+
+
+def test_offdevice_record_for_dla_writes_a_calibration_cache_from_the_qdq_scales(tmp_path):
+    """Issue 15.1: the DLA profile's Q/DQ output becomes buildable on TensorRT 8.5 .. 10.x: cache + Q/DQ-free ONNX + commands."""
+    from kdtoolkit.artifact import ArtifactWriter
+    from kdtoolkit.engine.calib_cache import read_calibration_cache
+    from kdtoolkit.engine.check import record_tensorrt_check
+
+    with ArtifactWriter(tmp_path / "dla", kind="onnx", stage="optimize") as w:
+        onnx.save(_qdq_dla_model(), str(w.path("model.onnx")))
+        rep = record_tensorrt_check(w, DLA, calib_data="/home/someone/data")
+    art = w.artifact
+    assert rep.ok and {"calibration.cache", "model_noqdq.onnx"} <= set(art.manifest.files)
+    header, scales = read_calibration_cache(art.file("calibration.cache"))
+    assert header == "TRT-8500-EntropyCalibration2" and scales == {"x": pytest.approx(0.05)}
+    script = art.file("build_on_device.sh").read_text()
+    assert "kdtoolkit build model.onnx --profile jetson-agx-orin-dla --out engine --calib-cache calibration.cache" in script
+    assert "--onnx=model_noqdq.onnx" in script and "--fp16 --int8 --calib=calibration.cache --useDLACore=0" in script
+    assert "[ -f calibration.cache ] ||" in script and "/home/someone" not in script
+    assert art.info["calibration_cache"]["activation_scales"] == 1
+
+
+def test_build_commands_never_ask_trtexec_for_int8_it_cannot_get(tmp_path):
+    """Issue 15.2: auto without Q/DQ is FP16 (no --int8); int8 on a GPU adds --fp16 like kdtoolkit build does."""
+    from kdtoolkit.engine.tensorrt import build_commands
+
+    onnx.save(_conv_relu(), str(tmp_path / "fp32.onnx"))
+    onnx.save(_qdq_model(), str(tmp_path / "qdq.onnx"))
+    gpu = load_profile("desktop-gpu")  # precision auto
+    c = build_commands(tmp_path / "fp32.onnx", gpu)
+    assert "--fp16" in c["trtexec"] and "--int8" not in c["trtexec"] and c["precision"] == "fp16"
+    c = build_commands(tmp_path / "qdq.onnx", gpu)
+    assert "--fp16 --int8" in c["trtexec"] and "--calib" not in c["trtexec"] and "--calib" not in c["kdtoolkit"]
+    c = build_commands(tmp_path / "qdq.onnx", ORIN)
+    assert "--fp16 --int8" in c["trtexec"] and c["implicit_int8"] == "False"
+    (tmp_path / "calibration.cache").write_text("TRT-8500-EntropyCalibration2\nx: 3d4ccccd\n")
+    c = build_commands(tmp_path / "fp32.onnx", ORIN, calib_cache_name="calibration.cache")
+    assert "--fp16 --int8 --calib=calibration.cache" in c["trtexec"] and "--calib-cache calibration.cache" in c["kdtoolkit"]
 
 
 def test_the_projects_own_tensorrt_qdq_passes_and_its_ort_qdq_does_not(resnet20_onnx, tmp_path):

@@ -6,9 +6,10 @@ off the DLA. Each problem is a :class:`Finding` (severity, node, rule, message);
 one line per finding for people and JSON for machines.
 
 Sources, kept next to the tables they fed:
-- ONNX ops the TensorRT parser takes: onnx-tensorrt ``docs/operators.md`` ("TensorRT 8.5 supports
-  operators up to Opset 17"), release/8.5-GA, with the additions of later parsers listed in
-  ``ADDED_IN``. https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md
+- ONNX ops the TensorRT parser takes: onnx-tensorrt ``docs/operators.md`` per release branch
+  (8.5-GA, 8.6-GA, 9.0-GA .. 9.3, 10.0-GA, 10.1-GA; "TensorRT 8.5 supports operators up to Opset 17"),
+  kept as the 8.5 table plus each later release's changes (``RELEASE_CHANGES``).
+  https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md
 - DLA limits: TensorRT developer guide, "DLA Supported Layers and Restrictions"
   (https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/dla-layer-restrictions.html).
   General restrictions as that page states them: batch <= 4096, non-batch dims <= 8192, no dynamic
@@ -32,32 +33,79 @@ from kdtoolkit.quant.qdq_rules import Finding, Severity, _attr, constants, has_q
 
 __all__ = ["Finding", "CheckReport", "check_file", "check_model", "parser_supports"]
 
-# onnx-tensorrt docs/operators.md for TensorRT 8.5 (the oldest parser kdtoolkit targets): every "Y" row.
+def _version_tuple(text: str) -> tuple[int, int]:
+    from kdtoolkit.engine.trt_version import parse_version
+
+    major, minor, _ = parse_version(text)
+    return major, minor
+
+
+# onnx-tensorrt docs/operators.md, the "Supported" column, per release branch (Y = the parser imports the op):
+# the release/8.5-GA table (the oldest parser kdtoolkit targets) and what each later release table changed.
+# Versions newer than the newest table listed here use that table; ops in no table are "unknown".
+OPERATORS_MD_SOURCES = {
+    "8.5": "onnx/onnx-tensorrt release/8.5-GA fdeeaca87ad2", "8.6": "release/8.6-GA ee0b139bc685", "9.0": "9.0-GA 9d2d786c9812",
+    "9.1": "9.1 877b5dccf577", "9.2": "9.2 306247b30da1", "9.3": "9.3 1def182e2a04", "10.0": "10.0-GA 73f629e04a68",
+    "10.1": "10.1-GA 96e781103cfc",
+}
 TRT85_SUPPORTED = frozenset("""
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast Ceil Celu Clip Concat
 Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace DequantizeLinear Div Dropout Einsum Elu Equal
-Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool
-Greater GreaterOrEqual GridSample GRU HardSwish HardSigmoid Identity If ImageScaler InstanceNormalization IsNaN
-LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool MatMul Max MaxPool Mean
-MeanVarianceNormalization Min Mod Mul Neg NonMaxSuppression NonZero Not OneHot Or Pad ParametricSoftplus Pow PRelu
-QuantizeLinear RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal ReduceL1 ReduceL2
+Erf Exp Expand EyeLike Flatten Floor GRU Gather GatherElements GatherND Gemm GlobalAveragePool GlobalLpPool
+GlobalMaxPool Greater GreaterOrEqual GridSample HardSigmoid HardSwish Identity If ImageScaler InstanceNormalization
+IsNaN LRN LSTM LeakyRelu Less LessOrEqual Log LogSoftmax Loop LpNormalization LpPool MatMul Max MaxPool Mean
+MeanVarianceNormalization Min Mod Mul Neg NonMaxSuppression NonZero Not OneHot Or PRelu Pad ParametricSoftplus Pow
+QuantizeLinear RNN RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal ReduceL1 ReduceL2
 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize
-ReverseSequence RNN RoiAlign Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin
+ReverseSequence RoiAlign Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin
 Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK
 Transpose Trilu Unsqueeze Upsample Where Xor
 """.split())
-
-# Ops a later parser added (first TensorRT version that parses them).
-ADDED_IN: dict[str, tuple[int, int]] = {"LayerNormalization": (8, 6), "IsInf": (8, 6), "GroupNormalization": (10, 0)}
-
-# The "N" rows of the same table: ops the parser rejects.
-TRT_UNSUPPORTED = frozenset("""
+TRT85_UNSUPPORTED = frozenset("""
 Bernoulli BitShift BlackmanWindow Compress ConcatFromSequence ConvInteger DFT Det DynamicQuantizeLinear HammingWindow
-HannWindow Hardmax MatMulInteger MaxRoiPool MaxUnpool MelWeightMatrix Multinomial NegativeLogLikelihoodLoss Optional
-OptionalGetElement OptionalHasElement QLinearConv QLinearMatMul STFT SequenceAt SequenceConstruct SequenceEmpty
-SequenceErase SequenceInsert SequenceLength SequenceMap SoftmaxCrossEntropyLoss SplitToSequence StringNormalizer
-TfIdfVectorizer Unique
+HannWindow Hardmax IsInf LayerNormalization MatMulInteger MaxRoiPool MaxUnpool MelWeightMatrix Multinomial
+NegativeLogLikelihoodLoss Optional OptionalGetElement OptionalHasElement QLinearConv QLinearMatMul STFT SequenceAt
+SequenceConstruct SequenceEmpty SequenceErase SequenceInsert SequenceLength SequenceMap SoftmaxCrossEntropyLoss
+SplitToSequence StringNormalizer TfIdfVectorizer Unique
 """.split())
+# (release, ops that became Y, ops that became or were added as N), in release order
+RELEASE_CHANGES: tuple[tuple[tuple[int, int], frozenset[str], frozenset[str]], ...] = (
+    ((8, 6), frozenset({"GroupNormalization", "IsInf", "LayerNormalization"}), frozenset()),
+    ((9, 0), frozenset(), frozenset({"CastLike"})),
+    ((9, 1), frozenset({"CastLike"}), frozenset()),
+    ((9, 2), frozenset({"Hardmax"}), frozenset()),
+    ((10, 0), frozenset({"Gelu", "Mish"}), frozenset({"AffineGrid", "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor",
+                                                       "CenterCropPad", "Col2Im", "ImageDecoder", "RegexFullMatch",
+                                                       "StringConcat", "StringSplit"})),
+    ((10, 1), frozenset({"DeformConv"}), frozenset()),
+)
+
+
+def operator_table(version: str = "8.5") -> dict[str, bool]:
+    """op -> supported, as the operators.md of the newest release table at or below ``version`` says."""
+    v = _version_tuple(version)
+    table = {op: True for op in TRT85_SUPPORTED}
+    table.update({op: False for op in TRT85_UNSUPPORTED})
+    for rel, yes, no in RELEASE_CHANGES:
+        if rel > v:
+            break
+        table.update({op: True for op in yes})
+        table.update({op: False for op in no})
+    return table
+
+
+def _first_supported() -> dict[str, tuple[int, int]]:
+    out = {op: (8, 5) for op in TRT85_SUPPORTED}
+    for rel, yes, _ in RELEASE_CHANGES:
+        for op in yes:
+            out.setdefault(op, rel)
+    return out
+
+
+# first TensorRT release whose table marks the op supported (for messages)
+ADDED_IN: dict[str, tuple[int, int]] = {op: v for op, v in _first_supported().items() if v > (8, 5)}
+# ops no release table marks supported (a custom-domain node of that name is surely unparsable)
+TRT_UNSUPPORTED = frozenset(op for op, ok in operator_table("99.0").items() if not ok)
 
 DLA_MAX_BATCH = 4096
 DLA_MAX_DIM = 8192
@@ -67,23 +115,15 @@ _DLA_SHUFFLE = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
 _DLA_FREE = {"Identity", "Dropout", "Constant", "QuantizeLinear", "DequantizeLinear", "BatchNormalization"}
 
 
-def _version_tuple(text: str) -> tuple[int, int]:
-    from kdtoolkit.engine.trt_version import parse_version
-
-    major, minor, _ = parse_version(text)
-    return major, minor
-
-
 def parser_supports(op: str, version: str = "8.5") -> bool | None:
-    """True/False when the TensorRT ``version`` ONNX parser is known to take/reject ``op``; None when not in the table."""
-    v = _version_tuple(version)
-    if op in TRT85_SUPPORTED:
-        return True
-    if op in ADDED_IN:
-        return v >= ADDED_IN[op]
-    if op in TRT_UNSUPPORTED:
+    """True/False when the TensorRT ``version`` ONNX parser is known to take/reject ``op``; None when not in the table.
+
+    An op only a later release's table lists (GroupNormalization before 8.6) is False: that parser predates it.
+    """
+    ok = operator_table(version).get(op)
+    if ok is None and op in ADDED_IN and ADDED_IN[op] > _version_tuple(version):
         return False
-    return None
+    return ok
 
 
 @dataclass
@@ -126,9 +166,16 @@ class CheckReport:
                 "counts": self.counts(), "findings": [f.to_dict() for f in self.findings]}
 
 
-def check_file(path: str | os.PathLike[str], profile: Any, *, tensorrt_version: str | None = None) -> CheckReport:
-    """Load ``path`` and check it; an unreadable file is an InputError (exit 2), not a finding."""
+def check_file(path: str | os.PathLike[str], profile: Any, *, tensorrt_version: str | None = None,
+               calib_cache: str | os.PathLike[str] | None = None) -> CheckReport:
+    """Load ``path`` and check it; an unreadable file is an InputError (exit 2), not a finding.
+
+    ``calib_cache`` defaults to a ``calibration.cache`` beside the ONNX (where kdtoolkit's optimize stage
+    writes one for DLA profiles), because whether an INT8 ONNX builds on DLA below TensorRT 11 depends on it.
+    """
     import onnx
+
+    from kdtoolkit.engine.calib_cache import CACHE_NAME
 
     p = str(path)
     if not os.path.isfile(p):
@@ -137,11 +184,15 @@ def check_file(path: str | os.PathLike[str], profile: Any, *, tensorrt_version: 
         model = onnx.load(p)
     except Exception as exc:
         raise InputError(f"{p}: not an ONNX model ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
-    return check_model(model, profile, source=p, tensorrt_version=tensorrt_version)
+    if calib_cache is None:
+        beside = os.path.join(os.path.dirname(p), CACHE_NAME)
+        calib_cache = beside if os.path.isfile(beside) else None
+    return check_model(model, profile, source=p, tensorrt_version=tensorrt_version, calib_cache=calib_cache)
 
 
-def check_model(model: Any, profile: Any, *, source: str = "<model>", tensorrt_version: str | None = None) -> CheckReport:
-    """All rules that apply to ``profile``: opset, parser ops, Q/DQ, shapes and (for DLA profiles) DLA layers."""
+def check_model(model: Any, profile: Any, *, source: str = "<model>", tensorrt_version: str | None = None,
+                calib_cache: str | os.PathLike[str] | None = None) -> CheckReport:
+    """All rules that apply to ``profile``: opset, parser ops, Q/DQ, shapes, INT8 route and (for DLA profiles) DLA layers."""
     import onnx
 
     trt_cfg = profile.tensorrt if profile.is_tensorrt else None
@@ -170,9 +221,66 @@ def check_model(model: Any, profile: Any, *, source: str = "<model>", tensorrt_v
         inferred = model
     shapes = _shapes(inferred.graph)
     f.extend(_shape_findings(model, profile, dla=trt_cfg.dla_core is not None))
+    f.extend(_int8_route_findings(model, profile, version or "8.5", calib_cache))
     if trt_cfg.dla_core is not None:
         f.extend(_dla_findings(model, profile, shapes, version or "8.5"))
     return rep
+
+
+def _cache_entries(calib_cache: str | os.PathLike[str]) -> tuple[int | None, str]:
+    """(number of scales, problem) of a calibration cache file."""
+    from kdtoolkit.engine.calib_cache import read_calibration_cache
+
+    try:
+        _, scales = read_calibration_cache(calib_cache)
+    except InputError as exc:
+        return None, str(exc)
+    return len(scales), "" if scales else f"{calib_cache}: the calibration cache holds no tensor scales"
+
+
+def _int8_route_findings(model: Any, profile: Any, version: str, calib_cache: str | os.PathLike[str] | None) -> list[Finding]:
+    """Whether the INT8 the profile asks for can be built from this ONNX with this TensorRT (an error where it cannot)."""
+    from kdtoolkit.engine.trt_version import build_path
+
+    try:
+        path = build_path(version)
+    except InputError as exc:
+        return [Finding("error", "", "tensorrt.version", str(exc))]
+    qdq = has_qdq(model)
+    dla = profile.tensorrt.dla_core is not None
+    int8 = profile.precision == "int8" or (profile.precision == "auto" and qdq)
+    out: list[Finding] = []
+    if dla and not path.dla:
+        out.append(Finding("error", "", "dla.version", f"TensorRT {version} has no DLA for Jetson: DLA builds need TensorRT 8.5 to 10.7 "
+                                                       "or 11.4.1+ (JetPack 7.2.2)"))
+        return out
+    n_scales, problem = _cache_entries(calib_cache) if calib_cache else (None, "")
+    if calib_cache and problem:
+        out.append(Finding("error", "", "calibration-cache", problem))
+        n_scales = None
+    if not int8:
+        return out
+    if path.strongly_typed:
+        if not qdq:
+            out.append(Finding("error", "", "int8.route", f"TensorRT {version} is strongly typed: INT8 comes only from Q/DQ in the "
+                                                          "ONNX, and this ONNX has none (quantize it, or use precision fp16)"))
+        return out
+    if dla and qdq:
+        if n_scales:
+            out.append(Finding("info", "", "dla.qdq", f"TensorRT {version} takes INT8 on DLA implicitly: the build strips the Q/DQ "
+                                                      f"nodes and reads the {n_scales} activation scales from {os.path.basename(str(calib_cache))} "
+                                                      "(written from the Q/DQ scales)"))
+        else:
+            out.append(Finding("error", "", "dla.qdq",
+                               f"TensorRT {version} takes INT8 on DLA only implicitly (a calibration cache), never from Q/DQ nodes, and "
+                               "no calibration cache comes with this Q/DQ ONNX: write one from its scales "
+                               "(kdtoolkit.engine.calib_cache.write_calibration_cache_from_qdq, as the compress pipeline does for DLA "
+                               "profiles) or build from the FP32 ONNX with calibration data"))
+    elif not qdq and not n_scales:
+        out.append(Finding("warning", "", "int8.calibration",
+                           "INT8 from an ONNX without Q/DQ and without a calibration cache: `kdtoolkit build --calib-data` calibrates on "
+                           "the device; trtexec cannot calibrate from data (its --int8 alone uses placeholder ranges)"))
+    return out
 
 
 def _op_findings(model: Any, version: str) -> list[Finding]:
@@ -271,10 +379,6 @@ def _dla_findings(model: Any, profile: Any, shapes: dict[str, list[int | str]], 
         out.append(Finding("error", "", "dla.precision", "DLA runs FP16 or INT8 only, got precision fp32"))
     if profile.batch.max > DLA_MAX_BATCH:
         out.append(Finding("error", "", "dla.limits", f"DLA takes batch up to {DLA_MAX_BATCH}, the profile asks for {profile.batch.max}"))
-    if has_qdq(model) and _version_tuple(version) < (11, 0):
-        out.append(Finding("warning", "", "dla.qdq",
-                           f"TensorRT {version} takes INT8 on DLA from a calibrator, not from Q/DQ nodes: build from the FP32 ONNX with "
-                           "calibration data, or turn the Q/DQ scales into a calibration cache (NVIDIA's qdq-translator)"))
     consts = constants(model.graph)
     sev: Severity = "warning" if trt_cfg.gpu_fallback else "error"
     tail = "falls back to the GPU" if trt_cfg.gpu_fallback else "cannot run on DLA and gpu_fallback is false, so the build fails"
@@ -387,22 +491,52 @@ def dla_reason(n: Any, shapes: dict[str, list[int | str]], consts: dict[str, Any
 
 
 def record_tensorrt_check(writer: Any, profile: Any, *, onnx_name: str = "model.onnx", calib_data: str | None = None) -> CheckReport:
-    """For a TensorRT profile built off the device: check.json, counts in metrics, and build_on_device.sh.
+    """For a TensorRT profile built off the device: check.json, counts in metrics, build_on_device.sh, and for DLA
+    below TensorRT 11 the calibration cache (+ the Q/DQ-free ONNX) written from the Q/DQ scales.
 
     Used by the compress pipeline's optimize stage, so a run without TensorRT still hands over
-    the static check and the exact on-device build commands (never a pretend engine).
+    the static check and the exact on-device build commands (never a pretend engine), and a DLA profile's
+    INT8 Q/DQ model arrives in a form TensorRT 8.5 .. 10.x can build (implicit INT8 from the cache).
     """
+    import onnx
+
     from kdtoolkit import fsutil
+    from kdtoolkit.engine.calib_cache import CACHE_NAME, STRIPPED_NAME, write_calibration_cache_from_qdq
     from kdtoolkit.engine.tensorrt import build_commands, build_script
+    from kdtoolkit.engine.trt_version import build_path
 
     onnx_path = writer.path(onnx_name)
-    rep = check_file(onnx_path, profile)
+    trt_cfg = profile.tensorrt
+    cache: str | None = None
+    stripped: str | None = None
+    problem: Finding | None = None
+    try:
+        oldest = build_path(trt_cfg.min_version)
+    except InputError:
+        oldest = None
+    wants_int8 = profile.precision in ("int8", "auto")
+    if trt_cfg.dla_core is not None and wants_int8 and oldest is not None and not oldest.strongly_typed \
+            and has_qdq(onnx.load(str(onnx_path), load_external_data=False)):
+        try:
+            info = write_calibration_cache_from_qdq(onnx_path, writer.path(CACHE_NAME), writer.path(STRIPPED_NAME),
+                                                    tensorrt_version=trt_cfg.min_version)
+        except InputError as exc:
+            problem = Finding("error", "", "dla.qdq", f"cannot turn the Q/DQ scales into a calibration cache: {exc}")
+        else:
+            cache, stripped = CACHE_NAME, STRIPPED_NAME
+            writer.info["calibration_cache"] = info
+    rep = check_file(onnx_path, profile, calib_cache=writer.path(cache) if cache else None)
+    if problem is not None:
+        rep.findings.insert(0, problem)
     rep.onnx = onnx_name
     fsutil.write_json(writer.path("check.json"), rep.to_dict())
-    cmds = build_commands(onnx_path, profile, calib_data=calib_data, onnx_name=onnx_name)
+    cmds = build_commands(onnx_path, profile, calib_data=calib_data, onnx_name=onnx_name, calib_cache_name=cache,
+                          stripped_onnx_name=stripped)
     script = writer.path("build_on_device.sh")
     fsutil.write_text(script, build_script(cmds, profile, rep.counts()))
     script.chmod(0o755)
     writer.metrics["tensorrt_check"] = {"errors": rep.errors, "warnings": rep.warnings, "tensorrt_version": rep.tensorrt_version}
-    writer.info["on_device_build"] = {"script": "build_on_device.sh", "kdtoolkit": cmds["kdtoolkit"], "trtexec": cmds["trtexec"]}
+    writer.info["on_device_build"] = {"script": "build_on_device.sh", "kdtoolkit": cmds["kdtoolkit"], "trtexec": cmds["trtexec"],
+                                      "trtexec_precision": cmds["trtexec_precision"], "calibration_cache": cache,
+                                      "onnx_for_trtexec": cmds["onnx_for_trtexec"]}
     return rep

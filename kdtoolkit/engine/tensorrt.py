@@ -88,8 +88,12 @@ class BuildConfig(BaseModel):
 
 
 def resolve_config(profile: Profile, *, has_qdq: bool, precision: str | None = None, timing_cache: str | None = None,
-                   calib_cache: str | None = None, trt_path: BuildPath | None = None) -> BuildConfig:
-    """Turn a profile (plus flags) into a BuildConfig; ``auto`` becomes int8 for a Q/DQ ONNX, else fp16."""
+                   calib_cache: str | None = None, trt_path: BuildPath | None = None, device_key: str | None = None) -> BuildConfig:
+    """Turn a profile (plus flags) into a BuildConfig; ``auto`` becomes int8 for a Q/DQ ONNX, else fp16.
+
+    A relative profile timing cache lives in kdtoolkit's cache under the TensorRT version AND the device
+    (GPU name + compute capability, ``device_key``): a cache from another GPU is useless to TensorRT.
+    """
     if not profile.is_tensorrt or profile.tensorrt is None:
         raise InputError(f"profile {profile.name} has backend {profile.backend}; `build` makes TensorRT engines: pick a tensorrt profile")
     t = profile.tensorrt
@@ -112,7 +116,7 @@ def resolve_config(profile: Profile, *, has_qdq: bool, precision: str | None = N
             from kdtoolkit.data.datasets import cache_dir
 
             v = ".".join(map(str, trt_path.version)) if trt_path else "unknown"
-            cache = str(cache_dir() / "tensorrt" / f"trt-{v}" / cache)
+            cache = str(cache_dir() / "tensorrt" / f"trt-{v}" / (device_key or "unknown-device") / cache)
     return BuildConfig(
         precision=resolved, precision_reason=reason, batch_min=bmin, batch_opt=bopt, batch_max=bmax, static_input_shape=static,
         workspace_mb=t.workspace_mb, builder_optimization_level=t.builder_optimization_level, dla_core=t.dla_core,
@@ -252,6 +256,46 @@ def _layer_report(engine: trt.ICudaEngine) -> dict[str, Any]:
     return {"layers": layers, "n_layers": len(layers), "dla_layers": dla}
 
 
+def gpu_cache_key(name: str, capability: tuple[int, int] | None) -> str:
+    """A file-name-safe key for a GPU: its name and compute capability ('NVIDIA A10', (8, 6) -> 'NVIDIA-A10-sm86')."""
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name.strip()).strip("-") or "unknown-gpu"
+    return f"{slug}-sm{capability[0]}{capability[1]}" if capability else slug
+
+
+def _device_identity() -> tuple[str, str]:
+    """(GPU name, cache key) of the current device through the CUDA adapter; ('', 'unknown-device') without one."""
+    from kdtoolkit.engine import cuda_mem
+    from kdtoolkit.errors import KdtError
+
+    try:
+        b = cuda_mem.backend()
+        name = b.device_name()
+        return name, gpu_cache_key(name, b.compute_capability())
+    except KdtError:
+        return "", "unknown-device"
+
+
+def _use_timing_cache(config: Any, cache_file: Path | None) -> dict[str, Any]:
+    """Load the timing cache into the builder config and say truthfully whether TensorRT took it.
+
+    ``set_timing_cache(..., ignore_mismatch=False)`` returns False for a cache made on another device or
+    TensorRT version; then the build starts from an empty cache (and rewrites the file) instead.
+    """
+    if cache_file is None:
+        return {"set": False, "reused": False}
+    data = cache_file.read_bytes() if cache_file.is_file() else b""
+    ok = bool(config.set_timing_cache(config.create_timing_cache(data), False))
+    if ok:
+        return {"set": True, "reused": bool(data)}
+    note = f"timing cache {cache_file} was not accepted by TensorRT (made on another device or TensorRT version)"
+    if data:
+        ok = bool(config.set_timing_cache(config.create_timing_cache(b""), False))
+        note += "; building with an empty one and rewriting the file" if ok else "; building without one"
+    return {"set": ok, "reused": False, "note": note}
+
+
 def build_engine(onnx: str | os.PathLike[str], profile: Profile, out_dir: str | os.PathLike[str], *, calib_data: str | None = None,
                  precision: str | None = None, timing_cache: str | None = None, calib_cache: str | None = None,
                  log: Any = None) -> Artifact:
@@ -271,9 +315,15 @@ def build_engine(onnx: str | os.PathLike[str], profile: Profile, out_dir: str | 
     path = build_path(version)
     model = onnx_lib.load(str(src_path))
     qdq = has_qdq(model)
-    cfg = resolve_config(profile, has_qdq=qdq, precision=precision, timing_cache=timing_cache, calib_cache=calib_cache, trt_path=path)
+    device, device_key = _device_identity()
+    cfg = resolve_config(profile, has_qdq=qdq, precision=precision, timing_cache=timing_cache, calib_cache=calib_cache, trt_path=path,
+                         device_key=device_key)
+    if calib_cache and not Path(calib_cache).is_file():
+        raise InputError(f"calibration cache not found: {calib_cache}")
+    strip = False
     if cfg.dla_core is not None:
-        dla_plan(path, precision=cfg.precision, has_qdq=qdq)
+        # below 11, DLA INT8 is implicit: a Q/DQ ONNX goes in stripped, its scales as a calibration cache
+        strip = dla_plan(path, precision=cfg.precision, has_qdq=qdq, calib_cache=bool(calib_cache) or qdq)["strip_qdq"]
     if path.strongly_typed and cfg.precision == "int8" and not qdq:
         raise InputError(f"TensorRT {version} is strongly typed: INT8 needs a Q/DQ ONNX (kdtoolkit quantize), got one without Q/DQ; "
                          "or build with --precision fp16")
@@ -287,6 +337,18 @@ def build_engine(onnx: str | os.PathLike[str], profile: Profile, out_dir: str | 
     with tempfile.TemporaryDirectory(prefix="kdt-build-") as tmpd:
         onnx_for_build = Path(src_path)
         notes: dict[str, Any] = {}
+        if strip:
+            from kdtoolkit.engine.calib_cache import write_calibration_cache_from_qdq
+
+            own_cache = Path(tmpd) / "from_qdq.cache"
+            info = write_calibration_cache_from_qdq(src_path, own_cache, Path(tmpd) / "model_noqdq.onnx", tensorrt_version=version)
+            onnx_for_build, qdq = Path(tmpd) / "model_noqdq.onnx", False
+            if not cfg.calib_cache:
+                cfg = cfg.model_copy(update={"calib_cache": str(own_cache)})
+            notes["dla_int8"] = {"route": "Q/DQ stripped, scales from a calibration cache (TensorRT < 11 has no explicit INT8 on DLA)",
+                                 "calibration_cache": "given" if calib_cache else "written here from the Q/DQ scales",
+                                 **{k: info[k] for k in ("activation_scales", "propagated", "weights_dequantized")}}
+            say(f"[build] DLA below TensorRT 11: Q/DQ stripped, {info['activation_scales']} activation scales from the calibration cache")
         if path.strongly_typed and cfg.precision == "fp16" and not qdq:
             onnx_for_build = Path(tmpd) / "model.fp16.onnx"
             notes["fp16_conversion"] = convert_onnx_fp16(src_path, onnx_for_build)
@@ -319,10 +381,9 @@ def build_engine(onnx: str | os.PathLike[str], profile: Profile, out_dir: str | 
             io_profile[t.name] = {"min": list(mn), "opt": list(op), "max": list(mx)}
         config.add_optimization_profile(opt)
         cache_file = Path(cfg.timing_cache) if cfg.timing_cache else None
-        cache_loaded = bool(cache_file and cache_file.is_file())
-        if cache_file is not None:
-            tc = config.create_timing_cache(cache_file.read_bytes() if cache_loaded else b"")
-            config.set_timing_cache(tc, ignore_mismatch=False)
+        timing = _use_timing_cache(config, cache_file)
+        if timing.get("note"):
+            say(f"[build] {timing['note']}")
         calib_out: Path | None = None
         tf32 = getattr(trt.BuilderFlag, "TF32", None)
         if cfg.precision == "fp32" and tf32 is not None:
@@ -373,7 +434,7 @@ def build_engine(onnx: str | os.PathLike[str], profile: Profile, out_dir: str | 
             raise CheckFailed(f"TensorRT {version} failed to build an engine from {src_path} (its log above says why)")
         build_s = time.perf_counter() - started
         plan_bytes = bytes(memoryview(plan))
-        if cache_file is not None:
+        if cache_file is not None and timing["set"]:
             fsutil.write_bytes(cache_file, bytes(memoryview(config.get_timing_cache().serialize())))
         runtime = trt.Runtime(logger)
         engine = runtime.deserialize_cuda_engine(plan_bytes)
@@ -381,11 +442,6 @@ def build_engine(onnx: str | os.PathLike[str], profile: Profile, out_dir: str | 
             raise CheckFailed("the engine TensorRT just built does not deserialize")
         report = _layer_report(engine)
         io = engine_io(engine)
-        device = ""
-        try:
-            device = (mem or cuda_mem.backend()).device_name()
-        except Exception:
-            device = ""
         with ArtifactWriter(out_dir, kind="engine", stage="build", config={"profile": profile.name, **cfg.model_dump()},
                             parents=parents) as w:
             fsutil.write_bytes(w.path(PLAN_NAME), plan_bytes)  # the raw plan: no header of ours
@@ -398,7 +454,7 @@ def build_engine(onnx: str | os.PathLike[str], profile: Profile, out_dir: str | 
                 "tensorrt": {"version": version, "build_path": path.as_dict(), "device": device,
                              "note": "an engine runs only on this GPU model with this TensorRT version"},
                 "precision": cfg.precision, "precision_reason": cfg.precision_reason,
-                "timing_cache": {"path": cfg.timing_cache, "reused": cache_loaded},
+                "timing_cache": {"path": cfg.timing_cache, "device_key": device_key, **timing},
                 "dla": {"core": cfg.dla_core, "gpu_fallback": cfg.gpu_fallback, "layers_on_dla": dla_layers.get("dla", []),
                         "layers_on_gpu": dla_layers.get("gpu", []), "inspector_dla_layers": report["dla_layers"]} if cfg.dla_core is not None else None,
                 "layers": {"n": report["n_layers"], "file": "layers.json"}, **notes,
@@ -550,12 +606,26 @@ class TrtRunner:
 def _shell_quote(s: str) -> str:
     import shlex
 
-    return shlex.quote(s)
+    return s if s == CALIB_DATA_ARG else shlex.quote(s)
+
+
+# implicit INT8 without a cache calibrates on the device from data given there: never a path of the machine
+# that wrote the commands (it does not exist on the device)
+CALIB_DATA_ARG = '"${CALIB_DATA:?set CALIB_DATA to calibration images on this device (ImageFolder, .npz or .npy)}"'
 
 
 def build_commands(onnx_path: str | os.PathLike[str], profile: Profile, *, calib_data: str | None = None,
-                   onnx_name: str = "model.onnx") -> dict[str, str]:
-    """The exact on-device commands for a TensorRT profile: `kdtoolkit build` and its trtexec equivalent (8.5 .. 10.x)."""
+                   onnx_name: str = "model.onnx", calib_cache_name: str | None = None, stripped_onnx_name: str | None = None,
+                   plan_name: str = "model.plan", engine_dir: str = "engine") -> dict[str, str]:
+    """The exact on-device commands for a TensorRT profile: `kdtoolkit build` and its trtexec equivalent (8.5 .. 10.x).
+
+    The trtexec line never asks for INT8 it cannot get right: a Q/DQ ONNX is explicit INT8 (plus FP16 for
+    the layers left in float, as `kdtoolkit build` sets both); an ONNX without Q/DQ is INT8 only with a
+    calibration cache that exists (trtexec's ``--int8`` alone uses placeholder ranges and ``--calib=FILE``
+    with FILE missing calibrates on random data), else FP16, and says so. DLA below TensorRT 11 builds the
+    Q/DQ-free ONNX with the cache written from the Q/DQ scales. ``calib_data`` (the run's data source) is
+    only named in a note: the device needs its own path (``$CALIB_DATA``).
+    """
     import onnx as onnx_lib
 
     from kdtoolkit.quant.qdq_rules import has_qdq
@@ -563,15 +633,23 @@ def build_commands(onnx_path: str | os.PathLike[str], profile: Profile, *, calib
     model = onnx_lib.load(str(onnx_path))
     qdq = has_qdq(model)
     cfg = resolve_config(profile, has_qdq=qdq, timing_cache="timing.cache")
-    kd = ["kdtoolkit", "build", onnx_name, "--profile", profile.name, "--out", "engine"]
-    if cfg.precision == "int8" and not qdq:
-        kd += ["--calib-data", calib_data or "CALIBRATION_DATA"]
+    oldest = build_path(profile.tensorrt.min_version) if profile.tensorrt is not None else build_path("8.5")
+    dla = cfg.dla_core is not None
+    int8 = cfg.precision == "int8"
+    strip = bool(int8 and dla and qdq and not oldest.strongly_typed and calib_cache_name and stripped_onnx_name)
+    implicit = bool(int8 and (not qdq or strip))
+    kd = ["kdtoolkit", "build", onnx_name, "--profile", profile.name, "--out", engine_dir]
+    if int8 and calib_cache_name:
+        kd += ["--calib-cache", calib_cache_name]
+    elif int8 and not qdq:
+        kd += ["--calib-data", CALIB_DATA_ARG]
     inits = {t.name for t in model.graph.initializer}
     inp = next(i for i in model.graph.input if i.name not in inits)
     dims = [d.dim_value if d.HasField("dim_value") else -1 for d in inp.type.tensor_type.shape.dim]
-    te = ["trtexec", f"--onnx={onnx_name}", "--saveEngine=model.plan", f"--memPoolSize=workspace:{cfg.workspace_mb}M",
-          "--timingCacheFile=timing.cache"]
-    if profile.tensorrt is not None and build_path(profile.tensorrt.min_version).builder_optimization_level:
+    # --memPoolSize: the number alone is MiB everywhere; a unit suffix is misread by trtexec 10.0 (MiB x suffix)
+    te = ["trtexec", f"--onnx={stripped_onnx_name if strip else onnx_name}", f"--saveEngine={plan_name}",
+          f"--memPoolSize=workspace:{cfg.workspace_mb}", "--timingCacheFile=timing.cache"]
+    if oldest.builder_optimization_level:
         te.append(f"--builderOptimizationLevel={cfg.builder_optimization_level}")  # trtexec >= 8.6
     if dims and dims[0] == -1:
         try:
@@ -580,38 +658,57 @@ def build_commands(onnx_path: str | os.PathLike[str], profile: Profile, *, calib
             mn = op = mx = tuple(dims)
         shape = lambda s: "x".join(map(str, s))  # noqa: E731
         te += [f"--minShapes={inp.name}:{shape(mn)}", f"--optShapes={inp.name}:{shape(op)}", f"--maxShapes={inp.name}:{shape(mx)}"]
-    if cfg.precision in ("fp16", "int8"):
+    te_precision = cfg.precision
+    note = ""
+    if int8 and implicit and not calib_cache_name:
+        te_precision = "fp16"
+        note = ("trtexec cannot calibrate from data and no calibration cache comes with this ONNX, so its line builds FP16; "
+                "for INT8 run `kdtoolkit build` with CALIB_DATA set" + (f" (the run calibrated from {calib_data!r})" if calib_data else ""))
+    if te_precision in ("fp16", "int8"):
         te.append("--fp16")
-    if cfg.precision == "int8":
+    if te_precision == "int8":
         te.append("--int8")
-        if not qdq:
-            te.append("--calib=calibration.cache")
-    if cfg.dla_core is not None:
+        if implicit:
+            te.append(f"--calib={calib_cache_name}")
+    if dla:
         te.append(f"--useDLACore={cfg.dla_core}")
         if cfg.gpu_fallback:
             te.append("--allowGPUFallback")
     return {"kdtoolkit": " ".join(_shell_quote(a) for a in kd), "trtexec": " ".join(_shell_quote(a) for a in te),
-            "precision": cfg.precision, "implicit_int8": str(cfg.precision == "int8" and not qdq)}
+            "precision": cfg.precision, "trtexec_precision": te_precision, "implicit_int8": str(implicit),
+            "calibration_cache": calib_cache_name or "", "onnx_for_trtexec": stripped_onnx_name if strip else onnx_name,
+            "stripped_onnx": stripped_onnx_name if strip and stripped_onnx_name else "",
+            "note": note}
 
 
 def build_script(cmds: dict[str, str], profile: Profile, counts: dict[str, int]) -> str:
     """build_on_device.sh: kdtoolkit build when installed, else the trtexec equivalent."""
-    calib_note = ("# implicit INT8: kdtoolkit calibrates from --calib-data; trtexec needs a calibration cache\n"
-                  "# (calibration.cache from an earlier `kdtoolkit build`), else its INT8 scales are placeholders.\n"
-                  if cmds["implicit_int8"] == "True" else "")
+    notes = []
+    if cmds.get("calibration_cache"):
+        notes.append(f"# implicit INT8: both lines read the calibration cache {cmds['calibration_cache']} (scales from the Q/DQ ONNX)"
+                     + (f";\n# trtexec builds {cmds['stripped_onnx']}, the same graph without Q/DQ nodes" if cmds.get("stripped_onnx") else ""))
+    elif cmds["implicit_int8"] == "True":
+        notes.append("# implicit INT8: kdtoolkit build calibrates on the device from CALIB_DATA (set it to calibration images here)")
+    if cmds.get("note"):
+        notes.append("# " + cmds["note"])
+    note = "".join(n + "\n" for n in notes)
+    te_args = cmds["trtexec"].split(" ", 1)[1]
     return (
         "#!/usr/bin/env bash\n"
         f"# Build the TensorRT engine for profile {profile.name} ON THE TARGET DEVICE: engines are tied to the GPU\n"
         "# and the TensorRT version. Nothing here was built or timed on the machine that wrote this file.\n"
         f"# Static check of model.onnx against the profile: {counts['error']} error(s), {counts['warning']} warning(s) (check.json).\n"
         "# The trtexec line is for TensorRT 8.5 .. 10.x; on TensorRT >= 11 use kdtoolkit build (strongly typed path).\n"
-        f"{calib_note}"
+        f"{note}"
         "set -euo pipefail\n"
         'cd "$(dirname "$0")"\n'
-        'if command -v kdtoolkit >/dev/null 2>&1 && [ "${USE_TRTEXEC:-0}" != 1 ]; then\n'
+        + (f"[ -f {_shell_quote(cmds['calibration_cache'])} ] || {{ echo {_shell_quote('error: ' + cmds['calibration_cache'] + ' is missing; without it trtexec would calibrate on random data')} >&2; exit 2; }}\n"
+           if cmds.get("calibration_cache") else "")
+        + 'if command -v kdtoolkit >/dev/null 2>&1 && [ "${USE_TRTEXEC:-0}" != 1 ]; then\n'
         f"  {cmds['kdtoolkit']}\n"
         "else\n"
         '  TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"\n'
-        f"  \"$TRTEXEC\" {cmds['trtexec'].split(' ', 1)[1]}\n"
+        + (f"  echo {_shell_quote('note: ' + cmds['note'])} >&2\n" if cmds.get("note") else "")
+        + f"  \"$TRTEXEC\" {te_args}\n"
         "fi\n"
     )
