@@ -112,25 +112,19 @@ class Context:
     @property
     def splits(self):
         if self._splits is None:
-            from kdtoolkit.data import load_data
+            # one resolution order for every command: flags, teacher metadata, zoo entry, data
+            from kdtoolkit.data.inputspec import InputFlags, load_splits, resolve_input
 
             d = self.cfg.data
-            meta = self.teacher.meta if self._teacher is not None or Path(self.cfg.model).exists() else {}
-            mean = d.mean or (tuple(meta["mean"]) if meta.get("mean") else None)
-            std = d.std or (tuple(meta["std"]) if meta.get("std") else None)
-            classes = d.class_names
-            size = d.input_size or (tuple(meta["input_size"]) if meta.get("input_size") else None)
-            self._splits = load_data(
-                d.source, input_size=size, channels=d.channels or meta.get("channels"), mean=mean, std=std,
-                class_names=classes, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed,
+            t = self.teacher if self._teacher is not None or Path(self.cfg.model).exists() else None
+            spec = resolve_input(InputFlags.from_data_config(d), dict(t.meta) if t is not None else {},
+                                 self.cfg.arch or (t.arch if t is not None else None),
+                                 module=t.module if t is not None and t.rewritable else None)
+            self._splits = load_splits(
+                d.source, spec,
+                val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed,
                 on_bad_image=d.on_bad_image, train_limit=d.train_limit, test_limit=d.test_limit,
             )
-            names = meta.get("classes")
-            if not d.class_names and names:
-                if len(names) != len(self._splits.spec.classes):
-                    raise InputError(f"the model has {len(names)} outputs (classes in its metadata) but the data has "
-                                     f"{len(self._splits.spec.classes)} classes")
-                self._splits.spec.classes = list(names)  # class order comes from the teacher's metadata
         return self._splits
 
     @property

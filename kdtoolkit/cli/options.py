@@ -37,3 +37,61 @@ def parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
         return tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
         raise InputError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+# --- the model input: one spelling on every command (DESIGN.md "CLI conventions") ---------------
+# --input-shape C,H,W is canonical; --input-size is its alias and also takes H,W (with --channels),
+# the spelling compress used first. Resolution order: these flags, the model's metadata, the zoo
+# entry, the data (kdtoolkit.data.inputspec.resolve_input).
+InputShape = Annotated[Optional[str], typer.Option("--input-shape", "--input-size",
+                                                   help="model input C,H,W (or H,W with --channels); default: the model's metadata, its zoo entry, else the data")]
+Channels = Annotated[Optional[int], typer.Option("--channels", help="model input channels (part of --input-shape)")]
+Mean = Annotated[Optional[str], typer.Option("--mean", help="normalisation mean per channel, e.g. 0.485,0.456,0.406 (default: the model's metadata, else measured from the data)")]
+Std = Annotated[Optional[str], typer.Option("--std", help="normalisation std per channel, e.g. 0.229,0.224,0.225")]
+ClassNames = Annotated[Optional[str], typer.Option("--class-names", help="comma-separated class order (default: the model's metadata, else sorted folder names)")]
+
+
+def parse_input_flags(input_shape: str | None = None, channels: int | None = None, mean: str | None = None,
+                      std: str | None = None, class_names: str | None = None):
+    """Parse the input flags into ``InputFlags``, failing in one line that names the flag at fault.
+
+    ``input_shape`` is C,H,W (or H,W when it came as --input-size/with --channels); ``x`` also separates.
+    """
+    from kdtoolkit.data.inputspec import InputFlags
+    from kdtoolkit.errors import InputError
+
+    size: tuple[int, int] | None = None
+    ch = channels
+    dims = parse_ints(input_shape, "--input-shape")
+    if dims is not None:
+        if len(dims) == 3:
+            if channels is not None and channels != dims[0]:
+                raise InputError(f"--channels {channels} contradicts --input-shape {input_shape} ({dims[0]} channels); give one of them")
+            ch, size = dims[0], (dims[1], dims[2])
+        elif len(dims) == 2:
+            size = (dims[0], dims[1])
+        else:
+            raise InputError(f"--input-shape must be C,H,W (or H,W), got {input_shape!r}")
+        if min(dims) < 1:
+            raise InputError(f"--input-shape values must be positive, got {input_shape!r}")
+    if ch is not None and ch < 1:
+        raise InputError(f"--channels must be at least 1, got {ch}")
+    m = parse_floats(mean, "--mean")
+    s = parse_floats(std, "--std")
+    if s is not None and min(s) <= 0:
+        raise InputError(f"--std values must be positive, got {std!r}")
+    for flag, v in (("--mean", m), ("--std", s)):
+        if v is not None and ch is not None and len(v) != ch:
+            raise InputError(f"{flag} has {len(v)} value(s) but the input has {ch} channel(s); give {ch} comma-separated values")
+    if m is not None and s is not None and len(m) != len(s):
+        raise InputError(f"--mean has {len(m)} value(s) but --std has {len(s)}; give one per channel in both")
+    names = [c.strip() for c in class_names.split(",") if c.strip()] if class_names else None
+    return InputFlags(channels=ch, input_size=size, mean=m, std=s, classes=names)
+
+
+def resolve_model_input(flags, loaded, arch: str | None = None):
+    """``resolve_input`` for a loaded model (``LoadedModel``): its metadata, architecture and weights."""
+    from kdtoolkit.data.inputspec import resolve_input
+
+    module = loaded.module if getattr(loaded, "rewritable", False) else None
+    return resolve_input(flags, dict(loaded.meta), arch or getattr(loaded, "arch", None), module=module)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from kdtoolkit.cli import app
-from kdtoolkit.cli.options import Arch, Data, JsonOut, ModelArg, Out, Profile, TrustPickle
+from kdtoolkit.cli.options import Arch, Channels, Data, InputShape, JsonOut, Mean, ModelArg, Out, Profile, Std, TrustPickle
 
 
 @app.command("quantize")
@@ -22,18 +22,27 @@ def quantize_cmd(
     reduce_range: Annotated[Optional[bool], typer.Option("--reduce-range/--no-reduce-range", help="7-bit weights (default: the profile's; auto = no VNNI)")] = None,
     arch: Arch = None,
     trust_pickle: TrustPickle = False,
+    input_shape: InputShape = None,
+    channels: Channels = None,
+    mean: Mean = None,
+    std: Std = None,
     json_out: JsonOut = None,
 ) -> None:
-    """PTQ: calibrate on the training split, write a QDQ ONNX artifact, report FP32 vs INT8 top-1 on ORT."""
+    """PTQ: calibrate on the training split, write a QDQ ONNX artifact, report FP32 vs INT8 top-1 on ORT.
+
+    MODEL may be an ONNX file or artifact, or any torch form (a state dict with --arch too): a torch
+    model is exported first, at the input size the flags, its metadata, its zoo entry or the data give."""
     import tempfile
     from pathlib import Path
 
     from kdtoolkit import fsutil
     from kdtoolkit.artifact import ArtifactWriter
+    from kdtoolkit.cli.options import parse_input_flags
     from kdtoolkit.errors import InputError
-    from kdtoolkit.quant.ptq import CALIB_METHODS, build_int8, load_fp32, model_input
+    from kdtoolkit.quant.ptq import CALIB_METHODS, build_int8, model_input
     from kdtoolkit.quant.schemes import scheme_for
 
+    flags = parse_input_flags(input_shape, channels, mean, std)
     if data is None:
         raise InputError("--data is needed: calibration samples come from its training split")
     if calib_method is not None and calib_method not in CALIB_METHODS:
@@ -45,19 +54,35 @@ def quantize_cmd(
     n = calib_size if calib_size is not None else prof.quant.calib_size
     scheme = scheme_for(prof, reduce_range=reduce_range)
     with tempfile.TemporaryDirectory() as tmp:
-        fp32, meta, _ = load_fp32(model, arch=arch, trust_pickle=trust_pickle, opset=min(prof.max_opset, 17), work=Path(tmp))
-        from kdtoolkit.data import load_data
+        from kdtoolkit.data.inputspec import load_splits
 
+        fp32, meta, module = _fp32_source(model, arch, trust_pickle)
+        if fp32 is not None:
+            _, dims = model_input(fp32)
+            static = [d if isinstance(d, int) and d > 0 else None for d in dims[1:]]
+            if len(static) == 3 and all(static):  # a static ONNX input is the model's own size
+                meta = {"channels": static[0], "input_size": static[1:], **meta}
+        from kdtoolkit.data.inputspec import resolve_input
+
+        spec = resolve_input(flags, meta, arch or (module.arch if module is not None else None),
+                             module=module.module if module is not None and module.rewritable else None)
+        sp = load_splits(data, spec)
+        spec = sp.input
+        if fp32 is None:  # a torch model: export it at the resolved input
+            from kdtoolkit.export.onnx_export import export_onnx, simplify
+
+            raw = Path(tmp) / "raw.onnx"
+            export_onnx(module.module, (1, *spec.require_shape()), raw, opset=min(prof.max_opset, 17))
+            simplify(raw, Path(tmp) / "fp32.onnx")
+            fp32 = Path(tmp) / "fp32.onnx"
         _, dims = model_input(fp32)
-        size = tuple(meta["input_size"]) if meta.get("input_size") else None
-        sp = load_data(data, input_size=size, channels=meta.get("channels"),
-                       mean=tuple(meta["mean"]) if meta.get("mean") else None, std=tuple(meta["std"]) if meta.get("std") else None)
         cfg = {"model": str(model), "profile": prof.name, "scheme": scheme.name, "calib_method": method, "calib_size": n,
-               "reduce_range": scheme.reduce_range, "data": data}
+               "reduce_range": scheme.reduce_range, "data": data, "input": {k: v for k, v in spec.to_meta().items() if k != "classes"}}
         with ArtifactWriter(out, kind="onnx", stage="quantize", config=cfg) as w:
             res = build_int8(fp32, w.path("model.onnx"), sp, scheme, method="ptq", calib_method=method, calib_size=n,
                              percentile=percentile or prof.quant.percentile, tolerance_points=prof.accuracy_tolerance)
-            w.info.update({"model": {**meta, **sp.spec.to_dict()}, "precision": "int8", "quantization": res["info"],
+            # the INT8 model was calibrated with these statistics: record them, measured or not, with their source
+            w.info.update({"model": {**meta, **sp.spec.to_dict(), **spec.to_meta()}, "precision": "int8", "quantization": res["info"],
                            "input": {"name": model_input(w.path("model.onnx"))[0], "shape": dims, "dtype": "float32"}})
             w.metrics.update({**res["metrics"], "precision": "int8",
                               "accuracy_runtime": "onnxruntime-cpu" + (" (proxy for TensorRT)" if prof.is_tensorrt else "")})
@@ -69,3 +94,29 @@ def quantize_cmd(
                f"({-m['accuracy_drop_points']:+.2f} points)")
     if m.get("kept_in_float"):
         typer.echo(f"kept in float to meet the tolerance: {', '.join(m['kept_in_float'])}")
+
+
+def _fp32_source(model: str, arch: str | None, trust_pickle: bool):
+    """(ONNX path or None, model metadata, LoadedModel or None): an ONNX file or artifact as it is,
+    anything else loaded as a torch model to be exported at the resolved input."""
+    from pathlib import Path
+
+    from kdtoolkit.artifact import Artifact
+    from kdtoolkit.errors import InputError
+    from kdtoolkit.export.onnx_export import check_onnx
+
+    p = Path(model)
+    if not p.exists():
+        raise InputError(f"model not found: {p}")
+    if p.suffix == ".onnx":
+        check_onnx(p)
+        return p, {}, None
+    if p.is_dir() and Artifact.is_artifact(p) and Artifact.load(p).kind == "onnx":
+        art = Artifact.load(p)
+        f = art.file("model.onnx")
+        check_onnx(f)
+        return f, dict(art.info.get("model", {})), None
+    from kdtoolkit.models.loading import load_model
+
+    loaded = load_model(p, arch=arch, trust_pickle=trust_pickle)
+    return None, dict(loaded.meta), loaded

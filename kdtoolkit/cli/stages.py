@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from kdtoolkit.cli import app
-from kdtoolkit.cli.options import Arch, JsonOut, ModelArg, Out, TrustPickle, parse_ints
+from kdtoolkit.cli.options import Arch, Channels, InputShape, JsonOut, Mean, ModelArg, Out, Std, TrustPickle
 
 
 @app.command("export")
@@ -19,8 +19,11 @@ def export_cmd(
     profile: Annotated[Optional[str], typer.Option("--profile", help="take the opset and batch range from this profile")] = None,
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default 17: the newest JetPack 5/6.0 TensorRT accepts)")] = None,
     static_batch: Annotated[bool, typer.Option("--static-batch", help="fixed batch dimension instead of a dynamic one")] = False,
-    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="C,H,W (default: from the model's metadata)")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="real inputs for the parity check")] = None,
+    input_shape: InputShape = None,
+    channels: Channels = None,
+    mean: Mean = None,
+    std: Std = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="real inputs for the parity check (and the input size when nothing else gives it)")] = None,
     json_out: JsonOut = None,
 ) -> None:
     """Export to ONNX (dynamic batch, checked, simplified) with a parity check against PyTorch."""
@@ -28,17 +31,20 @@ def export_cmd(
     from kdtoolkit.artifact import ArtifactWriter
     from kdtoolkit.errors import InputError
     from kdtoolkit.export.onnx_export import JETPACK_MAX_OPSET, choose_opset, export_onnx, opset_of, parity, simplify
+    from kdtoolkit.cli.options import parse_input_flags, resolve_model_input
     from kdtoolkit.models.loading import load_model
 
+    flags = parse_input_flags(input_shape, channels, mean, std)
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
-    meta = loaded.meta
-    shape = parse_ints(input_shape, "--input-shape")
-    if shape is None:
-        if "input_size" not in meta:
-            raise InputError("the model carries no input size; give --input-shape C,H,W")
-        shape = (meta["channels"], *meta["input_size"])
-    if len(shape) != 3:
-        raise InputError("--input-shape must be C,H,W")
+    meta = dict(loaded.meta)
+    spec = resolve_model_input(flags, loaded, arch)
+    sp = None
+    if data:
+        from kdtoolkit.data.inputspec import load_splits
+
+        sp = load_splits(data, spec)
+        spec = sp.input
+    shape = spec.require_shape(" (or --data)")
     prof = None
     if profile:
         from kdtoolkit.profiles import load_profile
@@ -52,13 +58,10 @@ def export_cmd(
         export_onnx(loaded.module, (1, *shape), raw, opset=chosen, dynamic_batch=not static_batch)
         w.info["simplify"] = simplify(raw, w.path("model.onnx"))
         raw.unlink()
-        if data:
-            from kdtoolkit.data import load_data
-
-            sp = load_data(data, input_size=tuple(shape[1:]), channels=shape[0], mean=tuple(meta["mean"]) if meta.get("mean") else None,
-                           std=tuple(meta["std"]) if meta.get("std") else None)
+        if sp is not None:
             w.metrics["parity"] = parity(loaded.module, w.path("model.onnx"), sp.test, sp.spec)
-        w.info.update({"model": meta, "opset": opset_of(w.path("model.onnx"))})
+        # mean/std travel with the model; a mean/std measured here for the parity check is no fact about it
+        w.info.update({"model": {**meta, **spec.to_meta(include_measured=False)}, "opset": opset_of(w.path("model.onnx"))})
     res = {"onnx": str(out / "model.onnx"), **w.artifact.metrics, "opset": w.artifact.info["opset"], **w.artifact.info["simplify"]}
     if json_out:
         fsutil.write_json(json_out, res)
@@ -86,7 +89,10 @@ def student_cmd(
     init: Annotated[str, typer.Option("--init", help="svd (teacher-initialised rank-1) or random")] = "svd",
     latency_budget: Annotated[Optional[float], typer.Option("--latency-budget", help="ms at the profile's opt batch: search depth x width")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="a few batches to re-estimate BatchNorm after surgery")] = None,
-    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="C,H,W (default: the model's metadata)")] = None,
+    input_shape: InputShape = None,
+    channels: Channels = None,
+    mean: Mean = None,
+    std: Std = None,
     batches: Annotated[str, typer.Option("--batch", help="batch sizes to time, comma-separated")] = "1,64",
     json_out: JsonOut = None,
 ) -> None:
@@ -103,24 +109,28 @@ def student_cmd(
     from kdtoolkit.student.build import StudentConfig, make_student
     from kdtoolkit.student.search import latency_table
 
+    from kdtoolkit.cli.options import parse_input_flags, resolve_model_input
+
     if init not in ("svd", "random"):
         raise InputError("--init must be svd or random")
+    flags = parse_input_flags(input_shape, channels, mean, std)
     prof = load_profile(profile)
     teacher = load_model(model, arch=arch, trust_pickle=trust_pickle)
     meta = dict(teacher.meta)
-    shape = parse_ints(input_shape, "--input-shape") or ((meta["channels"], *meta["input_size"]) if "input_size" in meta else None)
+    spec = resolve_model_input(flags, teacher, arch)
     calib = None
     if data:
-        from kdtoolkit.data import batches as data_batches, load_data
+        from kdtoolkit.data import batches as data_batches
+        from kdtoolkit.data.inputspec import load_splits
 
-        sp = load_data(data, input_size=tuple(shape[1:]) if shape else None, channels=shape[0] if shape else None,
-                       mean=tuple(meta["mean"]) if meta.get("mean") else None, std=tuple(meta["std"]) if meta.get("std") else None)
-        shape = shape or (sp.spec.channels, *sp.spec.input_size)
+        sp = load_splits(data, spec)
+        spec = sp.input
         meta = {**sp.spec.to_dict(), **meta}
         calib = data_batches(sp.train, sp.spec, 64, shuffle=True)
-    if shape is None:
-        raise InputError("the model carries no input size; give --input-shape C,H,W or --data")
-    full_shape = (1, *shape)
+    # the student keeps the teacher's input; a mean/std measured from the data is not recorded as its own
+    meta = {k: v for k, v in meta.items() if k not in ("mean", "std") or spec.source.get(k) != "data"}
+    meta.update(spec.to_meta(include_measured=False))
+    full_shape = (1, *spec.require_shape(" (or --data)"))
     import torch
 
     with torch.no_grad():
@@ -145,8 +155,10 @@ def student_cmd(
         w.info.update({"model": meta, "model_file": "model.pt", "recipe": recipe, "surgery": info})
     if json_out:
         fsutil.write_json(json_out, result)
-    if found is not None:
-        t = Table(title=f"candidates within {found['budget_ms']:g} ms at batch {found['batch']} ({runtime})")
+    if found is not None and found.get("candidates"):
+        goal = " and ".join(filter(None, [f"{found['budget_ms']:g} ms" if found.get("budget_ms") else None,
+                                          f"{found['speedup_target']:g}x" if found.get("speedup_target") else None])) or "the target"
+        t = Table(title=f"candidates within {goal} at batch {found['batch']} ({runtime})")
         for c in ("candidate", "params", "MACs", "p50 (ms)", "meets"):
             t.add_column(c)
         for r in found["candidates"]:

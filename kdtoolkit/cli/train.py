@@ -15,7 +15,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from kdtoolkit.cli import app
-from kdtoolkit.cli.options import Arch, Data, JsonOut, ModelArg, Out, Quiet, TrustPickle, parse_floats, parse_ints
+from kdtoolkit.cli.options import (Arch, Channels, Data, InputShape, JsonOut, Mean, ModelArg, Out, Quiet, Std, TrustPickle,
+                                   parse_floats)
 
 Optim = Annotated[str, typer.Option("--optimizer", help="sgd (Nesterov momentum) or adamw")]
 Epochs = Annotated[int, typer.Option("--epochs", help="passes over the training split")]
@@ -38,28 +39,27 @@ TrainLimit = Annotated[Optional[int], typer.Option("--train-limit", help="seeded
 TestLimit = Annotated[Optional[int], typer.Option("--test-limit", help="seeded subset of the test split")]
 BadImage = Annotated[str, typer.Option("--on-bad-image", help="fail (naming the file) or skip unreadable images")]
 Tensorboard = Annotated[Optional[Path], typer.Option("--tensorboard", help="also write TensorBoard scalars here (needs tensorboard)")]
-Mean = Annotated[Optional[str], typer.Option("--mean", help="normalisation mean (default: the model's metadata, else the data's)")]
-Std = Annotated[Optional[str], typer.Option("--std", help="normalisation std")]
-InputSize = Annotated[Optional[str], typer.Option("--input-size", help="H,W of the model input (default: model metadata or data)")]
 NoCache = Annotated[bool, typer.Option("--no-teacher-cache", help="run the teacher every step even when augmentation is off")]
 Amp = Annotated[bool, typer.Option("--amp", help="mixed precision (CUDA only)")]
 ValFraction = Annotated[float, typer.Option("--val-fraction", help="share of the training split held out for validation")]
 
 
-def _splits(data: str | None, meta: dict[str, Any], *, seed: int, on_bad_image: str, train_limit: int | None,
-            test_limit: int | None, mean: str | None, std: str | None, input_size: str | None, val_fraction: float):
-    from kdtoolkit.data import load_data
+def _splits(data: str | None, loaded, arch: str | None, *, seed: int, on_bad_image: str, train_limit: int | None,
+            test_limit: int | None, mean: str | None, std: str | None, input_shape: str | None, channels: int | None,
+            val_fraction: float):
+    """The data mapped to the model's input, resolved as every command resolves it (inputspec)."""
+    from kdtoolkit.cli.options import parse_input_flags, resolve_model_input
+    from kdtoolkit.data.inputspec import load_splits
     from kdtoolkit.errors import InputError
 
+    flags = parse_input_flags(input_shape, channels, mean, std)
     if not data:
         raise InputError("--data is required (an ImageFolder, .tar.gz, .npz, or a built-in name such as mnist-mini)")
     if on_bad_image not in ("fail", "skip"):
         raise InputError(f"--on-bad-image must be fail or skip, got {on_bad_image!r}")
-    size = parse_ints(input_size, "--input-size") or (tuple(meta["input_size"]) if meta.get("input_size") else None)
-    m = parse_floats(mean, "--mean") or (tuple(meta["mean"]) if meta.get("mean") else None)
-    s = parse_floats(std, "--std") or (tuple(meta["std"]) if meta.get("std") else None)
-    return load_data(data, input_size=size, channels=meta.get("channels"), mean=m, std=s, seed=seed, on_bad_image=on_bad_image,
-                     train_limit=train_limit, test_limit=test_limit, val_fraction=val_fraction)
+    spec = resolve_model_input(flags, loaded, arch)
+    return load_splits(data, spec, seed=seed, on_bad_image=on_bad_image, train_limit=train_limit, test_limit=test_limit,
+                       val_fraction=val_fraction)
 
 
 def _train_config(**kw: Any):
@@ -168,7 +168,8 @@ def distill_cmd(
     on_bad_image: BadImage = "fail",
     mean: Mean = None,
     std: Std = None,
-    input_size: InputSize = None,
+    input_shape: InputShape = None,
+    channels: Channels = None,
     tensorboard: Tensorboard = None,
     quiet: Quiet = False,
     json_out: JsonOut = None,
@@ -183,8 +184,8 @@ def distill_cmd(
         raise InputError("give the student as a model file/artifact or as --student-arch NAME (one of them)")
     t = load_model(teacher, arch=arch, trust_pickle=trust_pickle)
     extra = [load_model(p, arch=arch, trust_pickle=trust_pickle) for p in (extra_teacher or [])]
-    splits = _splits(data, t.meta, seed=seed, on_bad_image=on_bad_image, train_limit=train_limit, test_limit=test_limit,
-                     mean=mean, std=std, input_size=input_size, val_fraction=val_fraction)
+    splits = _splits(data, t, arch, seed=seed, on_bad_image=on_bad_image, train_limit=train_limit, test_limit=test_limit,
+                     mean=mean, std=std, input_shape=input_shape, channels=channels, val_fraction=val_fraction)
     spec = splits.spec
     if student_arch:
         from kdtoolkit.models.loading import _arch_kwargs
@@ -215,7 +216,8 @@ def distill_cmd(
     )
     teachers = [t.module] + [e.module for e in extra]
     key = {"cmd": "distill", "cfg": cfg.model_dump(mode="json"), "teachers": [str(Path(p).resolve()) for p in [teacher, *(extra_teacher or [])]],
-           "student": s_source, "data": [data, train_limit, test_limit, on_bad_image, mean, std, input_size, val_fraction]}
+           "student": s_source, "data": [data, train_limit, test_limit, on_bad_image, mean, std, input_shape, val_fraction]
+                 + ([channels] if channels is not None else [])}
     work = _work_dir(out, key)
     result = Trainer(cfg, work, progress=not quiet, tensorboard=tensorboard).fit(s_module.train(), splits,
                                                                                   teacher=teachers if len(teachers) > 1 else teachers[0])
@@ -266,7 +268,8 @@ def finetune_cmd(
     on_bad_image: BadImage = "fail",
     mean: Mean = None,
     std: Std = None,
-    input_size: InputSize = None,
+    input_shape: InputShape = None,
+    channels: Channels = None,
     tensorboard: Tensorboard = None,
     quiet: Quiet = False,
     json_out: JsonOut = None,
@@ -282,8 +285,8 @@ def finetune_cmd(
     m = load_model(model, arch=arch, trust_pickle=trust_pickle)
     if not m.rewritable:
         raise InputError(f"{model}: a {m.form} model cannot be fine-tuned here; give a state dict with --arch or a kdtoolkit checkpoint")
-    splits = _splits(data, m.meta, seed=seed, on_bad_image=on_bad_image, train_limit=train_limit, test_limit=test_limit,
-                     mean=mean, std=std, input_size=input_size, val_fraction=val_fraction)
+    splits = _splits(data, m, arch, seed=seed, on_bad_image=on_bad_image, train_limit=train_limit, test_limit=test_limit,
+                     mean=mean, std=std, input_shape=input_shape, channels=channels, val_fraction=val_fraction)
     k = num_classes or len(splits.spec.classes)
     if k != len(splits.spec.classes):
         raise InputError(f"--num-classes {k} but the data has {len(splits.spec.classes)} classes")
@@ -309,7 +312,8 @@ def finetune_cmd(
         freeze=stages[:n_freeze], unfreeze_every=unfreeze_every, loss={"name": "ce", "label_smoothing": label_smoothing},
     )
     key = {"cmd": "finetune", "cfg": cfg.model_dump(mode="json"), "model": str(Path(model).resolve()), "k": k, "reset": reset_head,
-           "data": [data, train_limit, test_limit, on_bad_image, mean, std, input_size, val_fraction]}
+           "data": [data, train_limit, test_limit, on_bad_image, mean, std, input_shape, val_fraction]
+                 + ([channels] if channels is not None else [])}
     work = _work_dir(out, key)
     if rank == 0 and not quiet:
         typer.echo(f"head {head} ({'new, ' if replaced else 'kept, '}{k} classes); stages {', '.join(stages)}; "

@@ -129,8 +129,23 @@ def _cifar(depth: int):
     return build
 
 
+# What each built-in architecture says about its input, for the resolution order in
+# kdtoolkit.data.inputspec (flags, model metadata, this table, the data). Only what the architecture
+# itself fixes: the CIFAR ResNets are built for 3x32x32. No mean/std here: that belongs to the
+# weights, not the architecture (the shared CIFAR weights use ImageNet's, others use CIFAR's own).
+# small_cnn has no entry: it is built for 28x28 to 64x64 inputs of 1 or 3 channels, so its channels
+# come from its weights (first conv) and its size from the data or --input-shape.
+ARCH_INPUTS: dict[str, dict[str, Any]] = {}
+
 for _d in (8, 14, 20, 32, 44, 56, 110):
     ARCHS.register(f"cifar_resnet{_d}")(_cifar(_d))
+    ARCH_INPUTS[f"cifar_resnet{_d}"] = {"channels": 3, "input_size": (32, 32)}
+
+
+def arch_input(name: str) -> dict[str, Any] | None:
+    """The zoo's input facts for ``name`` (None when the architecture fixes nothing or is not in the zoo)."""
+    v = ARCH_INPUTS.get(name)
+    return dict(v) if v is not None else None
 
 
 class SmallCNN(nn.Module):
