@@ -74,9 +74,12 @@ def test_resolve_config_from_profiles():
     from kdtoolkit.errors import InputError
     from kdtoolkit.profiles import load_profile
 
-    orin = resolve_config(load_profile("jetson-agx-orin"), has_qdq=False, trt_path=build_path("8.5.2"))
+    orin = resolve_config(load_profile("jetson-agx-orin"), has_qdq=False, trt_path=build_path("8.5.2"), device_key="Orin-sm87")
     assert (orin.precision, orin.batch_min, orin.batch_opt, orin.batch_max, orin.workspace_mb) == ("int8", 1, 1, 16, 2048)
-    assert orin.timing_cache and orin.timing_cache.endswith(os.path.join("trt-8.5.2", "timing.cache"))
+    # issue 15.8: keyed by TensorRT version AND device (GPU name + compute capability), not by the version alone
+    assert orin.timing_cache and orin.timing_cache.endswith(os.path.join("trt-8.5.2", "Orin-sm87", "timing.cache"))
+    other = resolve_config(load_profile("jetson-agx-orin"), has_qdq=False, trt_path=build_path("8.5.2"), device_key="NVIDIA-A10-sm86")
+    assert other.timing_cache != orin.timing_cache
     dla = resolve_config(load_profile("jetson-agx-orin-dla"), has_qdq=False)
     assert (dla.dla_core, dla.batch_min, dla.batch_max, dla.calib_batch_size) == (0, 1, 1, 1)
     gpu = load_profile("desktop-gpu")
@@ -248,7 +251,28 @@ def test_timing_cache_is_written_and_reused(trt_ready, small_onnx, tmp_path):
     first = build_engine(small_onnx, prof, tmp_path / "a")
     assert (tmp_path / "timing.cache").stat().st_size > 0 and first.info["timing_cache"]["reused"] is False
     second = build_engine(small_onnx, prof, tmp_path / "b")
-    assert second.info["timing_cache"]["reused"] is True
+    assert second.info["timing_cache"]["reused"] is True and second.info["timing_cache"]["set"] is True
+    assert second.info["timing_cache"]["device_key"] != "unknown-device"
+
+
+@pytest.mark.tensorrt
+def test_dla_builds_a_qdq_onnx_through_the_calibration_cache(trt_ready, small_onnx, tmp_path):
+    """Issue 15.1 on the device: the DLA profile's Q/DQ ONNX builds (Q/DQ stripped, scales from the cache) below TensorRT 11."""
+    from kdtoolkit.engine.tensorrt import TrtRunner, build_engine
+    from kdtoolkit.engine.trt_version import build_path
+    from kdtoolkit.profiles import load_profile
+    from kdtoolkit.quant.ptq import quantize_onnx
+    from kdtoolkit.quant.schemes import scheme_for
+
+    dla = load_profile("jetson-agx-orin-dla")
+    if not build_path(trt_ready.__version__).dla or trt_ready.Builder(trt_ready.Logger()).num_DLA_cores == 0:
+        pytest.skip("no DLA here (needs a Jetson AGX Orin with TensorRT 8.5 .. 10.7 or 11.4.1+)")
+    quantize_onnx(small_onnx, tmp_path / "qdq.onnx", _inputs(64), scheme_for(dla))
+    art = build_engine(tmp_path / "qdq.onnx", dla, tmp_path / "eng")
+    x = _inputs(1)
+    with TrtRunner(art.path) as r:
+        got = r(x)
+    assert got.argmax(1)[0] == _ort(tmp_path / "qdq.onnx", x).argmax(1)[0]
 
 
 @pytest.mark.tensorrt
@@ -297,3 +321,94 @@ def test_cli_build_writes_an_engine_artifact(trt_ready, small_onnx, tmp_path):
     r = run_cli("build", str(small_onnx), "--profile", str(prof), "--out", str(tmp_path / "eng"))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "eng" / "model.plan").is_file() and (tmp_path / "eng" / "manifest.json").is_file()
+
+
+# ---------------------------------------------------------------- timing cache and CUDA adapter, without TensorRT
+
+class _FakeConfig:
+    """Stands in for IBuilderConfig: set_timing_cache says False for a cache 'from another device'."""
+
+    def __init__(self, accept_nonempty: bool) -> None:
+        self.accept_nonempty, self.set_calls = accept_nonempty, []
+
+    def create_timing_cache(self, data: bytes) -> bytes:
+        return data
+
+    def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> bool:
+        self.set_calls.append((cache, ignore_mismatch))
+        return self.accept_nonempty or not cache
+
+
+def test_timing_cache_reuse_is_reported_truthfully(tmp_path):
+    """Issue 15.8: set_timing_cache's result decides `reused`; a rejected cache is replaced by an empty one and said so."""
+    from kdtoolkit.engine.tensorrt import _use_timing_cache, gpu_cache_key
+
+    f = tmp_path / "timing.cache"
+    assert _use_timing_cache(_FakeConfig(True), f) == {"set": True, "reused": False}  # no file yet
+    f.write_bytes(b"cache-from-somewhere")
+    assert _use_timing_cache(_FakeConfig(True), f) == {"set": True, "reused": True}
+    cfg = _FakeConfig(False)
+    got = _use_timing_cache(cfg, f)
+    assert got["reused"] is False and got["set"] is True and "not accepted by TensorRT" in got["note"]
+    assert [c[1] for c in cfg.set_calls] == [False, False] and cfg.set_calls[1][0] == b""
+    assert _use_timing_cache(_FakeConfig(True), None) == {"set": False, "reused": False}
+    assert gpu_cache_key("NVIDIA A10", (8, 6)) == "NVIDIA-A10-sm86" and gpu_cache_key("Orin (nvgpu)", (8, 7)) == "Orin-nvgpu-sm87"
+
+
+@pytest.mark.parametrize("binding,driver,ok", [("13.0.1", 12060, False), ("12.6.2", 12060, True), ("12.9.0", 13000, True),
+                                               ("13.0.0", 13000, True), ("11.8.0", 12020, True)])
+def test_cuda_python_major_must_fit_the_driver(binding, driver, ok):
+    """Issue 15.9: cuda-python 13.x needs a CUDA 13 driver; a CUDA 12.6 image must pin cuda-python < 13."""
+    from kdtoolkit.engine.cuda_mem import binding_fits_driver
+
+    problem = binding_fits_driver(binding, driver)
+    assert (problem is None) is ok
+    if not ok:
+        assert "pip install 'cuda-python>=12.0,<13'" in problem
+
+
+def test_pycuda_errors_become_one_line_kdtoolkit_errors(monkeypatch):
+    """Issue 15.9: pycuda's own exceptions (cuInit failed ...) come out as CheckFailed, so callers (and the fixture) can react."""
+    import types
+
+    from kdtoolkit.engine import cuda_mem
+    from kdtoolkit.errors import CheckFailed
+
+    pkg = types.ModuleType("pycuda")
+    pkg.__path__ = []  # a package, so pycuda.autoprimaryctx is looked up through the finder below
+    drv = types.ModuleType("pycuda.driver")
+
+    class Error(Exception):
+        pass
+
+    Error.__module__ = "pycuda._driver"
+    drv.Error = Error
+    auto = types.ModuleType("pycuda.autoprimaryctx")
+
+    def _boom(*a, **k):
+        raise Error("cuInit failed: no CUDA-capable device is detected")
+
+    monkeypatch.setitem(sys.modules, "pycuda", pkg)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", drv)
+    monkeypatch.setattr(pkg, "driver", drv, raising=False)
+    # importing pycuda.autoprimaryctx runs cuInit: simulate its failure through a meta path finder
+    import importlib.abc
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "pycuda.autoprimaryctx":
+                _boom()
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
+    monkeypatch.setattr(cuda_mem, "_active", None)
+    monkeypatch.setenv("KDTOOLKIT_CUDA_BACKEND", "pycuda")
+    with pytest.raises(CheckFailed, match="pycuda is installed but CUDA does not initialise .*cuInit failed"):
+        cuda_mem.backend()
+
+    # an operation failing inside pycuda: wrapped too
+    b = object.__new__(cuda_mem._PyCuda)
+    b.cuda = types.SimpleNamespace(mem_alloc=_boom)
+    with pytest.raises(CheckFailed, match="CUDA memory allocation through pycuda failed"):
+        b.alloc(16)
+    del auto

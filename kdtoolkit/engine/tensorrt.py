@@ -676,7 +676,7 @@ def build_commands(onnx_path: str | os.PathLike[str], profile: Profile, *, calib
             te.append("--allowGPUFallback")
     return {"kdtoolkit": " ".join(_shell_quote(a) for a in kd), "trtexec": " ".join(_shell_quote(a) for a in te),
             "precision": cfg.precision, "trtexec_precision": te_precision, "implicit_int8": str(implicit),
-            "calibration_cache": calib_cache_name or "", "onnx_for_trtexec": stripped_onnx_name if strip else onnx_name,
+            "calibration_cache": calib_cache_name or "", "onnx_for_trtexec": (stripped_onnx_name or onnx_name) if strip else onnx_name,
             "stripped_onnx": stripped_onnx_name if strip and stripped_onnx_name else "",
             "note": note}
 
