@@ -33,7 +33,7 @@ MANIFEST = "manifest.json"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "bundle-manifest.schema.json"
 # the deploy scripts: beside the package in a source checkout, or where KDTOOLKIT_DEPLOY_DIR says (docker image)
 DEPLOY_DIR = Path(os.environ.get("KDTOOLKIT_DEPLOY_DIR") or Path(__file__).resolve().parents[1] / "deploy")
-DEPLOY_SCRIPTS = ("infer_onnx.py", "infer_tensorrt.py", "build_on_device.sh")
+DEPLOY_SCRIPTS = ("infer_onnx.py", "infer_tensorrt.py", "build_on_device.sh", "trt_device.py", "device_report.py")
 
 # Reference-output tolerance per precision: the same ONNX on another CPU or ORT build differs by
 # float reassociation (fp32), more where reduced precision rounds differently.
@@ -210,17 +210,19 @@ def _triton_config(name: str, platform: str, inputs: list[dict[str, Any]], outpu
     return "\n".join(lines) + "\n"
 
 
-def on_device_commands(onnx_src: Path, profile: Any, inp: dict[str, Any], *, calib_data: str | None = None) -> dict[str, str]:
+def on_device_commands(onnx_src: Path, profile: Any, inp: dict[str, Any], *, calib_data: str | None = None,
+                       calib_cache: str | None = None, stripped_onnx: str | None = None) -> dict[str, Any]:
     """The on-device build and timing commands, run from the bundle root.
 
     The build lines come from the engine module (one source of truth for how kdtoolkit builds for a
-    profile); only the paths are moved to the bundle's layout (model/model.onnx -> model/model.plan).
+    profile), written with the bundle's paths (model/model.onnx -> model/model.plan, and the shipped
+    calibration cache and Q/DQ-free ONNX where the profile needs them).
     """
     from kdtoolkit.engine.tensorrt import build_commands
 
-    c = build_commands(onnx_src, profile, calib_data=calib_data, onnx_name="model/model.onnx")
-    te = c["trtexec"].replace("--saveEngine=model.plan", "--saveEngine=model/model.plan").replace(
-        "--calib=calibration.cache", "--calib=model/calibration.cache")
+    c = build_commands(onnx_src, profile, calib_data=calib_data, onnx_name="model/model.onnx", calib_cache_name=calib_cache,
+                       stripped_onnx_name=stripped_onnx, plan_name="model/model.plan")
+    te = c["trtexec"]
     shape = ""
     if profile.static_input_shape is None and not isinstance(inp["shape"][0], int):
         shape = f" --shapes={inp['name']}:" + "x".join(str(v) for v in [profile.batch.opt, *inp["shape"][1:]])
@@ -230,8 +232,13 @@ def on_device_commands(onnx_src: Path, profile: Any, inp: dict[str, Any], *, cal
         "trtexec_profile": f"trtexec --loadEngine=model/model.plan{shape} --warmUp=500 --duration=10 --useSpinWait "
                            "--exportTimes=trtexec_times.json",
         "kdtoolkit_profile": f"kdtoolkit profile model/model.plan --profile {profile.name}",
+        "device_report": "python3 deploy/device_report.py . [--data IMAGES_OR_NPZ]",
         "precision": c["precision"],
+        "trtexec_precision": c["trtexec_precision"],
         "implicit_int8": c["implicit_int8"],
+        "calibration_cache": c["calibration_cache"],
+        "note": c["note"],
+        "_build": c["build"],  # not a command: moved to on_device.build by make_bundle
     }
 
 
@@ -244,8 +251,17 @@ def _has_qdq(onnx_path: Path) -> bool:
 
 def _build_script(profile: Any, cmds: dict[str, str]) -> str:
     """build_on_device.sh at the bundle root: build (kdtoolkit build, else trtexec), install into Triton, time it."""
-    note = ("# implicit INT8: kdtoolkit build calibrates from --calib-data; trtexec needs model/calibration.cache,\n"
-            "# else its INT8 scales are placeholders.\n") if cmds["implicit_int8"] == "True" else ""
+    precheck = ""
+    if cmds.get("calibration_cache"):
+        note = f"# implicit INT8: both builds read {cmds['calibration_cache']} (the Q/DQ scales, written off the device)\n"
+        precheck = (f"[ -f {cmds['calibration_cache']} ] || {{ echo 'error: {cmds['calibration_cache']} is missing; without it "
+                    "trtexec would calibrate on random data' >&2; exit 2; }\n")
+    elif cmds["implicit_int8"] == "True":
+        note = "# implicit INT8: kdtoolkit build calibrates on this device from CALIB_DATA (set it to calibration images here)\n"
+    else:
+        note = ""
+    if cmds.get("note"):
+        note += f"# {cmds['note']}\n"
     te_args = cmds["trtexec_build"].split(" ", 1)[1]
     return f"""#!/usr/bin/env bash
 # Build the TensorRT engine for profile '{profile.name}' ON THE TARGET DEVICE from this bundle's ONNX, with the
@@ -253,7 +269,7 @@ def _build_script(profile: Any, cmds: dict[str, str]) -> str:
 # was built or timed on the device. The trtexec line is for TensorRT 8.5 .. 10.x (JetPack: /usr/src/tensorrt/bin).
 {note}set -euo pipefail
 cd "$(dirname "$0")"
-TRTEXEC="${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}}"
+{precheck}TRTEXEC="${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}}"
 if command -v kdtoolkit >/dev/null 2>&1 && [ "${{USE_TRTEXEC:-0}}" != 1 ]; then
   # kdtoolkit's builder reads the installed TensorRT version and takes the matching path
   {cmds['kdtoolkit_build']}
@@ -266,7 +282,7 @@ fi
 for d in triton/*/; do mkdir -p "$d/1" && cp model/model.plan "$d/1/model.plan"; done
 # the latency on the device: the figure this bundle could not measure off the device
 "$TRTEXEC" {cmds['trtexec_profile'].split(' ', 1)[1]}
-echo "engine: model/model.plan; next: python deploy/infer_tensorrt.py . IMAGE_OR_FOLDER"
+echo "engine: model/model.plan; next: python3 deploy/device_report.py . [--data IMAGES_OR_NPZ] (writes device_report.json)"
 """
 
 
@@ -405,6 +421,12 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
             if cf is not None:
                 calib_file = "model/calibration.cache"
                 put(calib_file, cf)
+        stripped_file = None
+        if qdq and "calibration.cache" in deploy.manifest.files and "model_noqdq.onnx" in deploy.manifest.files:
+            # DLA below TensorRT 11: the Q/DQ scales as a calibration cache and the graph without Q/DQ it goes with
+            calib_file, stripped_file = "model/calibration.cache", "model/model_noqdq.onnx"
+            put(calib_file, deploy.file("calibration.cache"))
+            put(stripped_file, deploy.file("model_noqdq.onnx"))
         put("labels.txt", "\n".join(spec.classes) + "\n")
         np.save(put("reference/input.npy"), x_ref)
         np.save(put("reference/expected.npy"), expected)
@@ -432,10 +454,13 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
             put(f"triton/{model_name}/1/model.plan", engine.first_file((".plan", ".engine")))
 
         # what needs the device
-        cmds: dict[str, str] = {}
+        cmds: dict[str, Any] = {}
+        device_build: dict[str, Any] | None = None
         needs: list[str] = []
         if profile.is_tensorrt:
-            cmds = on_device_commands(onnx_src, profile, inputs[0], calib_data=cfg.data.source)
+            cmds = on_device_commands(onnx_src, profile, inputs[0], calib_data=cfg.data.source, calib_cache=calib_file,
+                                      stripped_onnx=stripped_file)
+            device_build = cmds.pop("_build")
             if "check.json" in deploy.manifest.files:  # the static TensorRT check the optimize stage ran
                 put("model/check.json", deploy.file("check.json"))
             if engine is None:
@@ -447,7 +472,8 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
                 os.chmod(tmp / "build_on_device.sh", 0o755)
         if needs:
             statement = ("Built off the device: these figures need the target device and are NOT in this bundle: "
-                         + "; ".join(needs) + ". Run build_on_device.sh on the device to build and time the engine.")
+                         + "; ".join(needs) + ". Run build_on_device.sh on the device to build and time the engine, then "
+                         "python3 deploy/device_report.py . [--data ...] to write device_report.json (verify checks it).")
         else:
             statement = ("Nothing needs another device: the model, latency and accuracy were built and measured on the "
                          f"machine recorded under measured_on ({_device_name(env_measured)}).")
@@ -496,7 +522,8 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
             "built_on": _env_summary(env_built),
             "measured_on": _env_summary(env_measured),
             "on_device": {"required": bool(needs), "needs_device": needs, "statement": statement, "commands": cmds,
-                          "build_script": "build_on_device.sh" if (tmp / "build_on_device.sh").exists() else None},
+                          "build_script": "build_on_device.sh" if (tmp / "build_on_device.sh").exists() else None,
+                          **({"build": device_build} if device_build else {})},
             "reference": {"input": "reference/input.npy", "expected": "reference/expected.npy", "labels": "reference/labels.npy",
                           "images": images, "runtime": "onnxruntime", "count": len(idx),
                           "tolerance": dict(TOLERANCE.get(precision, TOLERANCE["fp32"])),
@@ -640,6 +667,10 @@ def verify_bundle(path: str | os.PathLike[str], *, runtime: str | None = None, e
         if extra:
             emit(f"note: files not in the manifest (not checked): {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
         _check_model(root, m, runtime or (m.get("runtime") or {}).get("name") or "onnxruntime", check)
+        from kdtoolkit.engine.device_report import check_device_report
+
+        for ok, name, why in check_device_report(root, m):  # the device's own figures, when the device wrote them
+            check(ok, name, why)
         failed = [line for ok, line in results if not ok]
         if failed:
             raise CheckFailed(f"bundle {path}: {len(failed)} of {len(results)} checks failed ({failed[0][5:]})")

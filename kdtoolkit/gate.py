@@ -4,7 +4,8 @@ Two modes:
 
 - **in-job** (both sides are models/artifacts): baseline and candidate are re-measured interleaved
   in this process, so both see the same background load. This is the reliable mode.
-- **stored** (either side is a profile JSON): numbers from another process are compared. Measured
+- **stored** (either side is a profile JSON, or a device report written on the target by a bundle's
+  deploy/device_report.py): numbers from another process are compared. Measured
   on this project's machine, p50 of single-session runs spread 15 to 30 % between processes, so the
   default threshold is wider, and the environment (device, threads, runtime version) must match.
 
@@ -94,7 +95,13 @@ def parse_percent(text: str | float | None, what: str = "--max-slowdown") -> flo
 
 
 def resolve_side(spec: str, role: str) -> Side:
-    """A model/artifact to measure, or stored numbers: FILE.json[:NAME] or a profile artifact folder[:NAME]."""
+    """A model/artifact to measure, or stored numbers: FILE.json[:NAME], a profile artifact folder[:NAME], or a
+    device report (device_report.json, or a bundle folder holding one) measured on the target by the bundle's script."""
+    from kdtoolkit.engine.device_report import device_report_as_profile, is_device_report, load_device_report
+
+    if is_device_report(spec):
+        doc = device_report_as_profile(load_device_report(spec), path=spec)
+        return Side(spec, role, stored=doc, name="device")
     path, name = spec, None
     head, sep, tail = spec.rpartition(":")
     if sep and tail and (head.endswith(".json") or (Path(head) / "profile.json").is_file()):

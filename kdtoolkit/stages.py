@@ -179,7 +179,8 @@ def quantize_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
             from kdtoolkit.profile.runners import OrtRunner, measure
 
             m = ctx.cfg.measure
-            bs = sorted({1, prof.batch.opt, 64})
+            # every batch the run measures inside the profile's range, and always the opt batch, which decides
+            bs = sorted({b for b in m.batches if prof.batch.min <= b <= prof.batch.max} | {prof.batch.opt})
             log(f"[quantize] timing FP32 and INT8 interleaved at batch {bs} (ONNX Runtime)", enabled=ctx.progress)
             threads = prof.onnxruntime.intra_op_threads
             with OrtRunner(fp32, name="fp32", threads=threads) as a, OrtRunner(w.path("int8.onnx"), name="int8", threads=threads) as b:
@@ -191,7 +192,9 @@ def quantize_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
         precision, reason = pick_precision(
             prof.precision, fp32_ms=lat["fp32"][opt]["p50"] if lat else None, int8_ms=lat["int8"][opt]["p50"] if lat else None,
             fp32_acc=res["metrics"]["accuracy_fp32"], int8_acc=res["metrics"]["accuracy_int8"],
-            tolerance_points=prof.accuracy_tolerance, batch=prof.batch.opt, tensorrt=prof.is_tensorrt)
+            tolerance_points=prof.accuracy_tolerance, batch=prof.batch.opt, tensorrt=prof.is_tensorrt,
+            by_batch={int(bb): (lat["fp32"][bb]["p50"], lat["int8"][bb]["p50"]) for bb in lat["fp32"]} if lat else None)
+        w.metrics["precision_decided_at_batch"] = prof.batch.opt
         shutil.copyfile(w.path("int8.onnx") if precision == "int8" else fp32, w.path("model.onnx"))
         w.info["precision"] = precision
         w.metrics.update({"precision": precision, "precision_reason": reason,

@@ -616,7 +616,7 @@ CALIB_DATA_ARG = '"${CALIB_DATA:?set CALIB_DATA to calibration images on this de
 
 def build_commands(onnx_path: str | os.PathLike[str], profile: Profile, *, calib_data: str | None = None,
                    onnx_name: str = "model.onnx", calib_cache_name: str | None = None, stripped_onnx_name: str | None = None,
-                   plan_name: str = "model.plan", engine_dir: str = "engine") -> dict[str, str]:
+                   plan_name: str = "model.plan", engine_dir: str = "engine") -> dict[str, Any]:
     """The exact on-device commands for a TensorRT profile: `kdtoolkit build` and its trtexec equivalent (8.5 .. 10.x).
 
     The trtexec line never asks for INT8 it cannot get right: a Q/DQ ONNX is explicit INT8 (plus FP16 for
@@ -658,6 +658,9 @@ def build_commands(onnx_path: str | os.PathLike[str], profile: Profile, *, calib
             mn = op = mx = tuple(dims)
         shape = lambda s: "x".join(map(str, s))  # noqa: E731
         te += [f"--minShapes={inp.name}:{shape(mn)}", f"--optShapes={inp.name}:{shape(op)}", f"--maxShapes={inp.name}:{shape(mx)}"]
+    shapes = None
+    if dims and dims[0] == -1:
+        shapes = {inp.name: {"min": list(mn), "opt": list(op), "max": list(mx)}}
     te_precision = cfg.precision
     note = ""
     if int8 and implicit and not calib_cache_name:
@@ -678,7 +681,12 @@ def build_commands(onnx_path: str | os.PathLike[str], profile: Profile, *, calib
             "precision": cfg.precision, "trtexec_precision": te_precision, "implicit_int8": str(implicit),
             "calibration_cache": calib_cache_name or "", "onnx_for_trtexec": (stripped_onnx_name or onnx_name) if strip else onnx_name,
             "stripped_onnx": stripped_onnx_name if strip and stripped_onnx_name else "",
-            "note": note}
+            "note": note,
+            # what deploy/device_report.py builds with (TensorRT's Python API, no kdtoolkit on the device)
+            "build": {"onnx": (stripped_onnx_name or onnx_name) if strip else onnx_name, "precision": cfg.precision,
+                      "qdq": qdq and not strip, "calibration_cache": calib_cache_name if implicit and calib_cache_name else None,
+                      "dla_core": cfg.dla_core, "gpu_fallback": cfg.gpu_fallback, "workspace_mb": cfg.workspace_mb,
+                      "shapes": shapes}}
 
 
 def build_script(cmds: dict[str, str], profile: Profile, counts: dict[str, int]) -> str:
