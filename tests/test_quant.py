@@ -268,18 +268,26 @@ def _rgb_onnx(tmp_path):
 @pytest.mark.parametrize("case,needle", [
     ("few", "at least 16"),
     ("many", "has only"),
-    ("shape", "calibration data is"),
     ("invalid", "not a valid ONNX model"),
     ("method", "--calib-method must be one of"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, trained, case, needle):
     _, fp32, _ = trained
-    model = {"shape": lambda: _rgb_onnx(tmp_path), "invalid": lambda: _bad_onnx(tmp_path)}.get(case, lambda: str(fp32))()
+    model = {"invalid": lambda: _bad_onnx(tmp_path)}.get(case, lambda: str(fp32))()
     size = {"few": "4", "many": "100000"}.get(case, "32")
     method = "bogus" if case == "method" else "minmax"
     out = tmp_path / "out"
     r = run_cli("quantize", model, "--data", "mnist-mini", "--out", str(out), "--calib-size", size, "--calib-method", method)
     assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("note:")]  # notes are not errors
     assert len(lines) == 1 and needle in lines[0], r.stderr
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*")), "nothing half written"
+
+
+def test_calibration_shape_mismatch_is_one_input_error(tmp_path):
+    """The CLI now maps data to the model's input (front door), so the mismatch is checked at the API."""
+    from kdtoolkit.errors import InputError
+    from kdtoolkit.quant.ptq import check_calib_shape
+
+    with pytest.raises(InputError, match="calibration data is 1x28x28 per sample but the model takes 3x32x32"):
+        check_calib_shape(_rgb_onnx(tmp_path), (1, 28, 28))

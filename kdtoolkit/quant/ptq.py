@@ -159,6 +159,68 @@ def _float_tensors(fp32: Path, scheme: Scheme) -> list[str]:
     return names
 
 
+CHANNEL_ALIGN = 4  # MLAS' fast symmetric u8s8 conv (ConvSym) needs input channels in multiples of 4 on x86
+
+
+def align_input_channels(path: str | os.PathLike[str], multiple: int = CHANNEL_ALIGN) -> list[str]:
+    """Zero-pad the input channels of a quantized stem conv (3 -> 4) in a QDQ model, in place.
+
+    Why: ORT's QLinearConv takes its fast symmetric kernel (MLAS ConvSym) only when the input channels
+    are a multiple of 4; an RGB stem falls back to a generic path that measured 3-4x slower than the same
+    conv in FP32 (1.7 ms against 0.43 ms at batch 64 on 32x32 CIFAR, AVX-512 VNNI, ORT 1.32), enough to make
+    a small separable student slower in INT8 than in FP32. The float input is padded with a zero channel
+    before its QuantizeLinear and the int8 weight gets a zero input channel: the result is exact (a zero
+    channel times a zero weight), scales and zero points are unchanged. Only a Conv fed by
+    Q(graph input) -> DQ, with int8 weights, group 1 and nothing else reading that Q/DQ, is rewritten.
+    Returns the rewritten conv names."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(path))
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    prod = {o: n for n in g.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    graph_inputs = {i.name for i in g.input if i.name not in inits}
+    done: list[str] = []
+    for n in list(g.node):
+        if n.op_type != "Conv" or len(n.input) < 2:
+            continue
+        if next((a.i for a in n.attribute if a.name == "group"), 1) != 1:
+            continue
+        dq_x, dq_w = prod.get(n.input[0]), prod.get(n.input[1])
+        if dq_x is None or dq_w is None or dq_x.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear":
+            continue
+        q_x = prod.get(dq_x.input[0])
+        w = inits.get(dq_w.input[0])
+        if q_x is None or q_x.op_type != "QuantizeLinear" or q_x.input[0] not in graph_inputs or w is None:
+            continue
+        if readers.get(q_x.output[0]) != 1 or readers.get(dq_x.output[0]) != 1 or readers.get(dq_w.input[0]) != 1 or readers.get(q_x.input[0]) != 1:
+            continue
+        wa = numpy_helper.to_array(w)
+        c = wa.shape[1]
+        if wa.ndim != 4 or wa.dtype != np.int8 or c % multiple == 0 or c > 4 * multiple:
+            continue
+        extra = multiple - c % multiple
+        wa = np.concatenate([wa, np.zeros((wa.shape[0], extra, *wa.shape[2:]), wa.dtype)], axis=1)
+        w.CopyFrom(numpy_helper.from_array(wa, w.name))
+        pads_name, out_name = f"{n.name or 'conv'}_channel_pads", f"{q_x.input[0]}_channels{c + extra}"
+        g.initializer.append(numpy_helper.from_array(np.array([0, 0, 0, 0, 0, extra, 0, 0], np.int64), pads_name))
+        pad = helper.make_node("Pad", [q_x.input[0], pads_name], [out_name], name=f"{n.name or 'conv'}_channel_pad", mode="constant")
+        q_x.input[0] = out_name
+        g.node.insert(list(g.node).index(q_x), pad)
+        done.append(n.name)
+    if done:
+        from kdtoolkit import fsutil
+
+        with fsutil.atomic_path(path, suffix=".onnx") as tmp:
+            onnx.save(m, str(tmp))
+    return done
+
+
 def quantize_onnx(
     fp32: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -214,6 +276,8 @@ def quantize_onnx(
             raise InputError(f"onnxruntime quantize_static failed on {fp32}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
         finally:
             root.setLevel(level)
+        if scheme.name == "ort_x86":
+            info["channel_aligned_convs"] = align_input_channels(tmp)
         check_onnx(tmp)
     return info
 
@@ -302,6 +366,8 @@ def build_int8(
         gm, qi = run_qat(student, teacher, splits, scheme, cfg, work or out.parent / ".qat-work", calib_size=calib_size,
                          loss=loss, progress=progress)
         qi.update(export_qdq(gm, (1, *sample), out, opset=opset))
+        if scheme.name == "ort_x86":
+            qi["channel_aligned_convs"] = align_input_channels(out)
         qi["float_ops"] = unquantizable_ops(fp32, scheme)
         info.update({"method": "qat", "qat": qi})
     else:

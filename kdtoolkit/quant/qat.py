@@ -146,7 +146,7 @@ def prepare_qat(model: Any, scheme: Scheme) -> Any:
 
     def quantize_input(user, arg) -> None:
         nonlocal count
-        if not isinstance(arg, torch.fx.Node):
+        if not isinstance(arg, torch.fx.Node) or quantized_copy(arg) is arg:
             return
         if arg not in fq_of:
             name = f"act_fq_{count}"
@@ -176,8 +176,40 @@ def prepare_qat(model: Any, scheme: Scheme) -> Any:
         if node.op == "call_module" and isinstance(mods.get(node.target), nn.Identity):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
+    def quantized_copy(arg):
+        """The fake-quant node that carries ``arg`` (``arg`` itself when it is one), or None."""
+        if not isinstance(arg, torch.fx.Node):
+            return None
+        if arg.op == "call_module" and isinstance(gm.get_submodule(str(arg.target)), ActFakeQuant):
+            return arg
+        return fq_of.get(arg)
+
+    def share_quantizer(node) -> None:
+        """``node`` only moves values (flatten, view, max pool): it reads the quantized copy of its input and its
+        output gets the SAME quantizer (scale, zero point), as ORT's quantizer does for these ops, so ORT drops
+        the equal Q/DQ pair around it and runs it on uint8 between two fused kernels."""
+        src = node.args[0]
+        fq_in = quantized_copy(src)
+        if fq_in is not src:
+            node.replace_input_with(src, fq_in)
+        users = list(node.users)
+        with graph.inserting_after(node):
+            fq = graph.call_module(fq_in.target, (node,))
+        for u in users:
+            u.replace_input_with(node, fq)
+        fq_of[node] = fq
+
+    flatten_f = (torch.flatten, torch.reshape)
+    flatten_m = ("flatten", "view", "reshape")
+    maxpools_f = (F.max_pool2d, F.adaptive_max_pool2d)
+    maxpools_m = (nn.MaxPool2d, nn.AdaptiveMaxPool2d)
     for node in list(graph.nodes):
-        if node.op == "call_function" and node.target in (operator.getitem, F.pad) and node.args and node.args[0] in fq_of:
+        moves = ((node.op == "call_function" and node.target in flatten_f)
+                 or (node.op == "call_method" and node.target in flatten_m)
+                 or (node.op == "call_module" and isinstance(mods.get(node.target), nn.Flatten)))
+        if moves and node.args and quantized_copy(node.args[0]) is not None:
+            share_quantizer(node)
+        elif node.op == "call_function" and node.target in (operator.getitem, F.pad) and node.args and node.args[0] in fq_of:
             # a slice/pad of an already-quantized tensor reads the quantized copy (as in ORT's graph), so the
             # float tensor has the Q as its only consumer and ORT can fold the ReLU before it
             node.replace_input_with(node.args[0], fq_of[node.args[0]])
@@ -192,6 +224,10 @@ def prepare_qat(model: Any, scheme: Scheme) -> Any:
                 quantize_output(node)  # ORT's quantizer also quantizes a Gemm's output (QGemm)
         elif (node.op == "call_function" and node.target in pools_f) or (node.op == "call_module" and isinstance(mods.get(node.target), pools_m)):
             quantize_input(node, node.args[0])  # pooling runs on int8 in ORT (QLinear pooling / pass-through)
+            if node.target in maxpools_f or isinstance(mods.get(node.target), maxpools_m):
+                share_quantizer(node)  # max pooling keeps its input's scale in ORT's graph (uint8 MaxPool)
+            else:
+                quantize_output(node)  # its own output range: QLinearGlobalAveragePool / QLinearAveragePool in ORT
         elif (node.op == "call_function" and node.target in adds) or (node.op == "call_method" and node.target in ("add", "add_")):
             tensors = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
             if len(tensors) == 2:
@@ -349,8 +385,34 @@ def export_qdq(gm: Any, input_shape: tuple[int, ...], out: str | os.PathLike[str
     with fsutil.atomic_path(out, suffix=".onnx") as tmp:
         export_onnx(gm, input_shape, tmp, opset=opset)
         folded = fold_weight_quantize(tmp)
+        slim = _slim_keeping_qdq(tmp)
         check_onnx(tmp)
-    return {"weights_folded_to_int8": folded, "opset": opset}
+    return {"weights_folded_to_int8": folded, "opset": opset, "simplified": slim}
+
+
+def _slim_keeping_qdq(path: Path) -> bool:
+    """onnxslim the exported QDQ graph (the strided shortcut slice exports as one Slice per axis and the pad
+    widths as a shape computation; ORT's own graph has one Slice and constants). Kept only when every Q/DQ
+    node survives, so the quantization is untouched."""
+    import onnx
+
+    from kdtoolkit.export.onnx_export import simplify
+
+    def qdq(m: Any) -> int:
+        return sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node)
+
+    before = qdq(onnx.load(str(path)))
+    slim = Path(str(path) + ".slim.onnx")
+    try:
+        simplify(path, slim)
+        if qdq(onnx.load(str(slim))) != before:
+            return False
+        os.replace(slim, path)
+        return True
+    except Exception:  # the simplifier is an optimisation: the unsimplified graph is still correct
+        return False
+    finally:
+        slim.unlink(missing_ok=True)
 
 
 def run_qat(

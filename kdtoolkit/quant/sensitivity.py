@@ -48,6 +48,26 @@ def keep_in_float(model: Any, layers: list[str]) -> Any:
 
         raise InputError(f"no such layer(s) in the model: {', '.join(sorted(missing))}")
     added = 0
+    relu_of: dict[str, str] = {}
+    new_nodes: list[tuple[Any, Any]] = []  # (node to insert, insert before this node)
+
+    def float_source(q: Any, before: Any) -> str:
+        """The float tensor a bypassed activation Q/DQ pair stood for. ORT's quantizer folds a ReLU into the
+        u8 range of its producer's output (zero point at the bottom of the range: Q clamps below at exactly
+        0), so that float tensor is pre-ReLU: give it back its ReLU, or the floated layer sees negatives."""
+        src = q.input[0]
+        zp = inits.get(q.input[2]) if len(q.input) > 2 and q.input[2] else None
+        if zp is None:
+            return src
+        z = numpy_helper.to_array(zp)
+        qmin = np.iinfo(z.dtype).min
+        if z.size != 1 or int(z.reshape(-1)[0]) != qmin:
+            return src
+        if src not in relu_of:
+            relu_of[src] = f"{src}_relu_kept{len(relu_of)}"
+            new_nodes.append((onnx.helper.make_node("Relu", [src], [relu_of[src]], name=f"{src}_relu_kept"), before))
+        return relu_of[src]
+
     for n in m.graph.node:
         if n.name not in want:
             continue
@@ -58,7 +78,7 @@ def keep_in_float(model: Any, layers: list[str]) -> Any:
             src = dq.input[0]
             q = prod.get(src)
             if q is not None and q.op_type == "QuantizeLinear":
-                n.input[k] = q.input[0]  # activation: the float tensor before Q
+                n.input[k] = float_source(q, n)  # activation: the float tensor before Q
             elif src in inits:
                 w = numpy_helper.to_array(inits[src]).astype(np.float32)
                 s = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
@@ -79,11 +99,14 @@ def keep_in_float(model: Any, layers: list[str]) -> Any:
         if n.op_type == "DequantizeLinear":
             q = prod.get(n.input[0])
             if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in floated_out:
-                dq_src[n.output[0]] = q.input[0]
+                dq_src[n.output[0]] = float_source(q, q)
     for n in m.graph.node:
         for k, t in enumerate(n.input):
             if t in dq_src:
                 n.input[k] = dq_src[t]
+    for node, before in new_nodes:  # keep topological order: the Relu right before its first reader
+        idx = next(i for i, x in enumerate(m.graph.node) if list(x.output) == list(before.output))
+        m.graph.node.insert(idx, node)
     graph_out = {o.name for o in m.graph.output}
     for name in graph_out & set(dq_src):  # a floated last layer writes the graph output itself
         src = dq_src[name]
