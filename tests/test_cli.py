@@ -136,3 +136,99 @@ def test_shared_resnet56_compress_short_budget(tmp_path, cifar_dir):
     s = json.loads((tmp_path / "r56" / "summary.json").read_text())
     assert s["teacher"]["accuracy"] == pytest.approx(0.832, abs=0.01)
     assert s["speedup"]["b1"] > 1.0
+
+
+# --- input size and normalisation: one resolution order on every command (issue 13, item 4) ------
+
+IMAGENET_MEAN, IMAGENET_STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
+
+
+def _zoo_state_dict(tmp_path, arch="cifar_resnet8", **kw):
+    from kdtoolkit.models import build_arch
+
+    torch.manual_seed(0)
+    path = tmp_path / f"{arch}.th"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in build_arch(arch, **kw).state_dict().items()}}, path)
+    return path
+
+
+def test_export_and_student_of_a_zoo_state_dict_need_no_input_shape_and_carry_mean_std(tmp_path):
+    sd = _zoo_state_dict(tmp_path)
+    r = run_cli("export", str(sd), "--arch", "cifar_resnet8", "--out", str(tmp_path / "e"), "--mean", IMAGENET_MEAN, "--std", IMAGENET_STD)
+    assert r.returncode == 0, r.stderr
+    model = json.loads((tmp_path / "e" / "manifest.json").read_text())["info"]["model"]
+    assert model["input_size"] == [32, 32] and model["channels"] == 3 and model["input_source"]["input_size"] == "zoo cifar_resnet8"
+    assert model["mean"] == [0.485, 0.456, 0.406] and model["std"] == [0.229, 0.224, 0.225] and model["input_source"]["mean"] == "flag"
+    import onnx
+
+    dims = [d.dim_value for d in onnx.load(str(tmp_path / "e" / "model.onnx")).graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [3, 32, 32]
+    r = run_cli("student", str(sd), "--arch", "cifar_resnet8", "--out", str(tmp_path / "s"), "--batch", "1", "--width", "0.5",
+                "--mean", IMAGENET_MEAN, "--std", IMAGENET_STD)
+    assert r.returncode == 0, r.stderr
+    model = json.loads((tmp_path / "s" / "manifest.json").read_text())["info"]["model"]
+    assert model["input_size"] == [32, 32] and model["mean"] == [0.485, 0.456, 0.406]
+    # the old compress spelling is an alias: --input-size H,W with --channels
+    r = run_cli("export", str(sd), "--arch", "cifar_resnet8", "--out", str(tmp_path / "e2"), "--input-size", "40,40", "--channels", "3")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "e2" / "manifest.json").read_text())["info"]["model"]["input_size"] == [40, 40]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["export", "{sd}", "--arch", "cifar_resnet8", "--mean", "0.5,0.5"], "--mean has 2 value(s) but the model input has 3 channel(s)"),
+    (["quantize", "{sd}", "--arch", "cifar_resnet8", "--data", "mnist-mini", "--std", "0.2,0.2"], "--std has 2 value(s)"),
+    (["student", "{sd}", "--arch", "cifar_resnet8", "--input-shape", "1,32,32"], "--input-shape gives 1 channel(s) but the model's first convolution takes 3"),
+    (["export", "{sd}", "--arch", "cifar_resnet8", "--input-shape", "3,32"], None),
+    (["export", "{small}", "--arch", "small_cnn"], "the model carries no input size; give --input-shape C,H,W (or --data)"),
+    (["distill", "{sd}", "--arch", "cifar_resnet8", "--student-arch", "cifar_resnet8", "--data", "mnist-mini", "--std", "0,1,1"], "--std values must be positive"),
+])
+def test_input_flag_errors_are_one_line_naming_the_flag(tmp_path, args, needle):
+    subs = {"{sd}": str(_zoo_state_dict(tmp_path)), "{small}": str(_zoo_state_dict(tmp_path, "small_cnn"))}
+    r = run_cli(*[subs.get(a, a) for a in args], "--out", str(tmp_path / "o"), cwd=tmp_path)
+    if needle is None:  # H,W is accepted (the --input-size form); the zoo gives the channels
+        assert r.returncode == 0, r.stderr
+        return
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_quantize_exports_a_state_dict_at_the_datas_size_and_says_when_it_measured_the_normalisation(tmp_path):
+    sd = _zoo_state_dict(tmp_path, "small_cnn")  # small_cnn fixes no size: the data's 28x28 it is
+    r = run_cli("quantize", str(sd), "--arch", "small_cnn", "--data", "mnist-mini", "--out", str(tmp_path / "q"), "--calib-size", "64")
+    assert r.returncode == 0, r.stderr
+    notes = [ln for ln in r.stderr.splitlines() if ln.startswith("note: normalisation")]
+    assert len(notes) == 1 and "measured from the data" in notes[0] and "--mean/--std" in notes[0]
+    man = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert man["info"]["input"]["shape"][1:] == [1, 28, 28]
+    assert man["info"]["model"]["input_source"]["mean"] == "data" and len(man["info"]["model"]["mean"]) == 1
+    assert man["metrics"]["n_test"] == 2000
+    # given, the normalisation is used as given and nothing is noted
+    r = run_cli("quantize", str(sd), "--arch", "small_cnn", "--data", "mnist-mini", "--out", str(tmp_path / "q2"), "--calib-size", "64",
+                "--mean", "0.13", "--std", "0.31")
+    assert r.returncode == 0, r.stderr
+    assert "note: normalisation" not in r.stderr
+    model = json.loads((tmp_path / "q2" / "manifest.json").read_text())["info"]["model"]
+    assert model["mean"] == [0.13] and model["input_source"]["mean"] == "flag"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("via_export", [False, True])
+def test_finetuned_resnet56_quantize_reports_its_own_fp32_accuracy(tmp_path, via_export):
+    """Issue 13's check: with its own normalisation the fine-tuned ResNet-56 scores 89.94 % on all
+    10,000 JPEG test images (88.12 % when calibrated and evaluated with statistics measured from the data)."""
+    weights = shared_file("weights/resnet56-cifar10-jpeg-ft.th")
+    data = shared_file("cifar10-jpeg.tar.gz")
+    norm = ["--mean", IMAGENET_MEAN, "--std", IMAGENET_STD]
+    model, extra = str(weights), ["--arch", "cifar_resnet56", *norm]
+    if via_export:
+        r = run_cli("export", str(weights), "--arch", "cifar_resnet56", *norm, "--out", str(tmp_path / "exp"))
+        assert r.returncode == 0, r.stderr
+        model, extra = str(tmp_path / "exp"), []  # the export carries the mean/std
+    r = run_cli("quantize", model, *extra, "--data", str(data), "--profile", "ort-cpu", "--out", str(tmp_path / "q"), timeout=1200)
+    assert r.returncode == 0, r.stderr
+    assert "note: normalisation" not in r.stderr
+    assert "top-1 on 10000 test images (ONNX Runtime): FP32 89.94 %" in r.stdout, r.stdout
+    m = json.loads((tmp_path / "q" / "manifest.json").read_text())["metrics"]
+    assert m["n_test"] == 10000 and m["accuracy_fp32"] == pytest.approx(0.8994, abs=5e-5)

@@ -86,3 +86,23 @@ def test_batches_are_reproducible_and_resume_mid_epoch():
     assert len(tail) == len(full) - 4
     for (xa, ya), (xb, yb) in zip(full[4:], tail):
         assert np.array_equal(ya.numpy(), yb.numpy()) and np.allclose(xa.numpy(), xb.numpy())
+
+
+def test_measured_statistics_sample_every_class_not_the_first_images(tmp_path):
+    # class-sorted like an ImageFolder: 6,000 black images of class 0, then 6,000 white of class 1.
+    # The first 5,000 alone would give mean 0 and a zero std; a random sample across classes gives ~0.5.
+    n = 6000
+    x = np.concatenate([np.zeros((n, 4, 4), np.uint8), np.full((n, 4, 4), 255, np.uint8)])
+    y = np.repeat([0, 1], n)
+    np.savez(tmp_path / "sorted.npz", x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
+    s = load_data(str(tmp_path / "sorted.npz"))
+    assert s.spec.mean[0] == pytest.approx(0.5, abs=0.03) and s.spec.std[0] == pytest.approx(0.5, abs=0.03)
+    again = load_data(str(tmp_path / "sorted.npz"))
+    assert again.spec.mean == s.spec.mean  # seeded: the same sample every time
+
+
+def test_measure_stats_of_a_constant_channel_stays_finite():
+    from kdtoolkit.data.datasets import ArrayData, measure_stats
+
+    mean, std = measure_stats(ArrayData(np.full((20, 3, 3, 1), 51, np.uint8), np.zeros(20, np.int64)))
+    assert mean[0] == pytest.approx(0.2) and std == (1.0,)
