@@ -5,7 +5,7 @@
 #   bash deploy/build_on_device.sh BUNDLE            # kdtoolkit build when installed, else trtexec
 #   USE_TRTEXEC=1 bash deploy/build_on_device.sh BUNDLE
 #
-# Needs only bash, python3 (json module) and trtexec (JetPack: /usr/src/tensorrt/bin/trtexec).
+# Needs only bash, python3 (standard library) and trtexec (JetPack: /usr/src/tensorrt/bin/trtexec).
 # Engines are tied to the GPU and TensorRT version: build on the device that will run it.
 set -euo pipefail
 BUNDLE="$(cd "${1:-$(dirname "$0")/..}" && pwd)"
@@ -16,47 +16,78 @@ PROFILE="$(python3 -c 'import json; print(json.load(open("manifest.json"))["prof
 ONNX="$(python3 -c 'import json; print(json.load(open("manifest.json"))["runtime"]["onnx"])')"
 PLAN="model/model.plan"
 
+# the build lines: the manifest's own (kdtoolkit wrote them for this bundle), else derived from its profile
+# with the same rules: auto = INT8 only for a Q/DQ ONNX, else FP16; INT8 on a GPU also sets FP16 (as
+# kdtoolkit build does); an ONNX without Q/DQ gets --int8 only with a calibration cache the bundle ships
+# (trtexec's --int8 alone uses placeholder ranges, --calib=FILE with FILE missing calibrates on random data)
+LINES="$(python3 - "$ONNX" "$PLAN" <<'PY'
+import json, os, shlex, sys
+m = json.load(open("manifest.json"))
+onnx, plan = sys.argv[1], sys.argv[2]
+cmds = (m.get("on_device") or {}).get("commands") or {}
+p, t = m["profile"], m["profile"].get("tensorrt") or {}
+qdq = bool(m["model"].get("qdq"))
+cache = next((f for f in m["files"] if f.startswith("model/") and f.endswith((".cache", ".calib")) and "timing" not in f), None)
+if cache and not os.path.isfile(cache):
+    sys.exit("error: the manifest lists %s but it is missing; without it trtexec would calibrate on random data" % cache)
+prec = p["precision"]
+if prec == "auto":
+    prec = "int8" if qdq else "fp16"
+note = ""
+kd = cmds.get("kdtoolkit_build")
+if not kd:
+    kd = "kdtoolkit build %s --profile %s --out engine" % (shlex.quote(onnx), shlex.quote(p["name"]))
+    if prec == "int8" and cache:
+        kd += " --calib-cache " + shlex.quote(cache)
+    elif prec == "int8" and not qdq:
+        kd += ' --calib-data "${CALIB_DATA:?set CALIB_DATA to calibration images on this device}"'
+te = cmds.get("trtexec_build")
+if te:
+    args = shlex.split(te)[1:]
+else:
+    inp = m["inputs"][0]
+    args = ["--onnx=%s" % onnx, "--saveEngine=%s" % plan, "--memPoolSize=workspace:%d" % int(t.get("workspace_mb", 1024))]
+    if p.get("static_input_shape") is None and not isinstance(inp["shape"][0], int):
+        dims = lambda b: "x".join(str(v) for v in [b] + list(inp["shape"][1:]))
+        b = p["batch"]
+        args += ["--minShapes=%s:%s" % (inp["name"], dims(b["min"])), "--optShapes=%s:%s" % (inp["name"], dims(b["opt"])),
+                 "--maxShapes=%s:%s" % (inp["name"], dims(b["max"]))]
+    if prec == "int8" and not qdq and not cache:
+        note = "note: trtexec cannot calibrate from data and the bundle ships no calibration cache: building FP16 (use kdtoolkit build with CALIB_DATA for INT8)"
+        prec = "fp16"
+    if prec in ("fp16", "int8"):
+        args.append("--fp16")
+    if prec == "int8":
+        args.append("--int8")
+        if not qdq:
+            args.append("--calib=%s" % cache)
+    if t.get("dla_core") is not None:
+        args.append("--useDLACore=%s" % t["dla_core"])
+        if t.get("gpu_fallback", True):
+            args.append("--allowGPUFallback")
+    if t.get("timing_cache"):
+        args.append("--timingCacheFile=%s" % t["timing_cache"])
+print(kd)
+print(" ".join(args))
+print(note)
+PY
+)"
+KD_LINE="$(sed -n 1p <<<"$LINES")"
+read -r -a ARGS <<<"$(sed -n 2p <<<"$LINES")"
+NOTE="$(sed -n 3p <<<"$LINES")"
+
 if command -v kdtoolkit >/dev/null 2>&1 && [ "${USE_TRTEXEC:-0}" != 1 ]; then
   # kdtoolkit's builder reads the installed TensorRT version and takes the matching path
-  kdtoolkit build "$ONNX" --profile "$PROFILE" --out engine
+  echo "+ $KD_LINE"
+  eval "$KD_LINE"
   cp engine/model.plan "$PLAN"
 else
   [ -x "$TRTEXEC" ] || { echo "error: trtexec not found (set TRTEXEC=/path/to/trtexec)" >&2; exit 2; }
+  [ -z "$NOTE" ] || echo "$NOTE" >&2
   HELP="$("$TRTEXEC" --help 2>&1 || true)"
-  # the trtexec arguments, derived from the manifest alone
-  read -r -a ARGS < <(python3 - "$ONNX" "$PLAN" <<'PY'
-import json, sys
-m = json.load(open("manifest.json"))
-onnx, plan = sys.argv[1], sys.argv[2]
-p, t = m["profile"], m["profile"].get("tensorrt") or {}
-inp = m["inputs"][0]
-args = [f"--onnx={onnx}", f"--saveEngine={plan}"]
-if p.get("static_input_shape") is None and not isinstance(inp["shape"][0], int):
-    dims = lambda b: "x".join(str(v) for v in [b, *inp["shape"][1:]])
-    b = p["batch"]
-    args += [f"--minShapes={inp['name']}:{dims(b['min'])}", f"--optShapes={inp['name']}:{dims(b['opt'])}",
-             f"--maxShapes={inp['name']}:{dims(b['max'])}"]
-prec = p["precision"]
-if prec in ("int8", "auto"):
-    args.append("--int8")
-    calib = [f for f in m["files"] if f.endswith((".cache", ".calib")) and f.startswith("model/")]
-    if not m["model"].get("qdq") and calib:
-        args.append(f"--calib={calib[0]}")
-if prec in ("fp16", "auto") or (prec == "int8" and t.get("dla_core") is not None):
-    args.append("--fp16")
-if t.get("dla_core") is not None:
-    args.append(f"--useDLACore={t['dla_core']}")
-    if t.get("gpu_fallback", True):
-        args.append("--allowGPUFallback")
-args.append(f"--memPoolSize=workspace:{t.get('workspace_mb', 1024)}")
-if t.get("timing_cache"):
-    args.append(f"--timingCacheFile={t['timing_cache']}")
-print(" ".join(args))
-PY
-)
   EXTRA=()
   # --builderOptimizationLevel exists from TensorRT 8.6; --skipInference replaced --buildOnly in 8.6
-  if grep -q -- --builderOptimizationLevel <<<"$HELP"; then
+  if grep -q -- --builderOptimizationLevel <<<"$HELP" && ! grep -q -- --builderOptimizationLevel <<<"${ARGS[*]}"; then
     LVL="$(python3 -c 'import json; print((json.load(open("manifest.json"))["profile"].get("tensorrt") or {}).get("builder_optimization_level", 3))')"
     EXTRA+=("--builderOptimizationLevel=$LVL")
   fi
@@ -73,4 +104,4 @@ SHAPE="$(python3 -c '
 import json; m = json.load(open("manifest.json")); i = m["inputs"][0]
 print("" if isinstance(i["shape"][0], int) else "--shapes=%s:%s" % (i["name"], "x".join(str(v) for v in [m["profile"]["batch"]["opt"], *i["shape"][1:]])))')"
 "$TRTEXEC" --loadEngine="$PLAN" $SHAPE --warmUp=500 --duration=10 --useSpinWait --exportTimes=trtexec_times.json
-echo "engine: $BUNDLE/$PLAN; next: python deploy/infer_tensorrt.py $BUNDLE IMAGE_OR_FOLDER"
+echo "engine: $BUNDLE/$PLAN; next: python3 deploy/device_report.py $BUNDLE [--data IMAGES_OR_NPZ] (writes device_report.json)"
