@@ -81,11 +81,35 @@ def evaluate(
     return out
 
 
+def output_kind(model: Any, x: np.ndarray) -> str | None:
+    """None when a torch model returns one tensor; else a short description of what it returns (dict, tuple...)."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module) and not isinstance(model, torch.jit.ScriptModule):
+        return None
+    try:
+        with torch.inference_mode():
+            out = model.eval()(torch.from_numpy(x))
+    except Exception:
+        return None  # the caller reports the failure to run with the input shape
+    if isinstance(out, torch.Tensor):
+        return None
+    if isinstance(out, dict):
+        return f"a dict with keys {', '.join(map(str, list(out)[:5]))}"
+    if isinstance(out, (list, tuple)):
+        return f"a {type(out).__name__} of {len(out)} items"
+    return f"a {type(out).__name__}"
+
+
 def check_outputs(model: Any, spec: DataSpec) -> int:
     """Run one sample through the model; fail clearly if its output count differs from the class count."""
     from kdtoolkit.errors import InputError
 
     x = np.zeros((1, spec.channels, *spec.input_size), np.float32)
+    kind = output_kind(model, x)
+    if kind is not None:
+        raise InputError(f"the model's output is not class logits ({kind}): distillation and top-1 need a classifier; "
+                         "for a detector or segmenter use --no-student (export, INT8 with calibration, check and bundle)")
     try:
         out = np.asarray(as_predictor(model)(x))
     except Exception as exc:
@@ -93,6 +117,9 @@ def check_outputs(model: Any, spec: DataSpec) -> int:
             f"the model does not run on inputs of shape 1x{spec.channels}x{spec.input_size[0]}x{spec.input_size[1]}: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from None
+    if out.ndim != 2:
+        raise InputError(f"the model's output is not class logits (shape {'x'.join(map(str, out.shape))}, expected batch x classes): "
+                         "distillation and top-1 need a classifier; for a detector or segmenter use --no-student")
     if out.shape[-1] != len(spec.classes):
         raise InputError(f"the model has {out.shape[-1]} outputs but the data has {len(spec.classes)} classes ({', '.join(spec.classes[:5])}...)")
     return int(out.shape[-1])

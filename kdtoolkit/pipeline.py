@@ -57,7 +57,8 @@ class CompressConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(description="teacher model file or artifact folder")
     arch: str | None = Field(None, description="architecture for a state-dict teacher")
-    trust_pickle: bool = Field(False, description="allow unpickling a full module (runs code)")
+    trust_pickle: bool = Field(False, description="allow unpickling a full module (runs code); covers every stage of the run")
+    model_sha256: str | None = Field(None, description="sha256 of the model file when the run was configured; a rerun refuses a changed file")
     data: DataConfig
     profile: str = Field("ort-cpu", description="profile name or YAML path")
     profile_overrides: dict[str, Any] = Field(default_factory=dict, description="dotted profile fields set from flags")
@@ -159,20 +160,46 @@ def run_stage(ctx: Context, index: int, name: str, fn: Stage, inputs: list[Artif
     return art
 
 
-def compress(cfg: CompressConfig, run_dir: str | os.PathLike[str], *, progress: bool = True) -> dict[str, Any]:
-    """Run every stage for the profile; return the summary (also written to RUN/summary.json)."""
-    from kdtoolkit import stages as S
+def compress(cfg: CompressConfig, run_dir: str | os.PathLike[str], *, progress: bool = True, wait: bool = False) -> dict[str, Any]:
+    """Run every stage for the profile; return the summary (also written to RUN/summary.json).
 
+    One run at a time per run folder: a second one refuses in one line (or waits with ``wait``)."""
     from kdtoolkit.evaluate import check_outputs
 
     run_dir = Path(run_dir)
+    cfg = pin_model(cfg)
     ctx = Context(cfg, run_dir, progress=progress)
+    if ctx.profile.name != cfg.profile and not str(cfg.profile).endswith((".yaml", ".yml")):
+        log(f"profile: {cfg.profile} -> {ctx.profile.name}", enabled=progress)
     # preflight: bad input fails here, in one line, before anything is written
     check_outputs(ctx.teacher.module, ctx.splits.spec)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with fsutil.run_lock(run_dir, wait=wait, on_wait=lambda who: log(f"waiting for {who}", enabled=progress)):
+        return _compress_locked(ctx, cfg, run_dir, progress)
+
+
+def pin_model(cfg: CompressConfig) -> CompressConfig:
+    """Record the model file's sha256 in the config, or refuse a file that changed since it was recorded.
+
+    Trust given with --trust-pickle is trust in one file: a rerun from RUN/config.yaml must never
+    unpickle a different file under the same name."""
+    path = Path(cfg.model)
+    if not path.is_file():
+        return cfg
+    sha = fsutil.sha256_file(path)
+    if cfg.model_sha256 and cfg.model_sha256 != sha:
+        raise InputError(f"{path} changed since this run was configured (sha256 {sha[:12]}... is not the recorded "
+                         f"{cfg.model_sha256[:12]}...); start a new run folder with --out, or delete model_sha256 from the config "
+                         "if you trust the new file")
+    return cfg.model_copy(update={"model_sha256": sha})
+
+
+def _compress_locked(ctx: Context, cfg: CompressConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
+    from kdtoolkit import stages as S
+
     save_config(cfg, run_dir / "config.yaml")
     data_cfg = ctx.data_fingerprint()
-    model_id = fsutil.sha256_file(cfg.model) if Path(cfg.model).is_file() else Artifact.load(cfg.model).fingerprint()
+    model_id = cfg.model_sha256 or Artifact.load(cfg.model).fingerprint()
     teacher_cfg = {"model": cfg.model, "model_sha": model_id,
                    "arch": cfg.arch, "data": data_cfg}
     teacher = run_stage(ctx, 0, "teacher", S.teacher_stage, [], teacher_cfg)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from kdtoolkit.cli import app
-from kdtoolkit.cli.options import Arch, Data, JsonOut, Out, Quiet, TrustPickle, parse_floats, parse_ints
+from kdtoolkit.cli.options import Arch, Channels, Data, InputShape, JsonOut, Out, Quiet, TrustPickle, parse_input_flags
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:
@@ -44,10 +44,15 @@ def compress_cmd(
     config: Annotated[Optional[Path], typer.Option("--config", help="rerun a saved RUN/config.yaml exactly")] = None,
     student_arch: Annotated[Optional[str], typer.Option("--student-arch", help="build this student instead of converting the teacher")] = None,
     depth: Annotated[Optional[float], typer.Option("--depth", help="fraction of repeated blocks kept per stage (0-1]")] = None,
+    width: Annotated[Optional[float], typer.Option("--width", help="fraction of channels kept (dependency-graph pruning) (0-1]")] = None,
+    latency_budget: Annotated[Optional[float], typer.Option("--latency-budget", help="search depth x width for the most capable student within this p50 (ms) at the profile's opt batch")] = None,
+    speedup: Annotated[Optional[float], typer.Option("--speedup", help="search depth x width for the most capable student at least X times faster than the teacher (default: 2x when the separable student is not)")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="if another run holds the run folder, wait for it instead of refusing")] = False,
     no_separable: Annotated[bool, typer.Option("--no-separable", help="keep standard convs in the student")] = False,
     student_init: Annotated[Optional[str], typer.Option("--student-init", help="svd (teacher-initialised) or random")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="distillation epochs")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="cap on optimiser steps (a short budget)")] = None,
+    qat_steps: Annotated[Optional[int], typer.Option("--qat-steps", help="cap on QAT optimiser steps when the profile quantizes with QAT")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="training batch size")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="peak learning rate")] = None,
     augment: Annotated[Optional[str], typer.Option("--augment", help="none, crop, flip or crop_flip")] = None,
@@ -55,8 +60,8 @@ def compress_cmd(
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="KD temperature")] = None,
     train_limit: Annotated[Optional[int], typer.Option("--train-limit", help="seeded subset of the training split")] = None,
     test_limit: Annotated[Optional[int], typer.Option("--test-limit", help="seeded subset of the test split")] = None,
-    input_size: Annotated[Optional[str], typer.Option("--input-size", help="H,W of the model input")] = None,
-    channels: Annotated[Optional[int], typer.Option("--channels", help="model input channels")] = None,
+    input_size: InputShape = None,
+    channels: Channels = None,
     mean: Annotated[Optional[str], typer.Option("--mean", help="normalisation mean, e.g. 0.485,0.456,0.406")] = None,
     std: Annotated[Optional[str], typer.Option("--std", help="normalisation std, e.g. 0.229,0.224,0.225")] = None,
     class_names: Annotated[Optional[str], typer.Option("--class-names", help="comma-separated class order")] = None,
@@ -76,13 +81,17 @@ def compress_cmd(
         cfg = load_config(config)
         run_dir = out or config.parent
     else:
-        if model is None or data is None:
-            raise InputError("compress needs MODEL and --data (or --config RUN/config.yaml)")
+        if model is None:
+            raise InputError("compress needs MODEL (a model file or artifact folder), or --config RUN/config.yaml")
+        if data is None:
+            raise InputError("compress needs --data: the images to distill on, calibrate with and measure accuracy on "
+                             "(ImageFolder, .tar.gz of one, .npz, or mnist-mini)")
         if out is None:
-            raise InputError("compress needs --out RUN_DIR")
-        dc = DataConfig(source=data, input_size=parse_ints(input_size, "--input-size"), channels=channels,
-                        mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
-                        class_names=class_names.split(",") if class_names else None, on_bad_image=on_bad_image,
+            out = Path("runs") / Path(model).stem
+            typer.echo(f"run folder: {out} (choose another with --out)", err=True)
+        flags = parse_input_flags(input_size, channels, mean, std, class_names)
+        dc = DataConfig(source=data, input_size=flags.input_size, channels=flags.channels, mean=flags.mean, std=flags.std,
+                        class_names=flags.classes, on_bad_image=on_bad_image,
                         train_limit=train_limit, test_limit=test_limit)
         cfg = CompressConfig(model=model, arch=arch, trust_pickle=trust_pickle, data=dc, profile=profile, opset=opset)
         if on_bad_image not in ("fail", "skip"):
@@ -92,9 +101,10 @@ def compress_cmd(
         cfg.data.seed = seed
         cfg.train.seed = seed
     st, tr = cfg.student, cfg.train
-    for obj, key, val in ((st, "arch", student_arch), (st, "depth", depth), (st, "init", student_init), (tr, "epochs", epochs),
+    for obj, key, val in ((st, "arch", student_arch), (st, "depth", depth), (st, "width", width), (st, "latency_budget_ms", latency_budget),
+                          (st, "speedup", speedup), (st, "init", student_init), (tr, "epochs", epochs),
                           (tr, "max_steps", max_steps), (tr, "batch_size", batch_size), (tr, "lr", lr), (tr, "augment", augment),
-                          (cfg.measure, "iters", iters)):
+                          (cfg.measure, "iters", iters), (cfg.qat, "max_steps", qat_steps)):
         if val is not None:
             setattr(obj, key, val)
     if no_separable:
@@ -104,7 +114,7 @@ def compress_cmd(
     if temperature is not None:
         tr.loss.temperature.start = temperature
     cfg = CompressConfig.model_validate(cfg.model_dump())  # re-validate values set from flags
-    summary = compress(cfg, run_dir, progress=not quiet)
+    summary = compress(cfg, run_dir, progress=not quiet, wait=wait)
     if json_out:
         fsutil.write_json(json_out, summary)
     print_summary(summary, run_dir)

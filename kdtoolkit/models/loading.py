@@ -34,8 +34,29 @@ class LoadedModel:
 
     @property
     def rewritable(self) -> bool:
-        """Only eager nn.Modules can be rewritten module by module (student surgery)."""
-        return self.form in ("eager", "pickle")
+        """Eager modules, and exported programs rebuilt as module trees, can be rewritten module by module.
+
+        A TorchScript teacher becomes rewritable through :meth:`as_graph_modules` (it needs the input shape)."""
+        return self.form in ("eager", "pickle") or (self.form == "exported" and getattr(self.module, "_kdt_graph", False))
+
+    @property
+    def needs_graph_store(self) -> bool:
+        """True when the model has no recipe to rebuild it from: store it as a ``torch.export`` program."""
+        return self.recipe is None
+
+
+def as_graph_modules(loaded: LoadedModel, input_shape: tuple[int, ...]) -> LoadedModel:
+    """A rewritable copy of a TorchScript or exported teacher: its graph rebuilt as a module tree (see models.graph)."""
+    from kdtoolkit.models.graph import modules_from_program, program_from_torchscript
+
+    if loaded.rewritable:
+        return loaded
+    if loaded.form == "torchscript":
+        module = modules_from_program(program_from_torchscript(loaded.module, input_shape))
+    else:
+        raise InputError(f"{loaded.source}: the {loaded.form} graph could not be rebuilt as modules for student surgery")
+    module._kdt_graph = True
+    return LoadedModel(module, "exported", loaded.source, arch=loaded.arch, meta=dict(loaded.meta))
 
 
 def known_archs() -> list[str]:
@@ -73,10 +94,23 @@ def build_arch(name: str, **kwargs: Any):
             fn = getattr(importlib.import_module(prefix), rest)
         except (ImportError, AttributeError) as exc:
             raise InputError(f"cannot import architecture {name!r}: {exc}") from None
-        return fn(**kwargs)
+        return fn(**_accepted_kwargs(fn, kwargs, name))
     raise InputError(
         f"unknown architecture {name!r}; known: {', '.join(ARCHS.names())}, or torchvision:NAME, timm:NAME, module:callable"
     )
+
+
+def _accepted_kwargs(fn: Any, kwargs: dict[str, Any], name: str) -> dict[str, Any]:
+    """Pass only the keyword arguments a user's callable takes (``num_classes`` is optional for it)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def _arch_kwargs(name: str, num_classes: int | None, in_channels: int | None) -> dict[str, Any]:
@@ -152,6 +186,24 @@ def save_checkpoint(path: str | os.PathLike[str], model: Any, recipe: dict[str, 
     return fsutil.torch_save({"format": CKPT_FORMAT, "recipe": recipe, "meta": meta or {}, "state_dict": state}, path)
 
 
+def save_model(dir_path: str | os.PathLike[str], model: Any, recipe: dict[str, Any] | None, meta: dict[str, Any],
+               input_shape: tuple[int, ...]) -> str:
+    """Store a model so later stages load it without the user's code; return the file name written.
+
+    With a recipe (zoo, torchvision, timm, ``module:callable``): recipe + weights (``model.pt``). Without
+    one (the teacher came as a full pickle, TorchScript or ``torch.export`` program): a ``torch.export``
+    program (``model.pt2``), which loads without unpickling anything and is rebuilt as modules on load.
+    """
+    d = Path(dir_path)
+    if recipe is not None:
+        save_checkpoint(d / "model.pt", model, recipe, meta)
+        return "model.pt"
+    from kdtoolkit.models.graph import save_program
+
+    save_program(model, d / "model.pt2", input_shape)
+    return "model.pt2"
+
+
 def build_from_recipe(recipe: dict[str, Any], state: dict[str, Any] | None = None, source: str = "recipe"):
     """Rebuild a (possibly converted and shrunk) model from its recipe, then fit widths to the weights."""
     from kdtoolkit.student.transforms import apply_transforms, fit_to_state_dict
@@ -196,7 +248,7 @@ def load_model(
             ep = torch.export.load(str(path))
         except Exception as exc:  # torch raises many types for a bad archive
             raise InputError(f"{path}: cannot load torch.export program ({exc})") from None
-        return LoadedModel(ep.module(), "exported", str(path), arch=arch)
+        return LoadedModel(_program_module(ep, path), "exported", str(path), arch=arch)
     if kind == "torchscript":
         try:
             mod = torch.jit.load(str(path), map_location="cpu")
@@ -217,6 +269,8 @@ def load_model(
                 "Pass --trust-pickle only if you trust where this file came from"
             ) from None
         obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        if isinstance(obj, torch.jit.ScriptModule):
+            return LoadedModel(obj.eval(), "torchscript", str(path), arch=arch)
         if isinstance(obj, torch.nn.Module):
             return LoadedModel(obj.eval(), "pickle", str(path), arch=arch or type(obj).__name__)
         # a trusted pickle holding a dict falls through to the state-dict path
@@ -243,3 +297,20 @@ def _infer_classes(state: dict[str, Any]) -> int | None:
         if k.endswith("weight") and getattr(v, "ndim", 0) == 2:
             last = v
     return int(last.shape[0]) if last is not None else None
+
+
+def _program_module(ep: Any, path: Path) -> Any:
+    """The exported program as a trainable module tree; if its graph cannot be split, a frozen module."""
+    from kdtoolkit.models.graph import modules_from_program
+
+    try:
+        module = modules_from_program(ep)
+        module._kdt_graph = True
+        return module
+    except Exception:  # a graph we cannot split (custom ops, shared weights): still usable for inference
+        import torch
+
+        module = ep.module()
+        # eval()/train() raise on an exported module unless told how to switch batch norm and dropout
+        torch.ao.quantization.allow_exported_model_train_eval(module)
+        return module

@@ -28,6 +28,7 @@ class StudentConfig(BaseModel):
     width_importance: Literal["l2", "bn"] = Field("l2", description="channel importance: group weight L2 norm or BN scale")
     channel_multiple: int | None = Field(None, ge=1, description="round channel counts to this; default: the profile's")
     latency_budget_ms: float | None = Field(None, gt=0, description="search depth/width for the most capable student within this p50 at the profile's opt batch")
+    speedup: float | None = Field(None, gt=1, description="search depth/width for the most capable student at least this many times faster than the teacher at the profile's opt batch; default: 2x when the plain separable student is not")
     init: Literal["svd", "random"] = Field("svd", description="teacher-initialised rank-1 weights, or fresh init")
     bn_recalib_batches: int = Field(20, ge=0, description="batches to re-estimate BatchNorm statistics after surgery")
 
@@ -69,8 +70,11 @@ def count_macs(model: Any, input_shape: tuple[int, ...]) -> int:
 
 
 def make_student(teacher: Any, cfg: StudentConfig, *, input_shape: tuple[int, ...], num_classes: int,
-                 calib_batches: Any = None) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """Return (student module, recipe, info). ``teacher`` is a LoadedModel."""
+                 calib_batches: Any = None) -> tuple[Any, dict[str, Any] | None, dict[str, Any]]:
+    """Return (student module, recipe, info). ``teacher`` is a LoadedModel.
+
+    The recipe is None when the teacher has none (full pickle, TorchScript, ``torch.export``): such a
+    student is stored as a ``torch.export`` program (``models.loading.save_model``)."""
     import torch
 
     from kdtoolkit.models.loading import build_arch
@@ -86,18 +90,22 @@ def make_student(teacher: Any, cfg: StudentConfig, *, input_shape: tuple[int, ..
             if cfg.arch_width:
                 kwargs["width"] = cfg.arch_width
         model = build_arch(cfg.arch, **kwargs)
-        recipe: dict[str, Any] = {"arch": cfg.arch, "arch_kwargs": kwargs, "transforms": []}
+        recipe: dict[str, Any] | None = {"arch": cfg.arch, "arch_kwargs": kwargs, "transforms": []}
         base_init = "random"
     else:
         if not teacher.rewritable:
+            from kdtoolkit.models.loading import as_graph_modules
+
+            teacher = as_graph_modules(teacher, input_shape)  # TorchScript: convert the graph itself
+            info["graph_converted_from"] = "torchscript"
+        if not teacher.rewritable:
             raise InputError(
-                f"the teacher is a {teacher.form} model, which cannot be rewritten module by module; "
+                f"the teacher is a {teacher.form} model whose graph cannot be rebuilt as modules; "
                 "name a student architecture with --student-arch NAME (e.g. cifar_resnet20, torchvision:mobilenet_v2)"
             )
-        if teacher.recipe is None:
-            raise InputError("the teacher was loaded from a full pickle with no known architecture; give --arch so the student can be rebuilt")
         model = copy.deepcopy(teacher.module).cpu()
-        recipe = copy.deepcopy(teacher.recipe)
+        # no recipe (full pickle, TorchScript, torch.export): the student is stored as a torch.export program
+        recipe = copy.deepcopy(teacher.recipe) if teacher.recipe is not None else None
         base_init = "teacher"
     model.eval()
     example = torch.zeros(1, *input_shape[1:])
@@ -106,20 +114,23 @@ def make_student(teacher: Any, cfg: StudentConfig, *, input_shape: tuple[int, ..
         if not plan:
             raise InputError("depth reduction found no stage of repeated shape-preserving blocks to shorten")
         info.update(T.reduce_depth(model, plan))
-        recipe["transforms"].append({"op": "depth", "keep": plan})
+        _record(recipe, {"op": "depth", "keep": plan})
     if cfg.width < 1.0:
         from kdtoolkit.student.shrink import shrink_width
 
         info["shrink"] = shrink_width(model, example, cfg.width, round_to=cfg.channel_multiple or 1, importance=cfg.width_importance)
-        recipe["transforms"].append({"op": "width", "width": cfg.width})
+        _record(recipe, {"op": "width", "width": cfg.width})
     if cfg.separable:
         sel = {"skip_stem": cfg.skip_stem, "skip_first": cfg.skip_first, "skip": cfg.skip, "only": cfg.only}
-        conv_info = T.to_separable(model, init="svd" if cfg.init == "svd" and base_init == "teacher" else "none", **sel)
-        info["converted"] = conv_info["converted"]
-        if conv_info["rank1_energy"]:
-            e = list(conv_info["rank1_energy"].values())
-            info["rank1_energy_mean"] = float(sum(e) / len(e))
-        recipe["transforms"].append({"op": "separable", **sel})
+        if T.convertible_convs(model, **sel) or cfg.arch:
+            conv_info = T.to_separable(model, init="svd" if cfg.init == "svd" and base_init == "teacher" else "none", **sel)
+            info["converted"] = conv_info["converted"]
+            if conv_info["rank1_energy"]:
+                e = list(conv_info["rank1_energy"].values())
+                info["rank1_energy_mean"] = float(sum(e) / len(e))
+            _record(recipe, {"op": "separable", **sel})
+        else:
+            info["converted"] = []  # already separable (MobileNet, EfficientNet, RegNet): depth and width make the student
     if cfg.init == "random" or base_init == "random":
         model = _reinit(model)
         info["init"] = "random"
@@ -127,9 +138,15 @@ def make_student(teacher: Any, cfg: StudentConfig, *, input_shape: tuple[int, ..
         info["init"] = "teacher-svd"
         if calib_batches is not None and cfg.bn_recalib_batches:
             info["bn_recalibrated_batches"] = T.recalibrate_bn(model, calib_batches, cfg.bn_recalib_batches)
-    if not cfg.separable and cfg.depth >= 1.0 and cfg.width >= 1.0 and not cfg.arch:
-        raise InputError("the student would be a copy of the teacher: enable separable conversion, depth < 1, width < 1, or --student-arch")
+    if not info.get("converted") and cfg.depth >= 1.0 and cfg.width >= 1.0 and not cfg.arch:
+        raise InputError("the student would be a copy of the teacher (no standard convolution to make separable): "
+                         "shrink it with --width or --depth, or give --speedup X or --latency-budget MS to search")
     return model, recipe, info
+
+
+def _record(recipe: dict[str, Any] | None, transform: dict[str, Any]) -> None:
+    if recipe is not None:
+        recipe["transforms"].append(transform)
 
 
 def _reinit(model: Any) -> Any:

@@ -52,11 +52,21 @@ def shrink_width(model: nn.Module, example: torch.Tensor, width: float, *, round
     heads = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
     imp = tp.importance.BNScaleImportance() if importance == "bn" else tp.importance.GroupMagnitudeImportance(p=2)
     before = sum(p.numel() for p in model.parameters())
+    # Torch-Pruning traces the graph through autograd: parameters frozen by an earlier run (a teacher
+    # after training) would hide every layer and the "shrink" would silently change nothing
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    for p in model.parameters():
+        p.requires_grad_(True)
     model.eval()
     pruner = tp.pruner.MetaPruner(
         model, example, importance=imp, pruning_ratio=1 - width, ignored_layers=heads + list(keep or []),
         round_to=round_to if round_to > 1 else None, customized_pruners={ShortcutA: _shortcut_pruner(tp)},
     )
     pruner.step()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
     after = sum(p.numel() for p in model.parameters())
+    if after >= before:
+        raise InputError(f"width {width:g} shrank nothing ({before:,} parameters before and after): no prunable channel group was found")
     return {"width": width, "params_before": before, "params_after": after, "importance": importance, "round_to": round_to}
