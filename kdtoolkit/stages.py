@@ -23,7 +23,7 @@ def _load(art: Artifact):
 
 def teacher_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
     from kdtoolkit.evaluate import check_outputs, evaluate
-    from kdtoolkit.models.loading import save_checkpoint
+    from kdtoolkit.models.loading import save_model
     from kdtoolkit.student.build import count_macs, count_params
 
     t = ctx.teacher
@@ -31,12 +31,12 @@ def teacher_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
     check_outputs(t.module, spec)
     with ArtifactWriter(out_dir, kind="torch", stage="teacher", config={"model": ctx.cfg.model, "arch": ctx.cfg.arch}, input_key=key) as w:
         meta = {**t.meta, **spec.to_dict()}
-        if t.form == "eager" and t.recipe is not None:
-            save_checkpoint(w.path("model.pt"), t.module, t.recipe, meta)
-            name = "model.pt"
-        else:
+        if t.form in ("torchscript", "exported"):
             name = "model.pt2" if t.form == "exported" else "model.pt"
             shutil.copyfile(ctx.cfg.model, w.path(name))
+        else:
+            # a full pickle is stored as a torch.export program: no later stage unpickles the user's file again
+            name = save_model(w.dir, t.module, t.recipe, meta, ctx.input_shape)
         log("[teacher] evaluating on the test split", enabled=ctx.progress)
         r = evaluate(t.module, ctx.splits.test, spec)
         w.metrics.update({"accuracy": r["accuracy"], "n_test": r["n"], "params": count_params(t.module) if hasattr(t.module, "parameters") else None})
@@ -51,11 +51,16 @@ def teacher_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
 
 def student_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
     from kdtoolkit.data import batches
-    from kdtoolkit.models.loading import save_checkpoint
+    from kdtoolkit.models.loading import save_model
     from kdtoolkit.student.build import count_macs, count_params, make_student
 
     (teacher_art,) = inputs
     teacher = _load(teacher_art)
+    if not teacher.rewritable:
+        from kdtoolkit.models.loading import as_graph_modules
+
+        log(f"[student] the teacher is a {teacher.form} model: converting its graph to modules for surgery", enabled=ctx.progress)
+        teacher = as_graph_modules(teacher, ctx.input_shape)
     spec = ctx.splits.spec
     calib = batches(ctx.splits.train, spec, 64, shuffle=True, seed=ctx.cfg.train.seed)
     cfg, found = resolve_student_config(ctx.cfg.student, ctx.profile, teacher, ctx.input_shape, len(spec.classes), ctx.progress)
@@ -63,38 +68,75 @@ def student_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
                                          num_classes=len(spec.classes), calib_batches=calib)
     if found is not None:
         info["search"] = {k: v for k, v in found.items() if k != "config"}
+    info["stored_as"] = "recipe + weights" if recipe is not None else \
+        f"torch.export program (the {teacher.form} teacher has no architecture to rebuild it from)"
     with ArtifactWriter(out_dir, kind="torch", stage="student", config=cfg.model_dump(mode="json"),
                         parents=[teacher_art], input_key=key) as w:
-        save_checkpoint(w.path("model.pt"), student, recipe, spec.to_dict())
+        name = save_model(w.dir, student, recipe, spec.to_dict(), ctx.input_shape)
         w.metrics.update({"params": count_params(student), "macs": count_macs(student, ctx.input_shape)})
-        w.info.update({"model": spec.to_dict(), "model_file": "model.pt", "recipe": recipe, "surgery": info})
+        w.info.update({"model": spec.to_dict(), "model_file": name, "recipe": recipe, "surgery": info})
     return w.artifact
 
 
+DEFAULT_SPEEDUP = 2.0  # what a student must at least give when the user names no budget
+
+
 def resolve_student_config(cfg, profile, teacher, input_shape, num_classes: int, progress: bool = True):
-    """Fill profile defaults (channel multiple, latency budget) and run the latency search if there is a budget."""
+    """Fill profile defaults (channel multiple, latency budget) and search depth x width where needed.
+
+    With a budget (``--latency-budget``, the profile's) or a ``--speedup``, search for it. With neither
+    and no shape chosen by the user, keep the plain separable student if it is at least 2x faster than
+    the teacher at the profile's opt batch; otherwise (already-separable teachers, ConvNeXt-like ones
+    with few standard convs) search depth and width toward 2x, and say so."""
     updates: dict[str, Any] = {}
     if cfg.channel_multiple is None:
         updates["channel_multiple"] = profile.channel_multiple
-    budget = cfg.latency_budget_ms or profile.latency_budget_ms
     cfg = cfg.model_copy(update=updates)
-    if budget is None or cfg.arch:
+    if cfg.arch:
         return cfg, None
-    from kdtoolkit.student.search import search
-
+    budget = cfg.latency_budget_ms or profile.latency_budget_ms
+    speedup = cfg.speedup
+    batch = profile.batch.opt
+    threads = profile.onnxruntime.intra_op_threads
     label = "ONNX Runtime CPU" + (" (proxy for the TensorRT target)" if profile.is_tensorrt else "")
-    log(f"[student] searching depth x width for the most capable student within {budget:g} ms at batch {profile.batch.opt} ({label})",
-        enabled=progress)
-    found = search(teacher, cfg, budget_ms=budget, input_shape=input_shape, num_classes=num_classes, batch=profile.batch.opt,
-                   threads=profile.onnxruntime.intra_op_threads)
+    from kdtoolkit.errors import InputError
+    from kdtoolkit.student.build import make_student
+    from kdtoolkit.student.search import measure_models, search
+
+    best_effort = False
+    if budget is None and speedup is None:
+        if cfg.depth < 1.0 or cfg.width < 1.0:
+            return cfg, None  # the user chose the shape
+        try:
+            model, _, info = make_student(teacher, cfg, input_shape=input_shape, num_classes=num_classes)
+            lat = measure_models({"teacher": teacher.module, "student": model.eval()}, input_shape, [batch], threads=threads, iters=20)
+            got = lat["teacher"][batch]["p50"] / lat["student"][batch]["p50"]
+            if got >= DEFAULT_SPEEDUP:
+                log(f"[student] separable student: {got:.2f}x faster than the teacher at batch {batch} ({label})", enabled=progress)
+                return cfg, {"chosen": "separable", "speedup": got, "speedup_target": DEFAULT_SPEEDUP, "batch": batch,
+                             "latency_runtime": label}
+            why = f"the separable student is only {got:.2f}x faster ({len(info.get('converted', []))} convolutions converted)"
+        except InputError as exc:
+            why = str(exc).split(":")[0]
+        speedup, best_effort = DEFAULT_SPEEDUP, True
+        log(f"[student] {why}; searching depth x width toward {DEFAULT_SPEEDUP:g}x at batch {batch} ({label})", enabled=progress)
+    else:
+        what = " and ".join(filter(None, [f"{budget:g} ms" if budget else None, f"{speedup:g}x" if speedup else None]))
+        log(f"[student] searching depth x width for the most capable student within {what} at batch {batch} ({label})",
+            enabled=progress)
+    found = search(teacher, cfg, budget_ms=budget, speedup=speedup, input_shape=input_shape, num_classes=num_classes,
+                   batch=batch, threads=threads, best_effort=best_effort)
     found["latency_runtime"] = label
+    if best_effort and found["speedup"] < DEFAULT_SPEEDUP:
+        log(f"[student] no candidate reached {DEFAULT_SPEEDUP:g}x; taking the fastest ({found['chosen']}, "
+            f"{found['speedup']:.2f}x)", enabled=progress)
     return found["config"], found
 
 
 def distill_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
     from kdtoolkit.distill.trainer import Trainer
     from kdtoolkit.evaluate import evaluate
-    from kdtoolkit.models.loading import save_checkpoint
+    from kdtoolkit.models.loading import save_model
     from kdtoolkit.student.build import count_params
 
     teacher_art, student_art = inputs
@@ -110,12 +152,12 @@ def distill_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
     r = evaluate(model, ctx.splits.test, spec, reference=t_logits)
     with ArtifactWriter(out_dir, kind="torch", stage="distill", config=ctx.cfg.train.model_dump(mode="json"),
                         parents=[teacher_art, student_art], input_key=key) as w:
-        save_checkpoint(w.path("model.pt"), model, student.recipe, spec.to_dict())
+        name = save_model(w.dir, model, student.recipe, spec.to_dict(), ctx.input_shape)
         fsutil.write_json(w.path("history.json"), result["history"])
         w.metrics.update({"accuracy": r["accuracy"], "teacher_agreement": r["agreement"], "params": count_params(model),
                           "best_val_accuracy": result["best"]["val_accuracy"], "steps": result["steps"],
                           "train_time_s": result["train_time_s"]})
-        w.info.update({"model": spec.to_dict(), "model_file": "model.pt", "recipe": student.recipe})
+        w.info.update({"model": spec.to_dict(), "model_file": name, "recipe": student.recipe})
     return w.artifact
 
 
