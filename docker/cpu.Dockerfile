@@ -5,6 +5,7 @@
 #   docker build -f docker/cpu.Dockerfile -t kdtoolkit:cpu .
 #   docker run --rm -v "$PWD/runs:/runs" kdtoolkit:cpu            # demo -> /runs/demo, then verify + infer
 #   docker run --rm -v "$PWD/runs:/runs" kdtoolkit:cpu kdtoolkit --help
+# Never built on the project's machines (no Docker engine there); see docs/docker.md.
 FROM python:3.11-slim
 
 ENV PIP_NO_CACHE_DIR=1 \

@@ -9,9 +9,11 @@
 #   docker build -f docker/jetson-l4t.Dockerfile -t kdtoolkit:jetson .           # on the Jetson
 #   docker run --rm --runtime nvidia kdtoolkit:jetson                           # pytest -m tensorrt
 #   docker run --rm --runtime nvidia -v "$PWD:/work" -w /work kdtoolkit:jetson \
-#       kdtoolkit build runs/r1/06-optimize --profile jetson-agx-orin-dla --out runs/r1/engine-dla --calib-data DATA
+#       kdtoolkit build runs/r1/06-optimize --profile jetson-agx-orin-dla --out runs/r1/engine-dla \
+#       --calib-cache runs/r1/06-optimize/calibration.cache
 #
-# Not built on the project's development machines (no Docker engine there); standard steps only.
+# NEVER BUILT OR RUN: the project's development machines have no Docker engine, no NVIDIA GPU and no
+# Jetson, so neither this image nor the tests it runs have been tried; see docs/docker.md.
 FROM nvcr.io/nvidia/l4t-jetpack:r36.4.0
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -33,12 +35,19 @@ COPY tests ./tests
 # TensorRT comes from JetPack (python3-libnvinfer), never from PyPI: the constraint pins the [tensorrt]
 # extra's `tensorrt` to the installed one, so pip keeps JetPack's; pycuda builds against JetPack's CUDA.
 # torch from PyPI (aarch64 CPU build) is enough here: it only exports ONNX; TensorRT runs the engines.
+# pycuda has no aarch64 wheel: pip builds it against JetPack's CUDA, which needs nvcc and the headers.
+# cuda-python, if wanted, must match JetPack 6's CUDA 12 (13.x needs a CUDA 13 driver): "cuda-python>=12.6,<13".
+ENV CUDA_ROOT=/usr/local/cuda \
+    CUDA_INC_DIR=/usr/local/cuda/include \
+    PATH=/usr/local/cuda/bin:${PATH}
 RUN TRT="$(python3 -c 'import tensorrt; print(tensorrt.__version__)')" \
  && echo "tensorrt==${TRT}" > /tmp/constraints.txt \
+ && command -v nvcc && test -f "${CUDA_INC_DIR}/cuda.h" \
  && python3 -m pip install --upgrade pip \
  && python3 -m pip install -c /tmp/constraints.txt ".[tensorrt]" "pytest>=8" \
- && python3 -c "import tensorrt, pycuda.driver, kdtoolkit; print('TensorRT', tensorrt.__version__)"
+ && python3 -c "import tensorrt, kdtoolkit; print('TensorRT', tensorrt.__version__)"
+# (pycuda is imported only at run time: its import needs the GPU, which `docker build` does not have)
 
 ENV KDTOOLKIT_DEPLOY_DIR=/opt/kdtoolkit/deploy
 # The documented test command: the real-TensorRT tests (build, run, compare with ONNX Runtime).
-CMD ["python3", "-m", "pytest", "-m", "tensorrt", "tests/test_tensorrt_real.py", "-v"]
+CMD ["python3", "-m", "pytest", "-m", "tensorrt", "tests/test_tensorrt_real.py", "tests/test_device_report.py", "-v"]

@@ -10,7 +10,8 @@
 #   docker run --rm --gpus all -v "$PWD:/work" -w /work kdtoolkit:tensorrt \
 #       kdtoolkit build runs/r1/06-optimize --profile desktop-gpu --out runs/r1/engine
 #
-# Not built on the project's development machines (no Docker engine there); standard steps only.
+# NEVER BUILT OR RUN: the project's development machines have no Docker engine and no NVIDIA GPU, so
+# neither this image nor the tests it runs have been tried; see docs/docker.md for what is and is not known.
 FROM nvcr.io/nvidia/tensorrt:24.12-py3
 
 ENV PIP_NO_CACHE_DIR=1 \
@@ -29,13 +30,19 @@ COPY kdtoolkit ./kdtoolkit
 COPY deploy ./deploy
 COPY tests ./tests
 # (not the [dev] extra: its tensorrt-stubs pins a TensorRT of its own; the type check runs in CI, not here)
+# pycuda has no wheel: pip builds it, which needs nvcc on PATH and the CUDA headers (CUDA_INC_DIR)
+ENV CUDA_ROOT=/usr/local/cuda \
+    CUDA_INC_DIR=/usr/local/cuda/include \
+    PATH=/usr/local/cuda/bin:${PATH}
 # the [tensorrt] extra: tensorrt (pinned to the container's own, so pip keeps it) and pycuda (built
-# against the container's CUDA); cuda-python as well, the binding TensorRT's samples use since 10.14
+# against the container's CUDA); cuda-python as well, the binding TensorRT's samples use since 10.14,
+# PINNED to the container's CUDA major: cuda-python 13.x needs a CUDA 13 driver (R580.65+), this image is CUDA 12.6
 RUN TRT="$(python3 -c 'import tensorrt; print(tensorrt.__version__)')" \
  && echo "tensorrt==${TRT}" > /tmp/constraints.txt \
- && python3 -m pip install -c /tmp/constraints.txt ".[tensorrt]" cuda-python "pytest>=8" \
+ && command -v nvcc && test -f "${CUDA_INC_DIR}/cuda.h" \
+ && python3 -m pip install -c /tmp/constraints.txt ".[tensorrt]" "cuda-python>=12.6,<13" "pytest>=8" \
  && python3 -c "import tensorrt, kdtoolkit; print('TensorRT', tensorrt.__version__)"
 
 ENV KDTOOLKIT_DEPLOY_DIR=/opt/kdtoolkit/deploy
 # The documented test command: the real-TensorRT tests (build, run, compare with ONNX Runtime).
-CMD ["python3", "-m", "pytest", "-m", "tensorrt", "tests/test_tensorrt_real.py", "-v"]
+CMD ["python3", "-m", "pytest", "-m", "tensorrt", "tests/test_tensorrt_real.py", "tests/test_device_report.py", "-v"]

@@ -470,7 +470,8 @@ def _resolve_onnx(onnx: str | os.PathLike[str]) -> tuple[Path, list[Any], dict[s
     p = Path(onnx)
     if p.is_dir():
         art = Artifact.load(p)
-        return art.first_file(".onnx"), [art], dict(art.info.get("model", {}))
+        src = art.file("model.onnx") if "model.onnx" in art.manifest.files else art.first_file(".onnx")  # not model_noqdq.onnx
+        return src, [art], dict(art.info.get("model", {}))
     if not p.is_file():
         raise InputError(f"ONNX file not found: {p}")
     if Artifact.is_artifact(p.parent):
