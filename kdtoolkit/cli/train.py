@@ -46,8 +46,10 @@ ValFraction = Annotated[float, typer.Option("--val-fraction", help="share of the
 
 def _splits(data: str | None, loaded, arch: str | None, *, seed: int, on_bad_image: str, train_limit: int | None,
             test_limit: int | None, mean: str | None, std: str | None, input_shape: str | None, channels: int | None,
-            val_fraction: float):
-    """The data mapped to the model's input, resolved as every command resolves it (inputspec)."""
+            val_fraction: float, model_classes: bool = True):
+    """The data mapped to the model's input, resolved as every command resolves it (inputspec).
+
+    ``model_classes=False`` (finetune: a new head) takes the class order from the data, not the model."""
     from kdtoolkit.cli.options import parse_input_flags, resolve_model_input
     from kdtoolkit.data.inputspec import load_splits
     from kdtoolkit.errors import InputError
@@ -58,6 +60,9 @@ def _splits(data: str | None, loaded, arch: str | None, *, seed: int, on_bad_ima
     if on_bad_image not in ("fail", "skip"):
         raise InputError(f"--on-bad-image must be fail or skip, got {on_bad_image!r}")
     spec = resolve_model_input(flags, loaded, arch)
+    if not model_classes and spec.source.get("classes") == "model":
+        spec.classes = None
+        del spec.source["classes"]
     return load_splits(data, spec, seed=seed, on_bad_image=on_bad_image, train_limit=train_limit, test_limit=test_limit,
                        val_fraction=val_fraction)
 
@@ -286,7 +291,8 @@ def finetune_cmd(
     if not m.rewritable:
         raise InputError(f"{model}: a {m.form} model cannot be fine-tuned here; give a state dict with --arch or a kdtoolkit checkpoint")
     splits = _splits(data, m, arch, seed=seed, on_bad_image=on_bad_image, train_limit=train_limit, test_limit=test_limit,
-                     mean=mean, std=std, input_shape=input_shape, channels=channels, val_fraction=val_fraction)
+                     mean=mean, std=std, input_shape=input_shape, channels=channels, val_fraction=val_fraction,
+                     model_classes=False)
     k = num_classes or len(splits.spec.classes)
     if k != len(splits.spec.classes):
         raise InputError(f"--num-classes {k} but the data has {len(splits.spec.classes)} classes")
