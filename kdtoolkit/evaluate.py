@@ -108,8 +108,8 @@ def check_outputs(model: Any, spec: DataSpec) -> int:
     x = np.zeros((1, spec.channels, *spec.input_size), np.float32)
     kind = output_kind(model, x)
     if kind is not None:
-        raise InputError(f"the model's output is not class logits ({kind}): distillation and top-1 need a classifier; "
-                         "for a detector or segmenter use --no-student (export, INT8 with calibration, check and bundle)")
+        raise InputError(f"the model's output is not class logits ({kind}): kdtoolkit distils and measures classifiers; "
+                         "detectors and segmenters are not supported yet")
     try:
         out = np.asarray(as_predictor(model)(x))
     except Exception as exc:
@@ -119,7 +119,7 @@ def check_outputs(model: Any, spec: DataSpec) -> int:
         ) from None
     if out.ndim != 2:
         raise InputError(f"the model's output is not class logits (shape {'x'.join(map(str, out.shape))}, expected batch x classes): "
-                         "distillation and top-1 need a classifier; for a detector or segmenter use --no-student")
+                         "kdtoolkit distils and measures classifiers; detectors and segmenters are not supported yet")
     if out.shape[-1] != len(spec.classes):
         raise InputError(f"the model has {out.shape[-1]} outputs but the data has {len(spec.classes)} classes ({', '.join(spec.classes[:5])}...)")
     return int(out.shape[-1])

@@ -68,11 +68,11 @@ def student_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
                                          num_classes=len(spec.classes), calib_batches=calib)
     if found is not None:
         info["search"] = {k: v for k, v in found.items() if k != "config"}
-    info["stored_as"] = "recipe + weights" if recipe is not None else \
-        f"torch.export program (the {teacher.form} teacher has no architecture to rebuild it from)"
     with ArtifactWriter(out_dir, kind="torch", stage="student", config=cfg.model_dump(mode="json"),
                         parents=[teacher_art], input_key=key) as w:
         name = save_model(w.dir, student, recipe, spec.to_dict(), ctx.input_shape)
+        info["stored_as"] = "recipe + weights" if name == "model.pt" else \
+            "torch.export program (loads without the teacher's source code and without unpickling)"
         w.metrics.update({"params": count_params(student), "macs": count_macs(student, ctx.input_shape)})
         w.info.update({"model": spec.to_dict(), "model_file": name, "recipe": recipe, "surgery": info})
     return w.artifact

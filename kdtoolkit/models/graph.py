@@ -43,7 +43,7 @@ def _ensure_parent(root: Any, dotted: str) -> tuple[Any, str]:
 def _module_name(weight_name: str | None, fallback: str, used: set[str]) -> str:
     base = weight_name.rsplit(".", 1)[0] if weight_name and "." in weight_name else fallback
     name, i = base, 1
-    while name in used or not all(part.isidentifier() for part in name.split(".")):
+    while name in used or not all(part.isidentifier() or part.isdigit() for part in name.split(".")):
         name = f"{fallback}_{i}"
         i += 1
     used.add(name)
@@ -95,7 +95,7 @@ def modules_from_program(ep: Any) -> Any:
         key = weights_by_node[n.name]
         if key in absorbed:
             raise InputError(f"the exported graph shares weight {key!r} between a layer and another op; it cannot be split into modules")
-        target = key if all(p.isidentifier() for p in key.split(".")) else key.replace(".", "_")
+        target = key if all(p.isidentifier() or p.isdigit() for p in key.split(".")) else key.replace(".", "_")
         parent, leaf = _ensure_parent(root, target)
         if not hasattr(parent, leaf):
             t = state[key]

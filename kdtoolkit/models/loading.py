@@ -190,18 +190,25 @@ def save_model(dir_path: str | os.PathLike[str], model: Any, recipe: dict[str, A
                input_shape: tuple[int, ...]) -> str:
     """Store a model so later stages load it without the user's code; return the file name written.
 
-    With a recipe (zoo, torchvision, timm, ``module:callable``): recipe + weights (``model.pt``). Without
-    one (the teacher came as a full pickle, TorchScript or ``torch.export`` program): a ``torch.export``
-    program (``model.pt2``), which loads without unpickling anything and is rebuilt as modules on load.
+    With a recipe that rebuilds without the user's code (zoo, torchvision, timm): recipe + weights
+    (``model.pt``). Otherwise (a full pickle, TorchScript, ``torch.export`` program, or a user's
+    ``module:callable``): a ``torch.export`` program (``model.pt2``), which loads without the user's
+    source and without unpickling anything, and is rebuilt as modules on load.
     """
     d = Path(dir_path)
-    if recipe is not None:
+    if recipe is not None and _portable(recipe):
         save_checkpoint(d / "model.pt", model, recipe, meta)
         return "model.pt"
     from kdtoolkit.models.graph import save_program
 
     save_program(model, d / "model.pt2", input_shape)
     return "model.pt2"
+
+
+def _portable(recipe: dict[str, Any]) -> bool:
+    """Whether a recipe rebuilds without the user's code: the zoo, torchvision and timm do; ``module:callable`` does not."""
+    name = str(recipe.get("arch", ""))
+    return ":" not in name or name.split(":", 1)[0] in ("torchvision", "timm")
 
 
 def build_from_recipe(recipe: dict[str, Any], state: dict[str, Any] | None = None, source: str = "recipe"):
