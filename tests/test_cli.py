@@ -61,16 +61,18 @@ def test_tensorrt_profile_goes_as_far_as_it_truthfully_can(tmp_path, tiny_teache
     assert set(s["teacher"]["latency_by_batch"]) == {"1"}  # the profile's batch range caps at 16
 
 
-def test_torchscript_teacher_needs_student_arch(tmp_path):
-    from kdtoolkit.data import load_data
+def test_torchscript_teacher_with_a_named_student_arch(tmp_path):
+    # converting the TorchScript graph itself is the default (tests/test_front_door.py); --student-arch opts out
     from kdtoolkit.models import build_arch
 
     m = build_arch("small_cnn", num_classes=10, in_channels=1, width=0.25).eval()
     torch.jit.save(torch.jit.trace(m, torch.zeros(1, 1, 28, 28)), tmp_path / "t.pt")
-    r = _compress(tmp_path, tmp_path / "t.pt")
-    assert r.returncode == 2 and "--student-arch" in r.stderr and "Traceback" not in r.stderr
     r = _compress(tmp_path, tmp_path / "t.pt", "--student-arch", "small_cnn")
     assert r.returncode == 0, r.stderr
+    import json
+
+    surgery = json.loads((tmp_path / "run" / "01-student" / "manifest.json").read_text())["info"]["surgery"]
+    assert "graph_converted_from" not in surgery
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -44,8 +44,11 @@ def test_torchscript_and_exported_program(tmp_path):
     torch.testing.assert_close(ts.module(x), m(x))
     torch.export.save(torch.export.export(m, (x,)), tmp_path / "m.pt2")
     ep = load_model(tmp_path / "m.pt2")
-    assert ep.form == "exported" and not ep.rewritable
+    # an exported program is rebuilt as a module tree: it evaluates, trains and can be rewritten
+    assert ep.form == "exported" and ep.rewritable
     torch.testing.assert_close(ep.module(x), m(x))
+    ep.module.train()
+    ep.module.eval()
 
 
 class _Evil:

@@ -84,4 +84,4 @@ def test_student_command_table_json_and_search(tmp_path):
                 "--latency-budget", "1000", "--batch", "1", "--json", str(tmp_path / "s3.json"))
     assert r.returncode == 0, r.stderr
     found = json.loads((tmp_path / "s3.json").read_text())["search"]
-    assert found["chosen"] == "d1-w1" and len(found["candidates"]) == 9
+    assert found["chosen"] == "d1-w1" and len(found["candidates"]) == 15  # 3 depths x 5 widths
