@@ -162,7 +162,8 @@ def distill_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
 
 
 def export_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
-    from kdtoolkit.export.onnx_export import JETPACK_MAX_OPSET, choose_opset, export_onnx, opset_of, parity, simplify
+    from kdtoolkit.export.onnx_export import (JETPACK_MAX_OPSET, choose_opset, export_onnx, opset_for_target, opset_of, parity,
+                                              simplify)
 
     (src,) = inputs
     loaded = _load(src)
@@ -171,7 +172,14 @@ def export_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
         log(f"[export] note: opset {opset} is newer than the TensorRT 8.5/8.6 parsers (JetPack 5, 6.0) accept", enabled=ctx.progress)
     with ArtifactWriter(out_dir, kind="onnx", stage="export", config={"opset": opset}, parents=[src], input_key=key) as w:
         raw = w.dir / ".raw.onnx"
-        export_onnx(loaded.module, ctx.input_shape, raw, opset=opset, dynamic_batch=ctx.profile.static_input_shape is None)
+        dynamic = ctx.profile.static_input_shape is None
+        export_onnx(loaded.module, ctx.input_shape, raw, opset=opset, dynamic_batch=dynamic)
+        if ctx.cfg.opset is None and ctx.profile.tensorrt is not None:
+            lower, why = opset_for_target(raw, opset, ctx.profile.tensorrt.min_version)
+            if why:
+                log(f"[export] {why}", enabled=ctx.progress)
+                export_onnx(loaded.module, ctx.input_shape, raw, opset=lower, dynamic_batch=dynamic)
+                w.info["opset_note"] = why
         w.info["simplify"] = simplify(raw, w.path("model.onnx"))
         raw.unlink()
         w.metrics["parity"] = parity(loaded.module, w.path("model.onnx"), ctx.splits.test, ctx.splits.spec)

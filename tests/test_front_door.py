@@ -208,3 +208,32 @@ def test_detector_outputs_are_refused_in_preflight(tmp_path):
 def test_compress_without_data_names_the_flag(tmp_path):
     r = _cli("compress", str(tmp_path / "model.pt"), "--profile", "jetson-agx")
     assert r.returncode == 2 and "--data" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_layernorm_is_exported_so_tensorrt_85_parses_it(tmp_path):
+    import onnx
+
+    from kdtoolkit.engine.check import check_file
+    from kdtoolkit.export.onnx_export import export_onnx, opset_for_target
+    from kdtoolkit.profiles import load_profile
+
+    class ConvNeXtish(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.LayerNorm(8), nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.norm(self.conv(x).mean((2, 3))))
+
+    path = tmp_path / "m.onnx"
+    export_onnx(ConvNeXtish().eval(), (1, 1, 28, 28), path, opset=17)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "LayerNormalization" in ops
+    prof = load_profile("jetson-agx")  # oldest TensorRT 8.5: no LayerNormalization in its parser
+    assert any(f.severity == "error" for f in check_file(path, prof).findings)
+    assert opset_for_target(path, 17, "8.6") == (17, None)
+    lower, why = opset_for_target(path, 17, prof.tensorrt.min_version)
+    assert lower == 16 and "LayerNormalization" in why and "8.5" in why
+    export_onnx(ConvNeXtish().eval(), (1, 1, 28, 28), path, opset=lower)
+    assert "LayerNormalization" not in {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert not [f for f in check_file(path, prof).findings if f.severity == "error"]

@@ -528,6 +528,8 @@ def record_tensorrt_check(writer: Any, profile: Any, *, onnx_name: str = "model.
     rep = check_file(onnx_path, profile, calib_cache=writer.path(cache) if cache else None)
     if problem is not None:
         rep.findings.insert(0, problem)
+    if writer.info.get("opset_note"):  # what the export did so the oldest parser takes the graph
+        rep.findings.append(Finding("info", "", "export.opset", writer.info["opset_note"]))
     rep.onnx = onnx_name
     fsutil.write_json(writer.path("check.json"), rep.to_dict())
     cmds = build_commands(onnx_path, profile, calib_data=calib_data, onnx_name=onnx_name, calib_cache_name=cache,

@@ -27,6 +27,29 @@ def choose_opset(requested: int | None, profile_max: int | None = None) -> int:
     return min(profile_max or JETPACK_MAX_OPSET, JETPACK_MAX_OPSET)
 
 
+# Ops that an older TensorRT parser cannot import but that torch decomposes at a lower opset:
+# LayerNormalization is an ONNX op from opset 17 and a TensorRT parser op from 8.6 (onnx-tensorrt
+# operators.md); at opset 16 torch writes it as ReduceMean/Sub/Pow/Sqrt/Div, which 8.5 parses.
+DECOMPOSE_BELOW: dict[str, tuple[tuple[int, int], int]] = {"LayerNormalization": ((8, 6), 16)}
+
+
+def opset_for_target(onnx_path: str | os.PathLike[str], opset: int, trt_min_version: str | None) -> tuple[int, str | None]:
+    """The opset to re-export at so the oldest TensorRT of a profile parses the graph, and why (or the same opset, None)."""
+    if trt_min_version is None:
+        return opset, None
+    import onnx
+
+    from kdtoolkit.engine.trt_version import parse_version
+
+    ops = {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
+    oldest = parse_version(trt_min_version)[:2]
+    for op, (since, lower) in DECOMPOSE_BELOW.items():
+        if op in ops and oldest < since and opset > lower:
+            return lower, (f"{op} is parsed by TensorRT {since[0]}.{since[1]}+ only and the profile's oldest is {trt_min_version}: "
+                           f"exported at opset {lower}, where it decomposes into elementary ops")
+    return opset, None
+
+
 def export_onnx(
     module: Any,
     input_shape: tuple[int, ...],
