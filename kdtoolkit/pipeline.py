@@ -62,6 +62,7 @@ class CompressConfig(BaseModel):
     data: DataConfig
     profile: str = Field("ort-cpu", description="profile name or YAML path")
     profile_overrides: dict[str, Any] = Field(default_factory=dict, description="dotted profile fields set from flags")
+    no_student: bool = Field(False, description="no student: export, INT8 (PTQ) with calibration, check and bundle the teacher itself")
     student: StudentConfig = Field(default_factory=StudentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     opset: int | None = Field(None, description="ONNX opset; default: the profile's max (at most 17)")
@@ -168,6 +169,10 @@ def compress(cfg: CompressConfig, run_dir: str | os.PathLike[str], *, progress: 
 
     run_dir = Path(run_dir)
     cfg = pin_model(cfg)
+    if cfg.no_student and cfg.profile_overrides.get("quant.method", "ptq") != "ptq":
+        raise InputError("--no-student quantizes with PTQ (QAT trains a student); drop quant.method=qat from the overrides")
+    if cfg.no_student:
+        cfg = cfg.model_copy(update={"profile_overrides": {**cfg.profile_overrides, "quant.method": "ptq"}})
     ctx = Context(cfg, run_dir, progress=progress)
     if ctx.profile.name != cfg.profile and not str(cfg.profile).endswith((".yaml", ".yml")):
         log(f"profile: {cfg.profile} -> {ctx.profile.name}", enabled=progress)
@@ -203,14 +208,21 @@ def _compress_locked(ctx: Context, cfg: CompressConfig, run_dir: Path, progress:
     teacher_cfg = {"model": cfg.model, "model_sha": model_id,
                    "arch": cfg.arch, "data": data_cfg}
     teacher = run_stage(ctx, 0, "teacher", S.teacher_stage, [], teacher_cfg)
-    student = run_stage(ctx, 1, "student", S.student_stage, [teacher], {"student": cfg.student.model_dump(mode="json"), "data": data_cfg})
-    distilled = run_stage(ctx, 2, "distill", S.distill_stage, [teacher, student],
-                          {"train": cfg.train.model_dump(mode="json"), "data": data_cfg})
     from kdtoolkit.export.onnx_export import choose_opset
 
     exp_cfg = {"opset": choose_opset(cfg.opset, ctx.profile.max_opset), "data": data_cfg, "batch": ctx.profile.batch.model_dump()}
-    t_onnx = run_stage(ctx, 3, "export-teacher", S.export_stage, [teacher], exp_cfg)
-    s_onnx = run_stage(ctx, 4, "export", S.export_stage, [distilled], exp_cfg)
+    if cfg.no_student:
+        log("[student] --no-student: the teacher itself is exported, quantized with PTQ, checked and bundled", enabled=progress)
+        distilled = teacher
+        t_onnx = run_stage(ctx, 3, "export-teacher", S.export_stage, [teacher], exp_cfg)
+        s_onnx = t_onnx
+    else:
+        student = run_stage(ctx, 1, "student", S.student_stage, [teacher],
+                            {"student": cfg.student.model_dump(mode="json"), "data": data_cfg})
+        distilled = run_stage(ctx, 2, "distill", S.distill_stage, [teacher, student],
+                              {"train": cfg.train.model_dump(mode="json"), "data": data_cfg})
+        t_onnx = run_stage(ctx, 3, "export-teacher", S.export_stage, [teacher], exp_cfg)
+        s_onnx = run_stage(ctx, 4, "export", S.export_stage, [distilled], exp_cfg)
     quant = run_stage(ctx, 5, "quantize", S.quantize_stage, [teacher, distilled, s_onnx],
                       {"profile": ctx.profile.model_dump(mode="json"), "qat": cfg.qat.model_dump(mode="json"), "loss": cfg.train.loss.model_dump(mode="json"),
                        "data": data_cfg, "measure": cfg.measure.model_dump()})

@@ -334,6 +334,7 @@ def write_summary(ctx, *, teacher: Artifact, student: Artifact, deploy: Artifact
     summary = {
         "profile": ctx.profile.name,
         "backend": ctx.profile.backend,
+        "no_student": ctx.cfg.no_student,
         "teacher": t_row,
         "student": s_row,
         "speedup": speed,

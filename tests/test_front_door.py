@@ -237,3 +237,20 @@ def test_layernorm_is_exported_so_tensorrt_85_parses_it(tmp_path):
     export_onnx(ConvNeXtish().eval(), (1, 1, 28, 28), path, opset=lower)
     assert "LayerNormalization" not in {n.op_type for n in onnx.load(str(path)).graph.node}
     assert not [f for f in check_file(path, prof).findings if f.severity == "error"]
+
+
+def test_no_student_exports_quantizes_and_bundles_the_teacher(tmp_path):
+    import json
+
+    path = tmp_path / "w.pth"
+    torch.save(user_models.Plain().state_dict(), path)
+    run = tmp_path / "run"
+    r = _cli("compress", str(path), "--arch", "user_models:Plain", "--no-student", "--profile", "jetson-agx", "--data", "mnist-mini",
+             "--iters", "5", "--test-limit", "256", "--out", str(run))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "teacher, no student (int8)" in r.stdout
+    assert not (run / "01-student").exists() and not (run / "02-distill").exists()
+    q = json.loads((run / "05-quantize" / "manifest.json").read_text())
+    assert q["config"]["method"] == "ptq" and q["metrics"]["precision"] == "int8"
+    assert json.loads((run / "summary.json").read_text())["no_student"] is True
+    assert _cli("verify", str(run / "bundle")).returncode == 0

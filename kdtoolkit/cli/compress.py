@@ -20,7 +20,8 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     table = Table(title=f"kdtoolkit: {summary['profile']} ({summary['latency_runtime']})")
     for col in ["model", "top-1", "params", "size"] + [f"p50/p90 b{b} (ms)" for b in bs]:
         table.add_column(col, justify="right" if col != "model" else "left")
-    for name, r in (("teacher", t), (f"student ({s.get('precision', 'fp32')})", s)):
+    deployed = "teacher, no student" if summary.get("no_student") else "student"
+    for name, r in (("teacher", t), (f"{deployed} ({s.get('precision', 'fp32')})", s)):
         table.add_row(name, f"{100 * r['accuracy']:.2f} %", f"{r['params']:,}", f"{r['size_bytes'] / 1e6:.2f} MB",
                       *[f"{r['latency_by_batch'][b]['p50']:.3f} / {r['latency_by_batch'][b]['p90']:.3f}" for b in bs])
     table.add_row("speedup", f"{-summary['accuracy_drop_points']:+.2f} pts", "", "", *[f"{summary['speedup']['b' + b]:.2f}x" for b in bs])
@@ -49,6 +50,7 @@ def compress_cmd(
     speedup: Annotated[Optional[float], typer.Option("--speedup", help="search depth x width for the most capable student at least X times faster than the teacher (default: 2x when the separable student is not)")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="if another run holds the run folder, wait for it instead of refusing")] = False,
     no_separable: Annotated[bool, typer.Option("--no-separable", help="keep standard convs in the student")] = False,
+    no_student: Annotated[bool, typer.Option("--no-student", help="no student: export, INT8 with calibration (PTQ), check and bundle the teacher itself")] = False,
     student_init: Annotated[Optional[str], typer.Option("--student-init", help="svd (teacher-initialised) or random")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="distillation epochs")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="cap on optimiser steps (a short budget)")] = None,
@@ -109,6 +111,8 @@ def compress_cmd(
             setattr(obj, key, val)
     if no_separable:
         st.separable = False
+    if no_student:
+        cfg.no_student = True
     if alpha is not None:
         tr.loss.alpha.start = alpha
     if temperature is not None:
