@@ -88,6 +88,7 @@ def student_cmd(
     only: Annotated[Optional[str], typer.Option("--only", help="comma-separated stages to convert (e.g. layer2,layer3)")] = None,
     init: Annotated[str, typer.Option("--init", help="svd (teacher-initialised rank-1) or random")] = "svd",
     latency_budget: Annotated[Optional[float], typer.Option("--latency-budget", help="ms at the profile's opt batch: search depth x width")] = None,
+    speedup: Annotated[Optional[float], typer.Option("--speedup", help="search depth x width for the most capable student at least X times faster than the teacher (default: 2x when the separable student is not)")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="a few batches to re-estimate BatchNorm after surgery")] = None,
     input_shape: InputShape = None,
     channels: Channels = None,
@@ -103,7 +104,7 @@ def student_cmd(
     from kdtoolkit import fsutil
     from kdtoolkit.artifact import ArtifactWriter
     from kdtoolkit.errors import InputError
-    from kdtoolkit.models.loading import load_model, save_checkpoint
+    from kdtoolkit.models.loading import load_model, save_model
     from kdtoolkit.profiles import load_profile
     from kdtoolkit.stages import resolve_student_config
     from kdtoolkit.student.build import StudentConfig, make_student
@@ -137,7 +138,11 @@ def student_cmd(
         n_cls = int(teacher.module(torch.zeros(full_shape)).shape[-1])
     cfg = StudentConfig(arch=student_arch, separable=not no_separable, skip_stem=skip_stem, skip_first=skip_first,
                         skip=skip.split(",") if skip else [], only=only.split(",") if only else [], depth=depth, width=width,
-                        init=init, latency_budget_ms=latency_budget)
+                        init=init, latency_budget_ms=latency_budget, speedup=speedup)
+    if not teacher.rewritable:
+        from kdtoolkit.models.loading import as_graph_modules
+
+        teacher = as_graph_modules(teacher, full_shape)  # TorchScript: convert the graph itself
     cfg, found = resolve_student_config(cfg, prof, teacher, full_shape, n_cls)
     student, recipe, info = make_student(teacher, cfg, input_shape=full_shape, num_classes=n_cls, calib_batches=calib)
     bs = [int(b) for b in batches.split(",")]
@@ -150,9 +155,9 @@ def student_cmd(
     if found is not None:
         result["search"] = {k: v for k, v in found.items() if k != "config"}
     with ArtifactWriter(out, kind="torch", stage="student", config=cfg.model_dump(mode="json")) as w:
-        save_checkpoint(w.path("model.pt"), student, recipe, meta)
+        name = save_model(w.dir, student, recipe, meta, full_shape)
         w.metrics.update({"params": table["student"]["params"], "macs": table["student"]["macs"], "latency": table})
-        w.info.update({"model": meta, "model_file": "model.pt", "recipe": recipe, "surgery": info})
+        w.info.update({"model": meta, "model_file": name, "recipe": recipe, "surgery": info})
     if json_out:
         fsutil.write_json(json_out, result)
     if found is not None and found.get("candidates"):
