@@ -254,3 +254,22 @@ def test_no_student_exports_quantizes_and_bundles_the_teacher(tmp_path):
     assert q["config"]["method"] == "ptq" and q["metrics"]["precision"] == "int8"
     assert json.loads((run / "summary.json").read_text())["no_student"] is True
     assert _cli("verify", str(run / "bundle")).returncode == 0
+
+
+def test_safetensors_state_dict_with_arch(tmp_path):
+    from safetensors.torch import save_file
+
+    from kdtoolkit.errors import InputError
+    from kdtoolkit.models.loading import load_model
+
+    torch.manual_seed(0)
+    model = user_models.ResNetish().eval()
+    save_file({f"module.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    loaded = load_model(tmp_path / "w.safetensors", arch="user_models:ResNetish")
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(loaded.module(x), model(x))
+    with pytest.raises(InputError, match="--arch"):
+        load_model(tmp_path / "w.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="not a readable safetensors file"):
+        load_model(tmp_path / "bad.safetensors", arch="user_models:ResNetish")

@@ -249,6 +249,16 @@ def load_model(
         loaded.meta = {**art.info.get("model", {}), **loaded.meta}
         return loaded
 
+    if path.suffix == ".safetensors":
+        from kdtoolkit.errors import lazy_import
+
+        st = lazy_import("safetensors.torch", purpose=f"loading {path.name}")
+        try:
+            obj: Any = st.load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for a bad header
+            raise InputError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        return _from_state_dict(obj, path, arch, num_classes, in_channels)
+
     kind = _zip_kind(path)
     if kind == "exported":
         try:
@@ -286,6 +296,11 @@ def load_model(
         model = build_from_recipe(obj["recipe"], obj["state_dict"], str(path))
         return LoadedModel(model.eval(), "eager", str(path), arch=obj["recipe"]["arch"], recipe=obj["recipe"], meta=dict(obj.get("meta", {})))
 
+    return _from_state_dict(obj, path, arch, num_classes, in_channels)
+
+
+def _from_state_dict(obj: Any, path: Path, arch: str | None, num_classes: int | None, in_channels: int | None) -> LoadedModel:
+    """A state dict (possibly nested under a usual key) built into ``arch``."""
     state = extract_state_dict(obj, str(path))
     if arch is None:
         raise InputError(f"{path} holds only weights (a state dict); name its architecture with --arch NAME (known: {', '.join(known_archs())})")
