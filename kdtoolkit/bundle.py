@@ -344,14 +344,16 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
     import numpy as np  # heavy imports only once the run is known to be usable
 
     from kdtoolkit.evaluate import predict
-    from kdtoolkit.pipeline import load_config
+    from kdtoolkit.config import load_config
     from kdtoolkit.profiles import load_profile
 
     deploy.check()
     cfg = load_config(run_dir / "config.yaml")
     profile = load_profile(cfg.profile, cfg.profile_overrides)
-    spec_d = deploy.info.get("model") or {}
-    if not spec_d.get("input_size"):
+    from kdtoolkit.data.inputspec import InputSpec
+
+    given = InputSpec.from_meta(deploy.info.get("model"))
+    if given.input_size is None:
         raise InputError(f"{deploy.path}: the manifest holds no model input description (info.model)")
     onnx_src = deploy.file("model.onnx")
 
@@ -360,11 +362,12 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
         from kdtoolkit.data import load_data
 
         d = cfg.data
-        splits = load_data(data or d.source, input_size=tuple(spec_d["input_size"]), channels=spec_d["channels"],
-                           mean=tuple(spec_d["mean"]), std=tuple(spec_d["std"]), class_names=list(spec_d["classes"]),
+        splits = load_data(data or d.source, input_size=given.input_size, channels=given.channels,
+                           mean=given.mean, std=given.std, class_names=given.classes,
                            val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed,
                            on_bad_image=d.on_bad_image, train_limit=d.train_limit, test_limit=d.test_limit)
-        splits.spec.classes = list(spec_d["classes"])
+        if given.classes:
+            splits.spec.classes = list(given.classes)
     spec = splits.spec
     inputs, outputs = _io_from_onnx(onnx_src)
     static_batch = inputs[0]["shape"][0] if isinstance(inputs[0]["shape"][0], int) else None

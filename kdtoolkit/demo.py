@@ -15,7 +15,8 @@ DATASET = "mnist-mini"
 def train_teacher(out_dir: Path, *, epochs: int = 3, progress: bool = True) -> Artifact:
     """A SmallCNN trained on labels alone: the teacher the demo compresses (skipped when already there)."""
     from kdtoolkit.data import load_data
-    from kdtoolkit.distill.trainer import LossConfig as LC, TrainConfig, Trainer
+    from kdtoolkit.config import LossConfig as LC, TrainConfig
+    from kdtoolkit.distill.trainer import Trainer
     from kdtoolkit.evaluate import evaluate
     from kdtoolkit.models.loading import save_checkpoint
     from kdtoolkit.models.zoo import small_cnn
@@ -42,9 +43,8 @@ def train_teacher(out_dir: Path, *, epochs: int = 3, progress: bool = True) -> A
 
 
 def run_demo(out: str | Path, *, progress: bool = True, epochs: int = 3) -> dict[str, Any]:
-    from kdtoolkit.distill.trainer import TrainConfig
-    from kdtoolkit.pipeline import CompressConfig, DataConfig, MeasureConfig, compress
-    from kdtoolkit.student.build import StudentConfig
+    from kdtoolkit.config import CompressConfig, DataConfig, MeasureConfig, StudentConfig, TrainConfig
+    from kdtoolkit.pipeline import compress
 
     out = Path(out)
     teacher = train_teacher(out / "teacher", progress=progress)

@@ -8,84 +8,22 @@ so a repeated or interrupted run resumes where it stopped (make-like, content-ad
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from kdtoolkit import fsutil
 from kdtoolkit.artifact import Artifact
-from kdtoolkit.distill.trainer import TrainConfig
+from kdtoolkit.config import (CompressConfig, DataConfig, LossConfig, MeasureConfig, QatConfig, StudentConfig, TrainConfig,
+                              load_config, save_config)
 from kdtoolkit.errors import InputError
 from kdtoolkit.progress import log
-from kdtoolkit.quant.qat import QatConfig
-from kdtoolkit.student.build import StudentConfig
+
+__all__ = ["CompressConfig", "DataConfig", "LossConfig", "MeasureConfig", "QatConfig", "StudentConfig", "TrainConfig",
+           "load_config", "save_config", "Context", "compress", "pin_model", "run_stage"]
 
 STAGE_VERSION = 1  # bump when a stage's output for the same inputs changes
-
-
-class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    source: str = Field(description="ImageFolder, .tar.gz, .npz, or a built-in dataset name")
-    input_size: tuple[int, int] | None = Field(None, description="H, W of the model input; default: the images'")
-    channels: int | None = Field(None, description="model input channels; default: the images'")
-    mean: tuple[float, ...] | None = Field(None, description="normalisation mean per channel; default: teacher metadata or measured")
-    std: tuple[float, ...] | None = Field(None, description="normalisation std per channel")
-    class_names: list[str] | None = Field(None, description="class order; default: teacher metadata, else sorted folder names")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="validation carved from train")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="test share when the data has no split")
-    seed: int = Field(0, description="split seed")
-    on_bad_image: str = Field("fail", description="fail or skip on unreadable images")
-    train_limit: int | None = Field(None, ge=1, description="use a seeded subset of the training split")
-    test_limit: int | None = Field(None, ge=1, description="use a seeded subset of the test split")
-
-
-class MeasureConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    batches: list[int] = Field(default_factory=lambda: [1, 64], description="batch sizes to time")
-    warmup: int = Field(10, ge=0, description="untimed runs per candidate and batch")
-    iters: int = Field(60, ge=5, description="timed interleaved rounds per batch")
-
-
-class CompressConfig(BaseModel):
-    """The resolved configuration of a run; saved as RUN/config.yaml and re-runnable with --config."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str = Field(description="teacher model file or artifact folder")
-    arch: str | None = Field(None, description="architecture for a state-dict teacher")
-    trust_pickle: bool = Field(False, description="allow unpickling a full module (runs code); covers every stage of the run")
-    model_sha256: str | None = Field(None, description="sha256 of the model file when the run was configured; a rerun refuses a changed file")
-    data: DataConfig
-    profile: str = Field("ort-cpu", description="profile name or YAML path")
-    profile_overrides: dict[str, Any] = Field(default_factory=dict, description="dotted profile fields set from flags")
-    no_student: bool = Field(False, description="no student: export, INT8 (PTQ) with calibration, check and bundle the teacher itself")
-    student: StudentConfig = Field(default_factory=StudentConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    opset: int | None = Field(None, description="ONNX opset; default: the profile's max (at most 17)")
-    measure: MeasureConfig = Field(default_factory=MeasureConfig)
-    qat: QatConfig = Field(default_factory=QatConfig, description="QAT budget when the profile's quant.method is qat")
-
-
-def load_config(path: str | os.PathLike[str]) -> CompressConfig:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"config file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text())
-        return CompressConfig.model_validate(raw)
-    except yaml.YAMLError as exc:
-        raise InputError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    except ValidationError as exc:
-        e = exc.errors()[0]
-        raise InputError(f"{p}: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
-
-
-def save_config(cfg: CompressConfig, path: Path) -> None:
-    fsutil.write_text(path, yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
 
 
 class Context:

@@ -77,7 +77,8 @@ def compress_cmd(
     """Teacher -> student -> distill -> export -> optimise -> profile -> report, resumable, in one run folder."""
     from kdtoolkit import fsutil
     from kdtoolkit.errors import InputError
-    from kdtoolkit.pipeline import CompressConfig, DataConfig, compress, load_config
+    from kdtoolkit.config import CompressConfig, DataConfig, load_config
+    from kdtoolkit.pipeline import compress
 
     if config is not None:
         cfg = load_config(config)

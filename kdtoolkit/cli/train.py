@@ -70,7 +70,7 @@ def _splits(data: str | None, loaded, arch: str | None, *, seed: int, on_bad_ima
 def _train_config(**kw: Any):
     from pydantic import ValidationError
 
-    from kdtoolkit.distill.trainer import TrainConfig
+    from kdtoolkit.config import TrainConfig
     from kdtoolkit.errors import InputError
 
     try:

@@ -62,6 +62,18 @@ class InputSpec:
     fallback_size: tuple[int, int] | None = None
     fallback_source: str = ""
 
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any] | None, *, source: str = "model") -> InputSpec:
+        """The one parser of a model's ``meta`` (and of a manifest's ``info.model``): channels,
+        input_size, mean, std and classes, each None where the metadata has none."""
+        meta = meta or {}
+        spec = cls(channels=int(meta["channels"]) if meta.get("channels") else None,
+                   input_size=_tuple(meta.get("input_size"), int), mean=_tuple(meta.get("mean"), float),
+                   std=_tuple(meta.get("std"), float),
+                   classes=[str(c) for c in meta["classes"]] if meta.get("classes") else None)
+        spec.source = {k: source for k in FIELDS if getattr(spec, k) is not None}
+        return spec
+
     @property
     def shape(self) -> tuple[int, int, int] | None:
         """C, H, W when both channels and size are known."""
@@ -205,13 +217,8 @@ def resolve_input(flags: InputFlags | None, meta: dict[str, Any] | None, arch: s
     flags = flags or InputFlags()
     meta = meta or {}
     zoo, zoo_label = arch_defaults(arch)
-    model_vals: dict[str, Any] = {
-        "channels": int(meta["channels"]) if meta.get("channels") else None,
-        "input_size": _tuple(meta.get("input_size"), int),
-        "mean": _tuple(meta.get("mean"), float),
-        "std": _tuple(meta.get("std"), float),
-        "classes": [str(c) for c in meta["classes"]] if meta.get("classes") else None,
-    }
+    from_meta = InputSpec.from_meta(meta)
+    model_vals: dict[str, Any] = {k: getattr(from_meta, k) for k in FIELDS}
     if model_vals["channels"] is None and module is not None:
         model_vals["channels"] = first_conv_channels(module)
     data_vals: dict[str, Any] = {}

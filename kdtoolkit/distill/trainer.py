@@ -16,70 +16,19 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from kdtoolkit import fsutil
+from kdtoolkit.config import LossConfig, TrainConfig  # noqa: F401  (re-exported: configs live in kdtoolkit.config)
 from kdtoolkit.data.datasets import ArrayData, DataSpec, Splits, batches
 from kdtoolkit.distill.losses import LOSSES
-from kdtoolkit.distill.schedules import Schedule, lr_factor
+from kdtoolkit.distill.schedules import Schedule, lr_factor  # noqa: F401
 from kdtoolkit.errors import InputError, TrainingDiverged
 from kdtoolkit.progress import Progress, log
-
-
-class LossConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field("kd", description="registered loss: kd (Hinton 2015) or ce (labels only)")
-    alpha: Schedule = Field(default_factory=lambda: Schedule(start=0.9), description="weight of the soft-target term")
-    temperature: Schedule = Field(default_factory=lambda: Schedule(start=4.0), description="softmax temperature T")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the hard-label term")
-    hint_weight: float = Field(0.0, ge=0, description="weight of the FitNets hint loss (0 = off)")
-    hints: list[str] = Field(default_factory=list, description="hint pairs 'student[:teacher]' module names; empty = pair stage outputs by spatial size")
-    at_weight: float = Field(0.0, ge=0, description="weight of the attention-transfer loss (0 = off; the paper uses 1000)")
-    at_layers: list[str] = Field(default_factory=list, description="attention-transfer pairs 'student[:teacher]'; empty = automatic")
-    teacher_weights: list[float] | None = Field(None, description="fixed weights of several teachers (None = equal)")
-    teacher_weighting: Literal["fixed", "confidence", "ce"] = Field(
-        "fixed", description="multi-teacher: fixed weights, or per sample by teacher max-softmax confidence or by CE on the label")
-
-    @property
-    def uses_features(self) -> bool:
-        return self.hint_weight > 0 or self.at_weight > 0
-
-
-class TrainConfig(BaseModel):
-    """Everything that decides a training run; hashed to decide whether a stage can be skipped."""
-
-    model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(3, ge=0, description="passes over the training split")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (a budget)")
-    batch_size: int = Field(128, ge=1, description="per-process batch size")
-    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="optimiser")
-    lr: float = Field(0.05, gt=0, description="peak learning rate")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Nesterov)")
-    weight_decay: float = Field(5e-4, ge=0, description="decoupled for AdamW, L2 for SGD")
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
-    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
-    grad_clip: float | None = Field(5.0, gt=0, description="max gradient norm, None to disable")
-    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the weights and evaluate it")
-    patience: int | None = Field(None, ge=1, description="early stopping: epochs without val improvement")
-    augment: Literal["none", "crop", "flip", "crop_flip"] = Field("none", description="batch augmentation")
-    mixup: float = Field(0.0, ge=0, description="mixup Beta(a, a); 0 = off")
-    cutmix: float = Field(0.0, ge=0, description="cutmix Beta(a, a); 0 = off")
-    amp: bool = Field(False, description="mixed precision (CUDA only)")
-    channels_last: bool = Field(True, description="train in channels-last memory format (measured 1.36x the steps/s for a separable student on CPU)")
-    seed: int = Field(0, description="seed for order, augmentation and init")
-    checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps")
-    cache_teacher: bool = Field(True, description="cache teacher logits on disk when augmentation is off")
-    sync_bn: bool = Field(True, description="SyncBatchNorm under DDP so N processes match one")
-    lr_scales: dict[str, float] = Field(default_factory=dict, description="lr multiplier per parameter-name prefix (longest match wins; '' = all)")
-    freeze: list[str] = Field(default_factory=list, description="module-name prefixes frozen at the start (in model order)")
-    unfreeze_every: int | None = Field(None, ge=1, description="gradual unfreezing: unfreeze the deepest frozen one every N epochs")
-    loss: LossConfig = Field(default_factory=LossConfig)
-    eval_batch_size: int = Field(512, ge=1, description="batch for validation")
 
 
 def dist_info() -> tuple[int, int, int]:

@@ -160,10 +160,11 @@ def calibration_arrays(source: str, input_shape: tuple[int, ...], *, limit: int,
     from kdtoolkit.data import load_data
     from kdtoolkit.data.datasets import to_tensor
 
-    meta = meta or {}
+    from kdtoolkit.data.inputspec import InputSpec
+
+    given = InputSpec.from_meta(meta)
     c, h, w = input_shape
-    sp = load_data(source, input_size=(h, w), channels=c, mean=tuple(meta["mean"]) if meta.get("mean") else None,
-                   std=tuple(meta["std"]) if meta.get("std") else None)
+    sp = load_data(source, input_size=(h, w), channels=c, mean=given.mean, std=given.std)
     train = sp.train
     if len(train) > limit:
         train = train.subset(np.sort(np.random.default_rng(seed).choice(len(train), limit, replace=False)))

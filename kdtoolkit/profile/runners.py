@@ -233,10 +233,10 @@ _ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 def _torch_shape(meta: dict[str, Any], given: tuple[int, ...] | None) -> tuple[Any, ...] | None:
     if given:
         return ("batch", *given[1:]) if len(given) == 4 else ("batch", *given)
-    size, ch = meta.get("input_size"), meta.get("channels")
-    if size and ch:
-        return ("batch", int(ch), int(size[0]), int(size[1]))
-    return None
+    from kdtoolkit.data.inputspec import InputSpec
+
+    shape = InputSpec.from_meta(meta).shape
+    return ("batch", *shape) if shape else None
 
 
 def load_runner(

@@ -7,30 +7,10 @@ be rewritten module by module; their student comes from ``student_arch``.
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from kdtoolkit.config import StudentConfig  # re-exported: configs live in kdtoolkit.config
 from kdtoolkit.errors import InputError
-
-
-class StudentConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    arch: str | None = Field(None, description="build this architecture instead of converting the teacher")
-    arch_width: float | None = Field(None, gt=0, description="width multiplier for a zoo student_arch")
-    separable: bool = Field(True, description="depthwise-separable conversion of standard KxK convs")
-    skip_stem: bool = Field(True, description="keep the first conv standard (few input channels: rank-1 is poor there)")
-    skip_first: int = Field(0, ge=0, description="also keep the first N convertible convs")
-    skip: list[str] = Field(default_factory=list, description="module names or patterns to keep standard")
-    only: list[str] = Field(default_factory=list, description="convert only inside these module names (stages)")
-    depth: float = Field(1.0, gt=0, le=1, description="fraction of shape-preserving blocks kept per stage")
-    width: float = Field(1.0, gt=0, le=1, description="fraction of channels kept (Torch-Pruning dependency graph)")
-    width_importance: Literal["l2", "bn"] = Field("l2", description="channel importance: group weight L2 norm or BN scale")
-    channel_multiple: int | None = Field(None, ge=1, description="round channel counts to this; default: the profile's")
-    latency_budget_ms: float | None = Field(None, gt=0, description="search depth/width for the most capable student within this p50 at the profile's opt batch")
-    speedup: float | None = Field(None, gt=1, description="search depth/width for the most capable student at least this many times faster than the teacher at the profile's opt batch; default: 2x when the plain separable student is not")
-    init: Literal["svd", "random"] = Field("svd", description="teacher-initialised rank-1 weights, or fresh init")
-    bn_recalib_batches: int = Field(20, ge=0, description="batches to re-estimate BatchNorm statistics after surgery")
 
 
 def count_params(model: Any) -> int:
