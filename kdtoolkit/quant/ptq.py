@@ -6,6 +6,9 @@ Percentile calibrations. It has no MSE calibration, so for ``mse`` we collect th
 ourselves (one ORT pass with every candidate tensor as an output) and search, per tensor, the
 clipping range whose quantize-dequantize error is smallest; the ranges go back into
 ``quantize_static`` as ``TensorQuantOverrides``, so the graph is built by the same code path.
+For the ORT schemes the op list is ORT's own, so the Q/DQ placement (and hence ORT's fusions) is
+``quantize_static``'s; the one rewrite on top, :func:`align_input_channels`, is exact and only makes
+ORT pick its fast kernel for an RGB stem.
 """
 
 from __future__ import annotations

@@ -3,9 +3,11 @@
 * BatchNorm is folded into the conv weights first (``torch.fx`` conv+bn fusion in eval mode), so
   the weights that get fake-quantized are the weights the runtime multiplies.
 * Fake-quant sits where the QDQ graph has Q/DQ: on every tensor that feeds a Conv/Linear, a
-  residual Add or a pooling op, and on the output of a Linear or Add (one quantizer per tensor, shared by all
-  its consumers: the placement onnxruntime's own quantizer uses, so ORT fuses the same kernels),
-  and on Conv/Linear weights per output channel (axis 0), symmetric, zero point 0.
+  residual Add or a pooling op, and on the output of a Linear, an Add or an average pool (one quantizer
+  per tensor, shared by all its consumers); ops that only move values (flatten, view, max pool) reuse their
+  input's quantizer on their output. That is the placement onnxruntime's own quantizer uses, so ORT fuses the
+  same kernels (checked against quantize_static's optimised graph in tests/test_quant_ort.py); and on
+  Conv/Linear weights per output channel (axis 0), symmetric, zero point 0.
 * The numbers are the runtime's: activation (scale, zero point) from the scheme's
   ``act_qparams`` (ORT's ``compute_scale_zp``), weight scale = absmax / 127 (or / 64 with
   reduce_range), clamping to the dtype range, round half to even (``torch.fake_quantize_*`` and
@@ -32,18 +34,22 @@ from kdtoolkit.errors import InputError
 from kdtoolkit.quant.schemes import Scheme
 
 
-class QatConfig(BaseModel):
-    """Budget and knobs of the QAT run (kept small by default: the demo must stay fast)."""
+try:  # one home for every configuration (kdtoolkit.config, no torch); this module's copy until that lands
+    from kdtoolkit.config import QatConfig
+except ImportError:  # pragma: no cover - older trees without kdtoolkit/config.py
 
-    model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(1, ge=0, description="passes over the training split")
-    max_steps: int | None = Field(60, ge=1, description="optimiser step budget (None = all epochs)")
-    batch_size: int = Field(128, ge=1, description="batch size")
-    lr: float = Field(0.002, gt=0, description="peak learning rate (fine-tuning: small)")
-    learn_scales: bool = Field(True, description="train activation scales (LSQ gradient), else keep calibrated ones")
-    init: Literal["minmax", "mse", "percentile"] = Field("mse", description="activation-range initialisation from calibration")
-    calib_size: int | None = Field(None, ge=1, description="calibration samples; default: the profile's calib_size")
-    seed: int = Field(0, description="seed for order and calibration subset")
+    class QatConfig(BaseModel):
+        """Budget and knobs of the QAT run (kept small by default: the demo must stay fast)."""
+
+        model_config = ConfigDict(extra="forbid")
+        epochs: int = Field(1, ge=0, description="passes over the training split")
+        max_steps: int | None = Field(60, ge=1, description="optimiser step budget (None = all epochs)")
+        batch_size: int = Field(128, ge=1, description="batch size")
+        lr: float = Field(0.002, gt=0, description="peak learning rate (fine-tuning: small)")
+        learn_scales: bool = Field(True, description="train activation scales (LSQ gradient), else keep calibrated ones")
+        init: Literal["minmax", "mse", "percentile"] = Field("mse", description="activation-range initialisation from calibration")
+        calib_size: int | None = Field(None, ge=1, description="calibration samples; default: the profile's calib_size")
+        seed: int = Field(0, description="seed for order and calibration subset")
 
 
 def _torch():

@@ -97,6 +97,9 @@ class Scheme:
                   "activations": "per-tensor", "weights": f"per-channel (axis {self.weight_axis})" if self.weight_per_channel else "per-tensor",
                   "rounding": "round half to even (ONNX QuantizeLinear, torch fake_quantize)"})
         d["quant_ops"] = list(self.quant_ops)
+        if self.name != "tensorrt":
+            d["quant_op_list"] = ("onnxruntime quantize_static's own (QDQ registry): ReLU/Clip folded into the producer's uint8 "
+                                  "output, Add -> QLinearAdd, pooling and shape ops on uint8, as ORT's fusions expect")
         return d
 
 
