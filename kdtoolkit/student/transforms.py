@@ -13,6 +13,7 @@ A recipe is ``{"arch", "arch_kwargs", "transforms": [...]}``; replaying the tran
 from __future__ import annotations
 
 import fnmatch
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -132,7 +133,8 @@ def droppable_blocks(model: nn.Module, example: torch.Tensor) -> dict[str, list[
         idx = [i for i in range(len(mod)) if (s := shapes.get(f"{name}.{i}" if name else str(i))) and s[0] == s[1]]
         if idx:
             out[name] = idx
-    return out
+    # a stage inside a block of another stage is that block's own layers (RegNet's ``f``), not a stage of blocks
+    return {n: i for n, i in out.items() if not any(n.startswith(o + ".") for o in out if o != n)}
 
 
 def reduce_depth(model: nn.Module, keep: dict[str, int]) -> dict[str, Any]:
@@ -145,7 +147,8 @@ def reduce_depth(model: nn.Module, keep: dict[str, int]) -> dict[str, Any]:
         if k < 1 or k > len(seq):
             raise InputError(f"depth reduction: stage {stage!r} has {len(seq)} blocks, cannot keep {k}")
         dropped[stage] = len(seq) - k
-        _set_child(model, stage, nn.Sequential(*list(seq)[:k]))
+        # keep the children's own names (torchvision's RegNet names them "block2-0"), so stages nested in them still resolve
+        _set_child(model, stage, nn.Sequential(OrderedDict(list(seq.named_children())[:k])))
     return {"dropped_blocks": dropped}
 
 
