@@ -13,7 +13,8 @@ import pytest
 import torch
 from helpers import TrainForwards, constant_level_to_index, label_of_pixel, linear_model, np_soft_ce, pixel_splits
 
-from kdtoolkit.distill.trainer import LossConfig, TrainConfig, Trainer
+from kdtoolkit.config import LossConfig, TrainConfig
+from kdtoolkit.distill.trainer import Trainer
 
 
 def _cfg(**kw) -> TrainConfig:

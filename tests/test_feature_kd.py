@@ -15,8 +15,9 @@ import pytest
 import torch
 from helpers import pixel_splits
 
+from kdtoolkit.config import LossConfig, TrainConfig
 from kdtoolkit.distill.losses import FEATURE_LOSSES
-from kdtoolkit.distill.trainer import LossConfig, TrainConfig, Trainer
+from kdtoolkit.distill.trainer import Trainer
 from kdtoolkit.models.zoo import small_cnn
 
 
