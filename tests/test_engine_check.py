@@ -461,7 +461,7 @@ def test_build_commands_never_ask_trtexec_for_int8_it_cannot_get(tmp_path):
 
 def test_the_projects_own_tensorrt_qdq_passes_and_its_ort_qdq_does_not(resnet20_onnx, tmp_path):
     """The quantizer's TensorRT-scheme QDQ model has no error under the check; its ort_x86 one (u8 activations) is refused."""
-    quant = pytest.importorskip("kdtoolkit.quant.ptq")
+    from kdtoolkit.quant import ptq as quant  # our own module: a broken import must fail, not skip
     from kdtoolkit.quant.schemes import scheme_for
 
     calib = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)
