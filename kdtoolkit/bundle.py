@@ -46,28 +46,17 @@ _INT8_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QG
 
 
 def _stage_artifacts(run_dir: Path) -> list[Any]:
-    """Every finished stage artifact of the run (RUN/NN-name), in stage order."""
-    from kdtoolkit.artifact import Artifact
+    """Every finished stage artifact of the run, in stage order (found by stage name: kdtoolkit.run.RunDir)."""
+    from kdtoolkit.run import RunDir
 
-    arts = []
-    for p in sorted(run_dir.iterdir()):
-        if p.is_dir() and re.match(r"^\d\d-", p.name) and Artifact.is_artifact(p):
-            arts.append(Artifact.load(p))
-    return arts
+    return list(RunDir(run_dir).artifacts().values())
 
 
 def find_final(run_dir: Path) -> tuple[Any, Any | None]:
     """The deployable ONNX (the optimize stage's) and the engine artifact when the run built one."""
-    arts = _stage_artifacts(run_dir)
-    onnx = [a for a in arts if a.kind == "onnx" and a.manifest.stage == "optimize"]
-    if not onnx:  # a run without an optimize stage: its last ONNX that is not the teacher's
-        onnx = [a for a in arts if a.kind == "onnx" and not a.path.name.endswith("-export-teacher")]
-    if not onnx:
-        found = ", ".join(a.path.name for a in arts) or "no stage folders"
-        raise InputError(f"{run_dir}: no final artifact to bundle (no optimize/ONNX stage finished; found: {found}); "
-                         "rerun `kdtoolkit compress` to finish the run")
-    engines = [a for a in arts if a.kind == "engine"]
-    return onnx[-1], (engines[-1] if engines else None)
+    from kdtoolkit.run import RunDir
+
+    return RunDir(run_dir).final()
 
 
 def _resolve_parent(parent: Any, run_dir: Path) -> Any | None:
@@ -316,11 +305,14 @@ def _readme(m: dict[str, Any]) -> str:
 
 def _report_files(run_dir: Path) -> list[Path]:
     """report.md/html, plots and summary.json of the run (not the stage folders, the work folder or a bundle)."""
+    from kdtoolkit.run import stage_folders
+
+    stage_dirs = set(stage_folders().values())
     out = []
     for p in sorted(run_dir.rglob("*")):
         rel = p.relative_to(run_dir)
         top = rel.parts[0]
-        if not p.is_file() or re.match(r"^\d\d-", top) or top.startswith(".") or top.startswith("bundle"):
+        if not p.is_file() or top in stage_dirs or top.startswith(".") or top.startswith("bundle"):
             continue
         if p.name in ("report.md", "report.html", "summary.json") or p.suffix.lower() in (".png", ".svg"):
             out.append(p)
@@ -340,7 +332,9 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         raise InputError(f"{run_dir}: no summary.json, so no measured figures to hand over; finish the run with `kdtoolkit compress`")
-    summary = json.loads(summary_path.read_text())
+    from kdtoolkit.run import RunSummary
+
+    summary = RunSummary.load(run_dir).to_dict()
     import numpy as np  # heavy imports only once the run is known to be usable
 
     from kdtoolkit.evaluate import predict

@@ -165,6 +165,8 @@ class CompressConfig(BaseModel):
     opset: int | None = Field(None, description="ONNX opset; default: the profile's max (at most 17)")
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
     qat: QatConfig = Field(default_factory=QatConfig, description="QAT budget when the profile's quant.method is qat")
+    build: bool = Field(False, description="also build the TensorRT engine in the run (stage 08-build): needs TensorRT and the target GPU "
+                                           "on this machine; otherwise the bundle carries the on-device build commands")
 
 
 def load_config(path: str | os.PathLike[str]) -> CompressConfig:

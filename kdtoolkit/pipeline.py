@@ -1,8 +1,8 @@
 """``compress``: the ordered list of stages over a run folder.
 
-Each stage is ``run(inputs, config, out_dir) -> Artifact``. Its folder is named by its position
-and name; its manifest stores a key hashed from the stage name, its configuration and the
-fingerprints of its input artifacts. A stage whose key matches the finished folder is skipped,
+``STAGES`` is the declarative list (kdtoolkit.run.Stage: name, inputs, ``config(ctx)``, ``run``);
+each artifact stage writes ``RUN/NN-name`` and its manifest stores ``config(ctx)`` and a key hashed
+from the stage name, that same configuration and the fingerprints of its input artifacts. A stage whose key matches the finished folder is skipped,
 so a repeated or interrupted run resumes where it stopped (make-like, content-addressed).
 """
 
@@ -19,11 +19,14 @@ from kdtoolkit.config import (CompressConfig, DataConfig, LossConfig, MeasureCon
                               load_config, save_config)
 from kdtoolkit.errors import InputError
 from kdtoolkit.progress import log
+from kdtoolkit.run import RunDir, RunSummary, Stage  # noqa: F401  (RunSummary re-exported)
 
 __all__ = ["CompressConfig", "DataConfig", "LossConfig", "MeasureConfig", "QatConfig", "StudentConfig", "TrainConfig",
-           "load_config", "save_config", "Context", "compress", "pin_model", "run_stage"]
+           "load_config", "save_config", "Context", "compress", "pin_model", "run_stage", "STAGES", "Stage", "RunDir", "RunSummary"]
 
-STAGE_VERSION = 1  # bump when a stage's output for the same inputs changes
+# bump when a stage's output or key for the same inputs changes; 2: one config per stage (key == manifest config),
+# so stage folders made by kdtoolkit before it are redone once, never taken as current
+STAGE_VERSION = 2
 
 
 class Context:
@@ -40,6 +43,8 @@ class Context:
         self._teacher = None
         self.artifacts: dict[str, Artifact] = {}
         self.skipped: list[str] = []
+        self.summary: dict[str, Any] = {}
+        self.rundir = RunDir(run_dir)
 
     @property
     def teacher(self):
@@ -76,26 +81,131 @@ class Context:
         return self.cfg.data.model_dump(mode="json")
 
 
-Stage = Callable[[Context, list[Artifact], Path, str], Artifact]
+# ----------------------------------------------------------------------------- the stages
 
 
-def run_stage(ctx: Context, index: int, name: str, fn: Stage, inputs: list[Artifact], config: dict[str, Any]) -> Artifact:
-    """Run ``fn`` unless a finished artifact with the same key is already in place."""
-    out_dir = ctx.run_dir / f"{index:02d}-{name}"
-    key = fsutil.stable_hash({"stage": name, "v": STAGE_VERSION, "config": config, "inputs": [a.fingerprint() for a in inputs]})
+def _data(ctx: Context) -> dict[str, Any]:
+    return ctx.data_fingerprint()
+
+
+def _target(ctx: Context) -> dict[str, Any]:
+    return ctx.profile.model_dump(mode="json")
+
+
+def _teacher_config(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.cfg
+    return {"model": cfg.model, "model_sha": cfg.model_sha256 or Artifact.load(cfg.model).fingerprint(), "arch": cfg.arch,
+            "data": _data(ctx)}
+
+
+def _export_config(ctx: Context) -> dict[str, Any]:
+    from kdtoolkit.export.onnx_export import choose_opset
+
+    return {"opset": choose_opset(ctx.cfg.opset, ctx.profile.max_opset), "data": _data(ctx), "batch": ctx.profile.batch.model_dump(),
+            "static_input_shape": ctx.profile.static_input_shape}
+
+
+def _quantize_config(ctx: Context) -> dict[str, Any]:
+    prof, cfg = ctx.profile, ctx.cfg
+    return {"profile": prof.name, "precision_policy": prof.precision, "method": prof.quant.method, "qat": cfg.qat.model_dump(mode="json"),
+            "target": _target(ctx), "loss": cfg.train.loss.model_dump(mode="json"), "data": _data(ctx), "measure": cfg.measure.model_dump()}
+
+
+def _has_student(ctx: Context) -> bool:
+    return not ctx.cfg.no_student
+
+
+def _wants_build(ctx: Context) -> bool:
+    return ctx.cfg.build and ctx.profile.is_tensorrt
+
+
+def _stage(fn_name: str) -> Callable[..., Artifact]:
+    """The stage function ``kdtoolkit.stages.<fn_name>`` (imported when it runs: stages import torch)."""
+
+    def run(ctx: Context, inputs: list[Artifact], out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
+        from kdtoolkit import stages
+
+        return getattr(stages, fn_name)(ctx, inputs, out_dir, key, config)
+
+    run.__name__ = fn_name
+    return run
+
+
+def _quantize(ctx: Context, inputs: list[Artifact], out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
+    from kdtoolkit import stages
+
+    return stages.quantize_stage(ctx, inputs, out_dir, key)
+
+
+def _build(ctx: Context, inputs: list[Artifact], out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
+    from kdtoolkit.engine.tensorrt import build_engine
+
+    (onnx_art,) = inputs
+    return build_engine(onnx_art.path, ctx.profile, out_dir, calib_data=ctx.cfg.data.source, input_key=key,
+                        log=lambda m: log(f"[build] {m}", enabled=ctx.progress))
+
+
+def _report(ctx: Context, inputs: list[Artifact], out_dir: Path, key: str, config: dict[str, Any]) -> None:
+    from kdtoolkit import stages
+
+    teacher, student, deploy, profile = inputs
+    ctx.summary = stages.write_summary(ctx, teacher=teacher, student=student, deploy=deploy, profile=profile)
+
+
+def _bundle(ctx: Context, inputs: list[Artifact], out_dir: Path, key: str, config: dict[str, Any]) -> None:
+    # the hand-off bundle (written to a temp folder and renamed, so a rerun replaces it whole)
+    from kdtoolkit.bundle import make_bundle
+
+    log(f"[bundle] writing {out_dir}", enabled=ctx.progress)
+    make_bundle(ctx.run_dir, out_dir, splits=ctx.splits)
+
+
+# The declarative list ``compress`` runs, in order. Artifact stages (a folder NN-name with a manifest)
+# are skipped when their key is unchanged; ``report`` and ``bundle`` are rewritten on every run.
+STAGES: tuple[Stage, ...] = (
+    Stage(0, "teacher", (), _teacher_config, _stage("teacher_stage")),
+    Stage(1, "student", ("teacher",), lambda ctx: {"student": ctx.cfg.student.model_dump(mode="json"), "data": _data(ctx)},
+          _stage("student_stage"), enabled=_has_student),
+    Stage(2, "distill", ("teacher", "student"), lambda ctx: {**ctx.cfg.train.model_dump(mode="json"), "data": _data(ctx)},
+          _stage("distill_stage"), enabled=_has_student, alias="teacher"),
+    Stage(3, "export-teacher", ("teacher",), _export_config, _stage("export_stage")),
+    Stage(4, "export", ("distill",), _export_config, _stage("export_stage"), enabled=_has_student, alias="export-teacher"),
+    Stage(5, "quantize", ("teacher", "distill", "export"), _quantize_config, _quantize),
+    Stage(6, "optimize", ("quantize",), lambda ctx: {"profile": ctx.profile.name, "target": _target(ctx)}, _stage("optimize_stage")),
+    Stage(7, "profile", ("export-teacher", "optimize"),
+          lambda ctx: {**ctx.cfg.measure.model_dump(), "target": _target(ctx), "data": _data(ctx)}, _stage("profile_stage")),
+    Stage(8, "build", ("optimize",), lambda ctx: {"profile": ctx.profile.name, "target": _target(ctx), "calib_data": ctx.cfg.data.source},
+          _build, enabled=_wants_build),
+    Stage(9, "report", ("teacher", "distill", "optimize", "profile"), lambda ctx: {}, _report, artifact=False),
+    Stage(10, "bundle", ("optimize", "profile"), lambda ctx: {}, _bundle, artifact=False),
+)
+
+
+def stage_named(name: str) -> Stage:
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise InputError(f"unknown stage {name!r}; known: {', '.join(s.name for s in STAGES)}")
+
+
+def run_stage(ctx: Context, stage: Stage, inputs: list[Artifact]) -> Artifact:
+    """Run ``stage`` unless a finished artifact with the same key is already in place."""
+    out_dir = ctx.run_dir / stage.folder
+    config = stage.config(ctx)
+    key = fsutil.stable_hash({"stage": stage.name, "v": STAGE_VERSION, "config": config, "inputs": [a.fingerprint() for a in inputs]})
     if Artifact.is_artifact(out_dir):
         try:
             art = Artifact.load(out_dir)
             if art.manifest.input_key == key and not art.verify():
-                ctx.skipped.append(name)
-                log(f"[{name}] up to date, skipped ({out_dir})", enabled=ctx.progress)
-                ctx.artifacts[name] = art
+                ctx.skipped.append(stage.name)
+                log(f"[{stage.name}] up to date, skipped ({out_dir})", enabled=ctx.progress)
+                ctx.artifacts[stage.name] = art
                 return art
         except InputError:
             pass
-    log(f"[{name}] running -> {out_dir}", enabled=ctx.progress)
-    art = fn(ctx, inputs, out_dir, key)
-    ctx.artifacts[name] = art
+    log(f"[{stage.name}] running -> {out_dir}", enabled=ctx.progress)
+    art = stage.run(ctx, inputs, out_dir, key, config)
+    ctx.artifacts[stage.name] = art
     return art
 
 
@@ -138,39 +248,18 @@ def pin_model(cfg: CompressConfig) -> CompressConfig:
 
 
 def _compress_locked(ctx: Context, cfg: CompressConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
-    from kdtoolkit import stages as S
-
     save_config(cfg, run_dir / "config.yaml")
-    data_cfg = ctx.data_fingerprint()
-    model_id = cfg.model_sha256 or Artifact.load(cfg.model).fingerprint()
-    teacher_cfg = {"model": cfg.model, "model_sha": model_id,
-                   "arch": cfg.arch, "data": data_cfg}
-    teacher = run_stage(ctx, 0, "teacher", S.teacher_stage, [], teacher_cfg)
-    from kdtoolkit.export.onnx_export import choose_opset
-
-    exp_cfg = {"opset": choose_opset(cfg.opset, ctx.profile.max_opset), "data": data_cfg, "batch": ctx.profile.batch.model_dump()}
-    if cfg.no_student:
-        log("[student] --no-student: the teacher itself is exported, quantized with PTQ, checked and bundled", enabled=progress)
-        distilled = teacher
-        t_onnx = run_stage(ctx, 3, "export-teacher", S.export_stage, [teacher], exp_cfg)
-        s_onnx = t_onnx
-    else:
-        student = run_stage(ctx, 1, "student", S.student_stage, [teacher],
-                            {"student": cfg.student.model_dump(mode="json"), "data": data_cfg})
-        distilled = run_stage(ctx, 2, "distill", S.distill_stage, [teacher, student],
-                              {"train": cfg.train.model_dump(mode="json"), "data": data_cfg})
-        t_onnx = run_stage(ctx, 3, "export-teacher", S.export_stage, [teacher], exp_cfg)
-        s_onnx = run_stage(ctx, 4, "export", S.export_stage, [distilled], exp_cfg)
-    quant = run_stage(ctx, 5, "quantize", S.quantize_stage, [teacher, distilled, s_onnx],
-                      {"profile": ctx.profile.model_dump(mode="json"), "qat": cfg.qat.model_dump(mode="json"), "loss": cfg.train.loss.model_dump(mode="json"),
-                       "data": data_cfg, "measure": cfg.measure.model_dump()})
-    deploy = run_stage(ctx, 6, "optimize", S.optimize_stage, [quant], {"profile": ctx.profile.model_dump(mode="json")})
-    prof = run_stage(ctx, 7, "profile", S.profile_stage, [t_onnx, deploy],
-                     {"measure": cfg.measure.model_dump(), "profile": ctx.profile.model_dump(mode="json"), "data": data_cfg})
-    summary = S.write_summary(ctx, teacher=teacher, student=distilled, deploy=deploy, profile=prof)
-    # last stage: the hand-off bundle (written to a temp folder and renamed, so a rerun replaces it whole)
-    from kdtoolkit.bundle import make_bundle
-
-    log(f"[bundle] writing {run_dir / 'bundle'}", enabled=progress)
-    make_bundle(run_dir, run_dir / "bundle", splits=ctx.splits)
-    return summary
+    available: dict[str, Artifact] = {}
+    for stage in STAGES:
+        if not stage.enabled(ctx):
+            if stage.name == "student":
+                log("[student] --no-student: the teacher itself is exported, quantized with PTQ, checked and bundled", enabled=progress)
+            if stage.alias is not None:
+                available[stage.name] = available[stage.alias]
+            continue
+        inputs = [available[n] for n in stage.inputs]
+        if not stage.artifact:
+            stage.run(ctx, inputs, run_dir / stage.name, "", stage.config(ctx))
+            continue
+        available[stage.name] = run_stage(ctx, stage, inputs)
+    return ctx.summary

@@ -21,11 +21,14 @@ _COLORS = {"teacher": "#1f77b4", "student": "#2ca02c", "int8": "#d62728"}
 
 # --- reading the run --------------------------------------------------------------------------------
 
-def _stage_dir(run_dir: Path, recorded: str) -> Path:
-    """A stage folder, found beside the summary even when the run folder was moved."""
-    p = Path(recorded)
-    local = run_dir / p.name
-    return local if local.exists() else p
+def _stage_dir(run_dir: Path, name: str, recorded: str | None = None) -> Path:
+    """A stage's folder, found by stage name inside the run (kdtoolkit.run.RunDir), wherever the run folder was moved."""
+    from kdtoolkit.run import RunDir
+
+    try:
+        return RunDir(run_dir).folder(name)
+    except InputError:
+        return Path(recorded) if recorded else run_dir / name
 
 
 def _manifest(d: Path) -> dict[str, Any] | None:
@@ -36,17 +39,9 @@ def _manifest(d: Path) -> dict[str, Any] | None:
 
 
 def load_summary(run_dir: str | Path) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    p = run_dir / "summary.json"
-    if not p.is_file():
-        raise InputError(f"{run_dir} is not a compress run folder (no summary.json)")
-    try:
-        s = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno}); rerun compress to rewrite it") from None
-    if not isinstance(s, dict) or "teacher" not in s or "student" not in s:
-        raise InputError(f"{p}: expected a compress summary with 'teacher' and 'student' rows")
-    return s
+    from kdtoolkit.run import RunSummary
+
+    return RunSummary.load(run_dir).to_dict()
 
 
 def points(run_dir: Path, s: dict[str, Any]) -> list[dict[str, Any]]:
@@ -62,7 +57,7 @@ def points(run_dir: Path, s: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"name": "int8", "label": "INT8", "accuracy": int8["accuracy"],
                     "latency": {str(b): v["p50"] for b, v in int8["latency_by_batch"].items()}, "session": "profile"})
     elif "quantize" in s.get("stages", {}) and (s.get("student") or {}).get("precision") != "int8":
-        man = _manifest(_stage_dir(run_dir, s["stages"]["quantize"])) or {}
+        man = _manifest(_stage_dir(run_dir, "quantize", s["stages"]["quantize"])) or {}
         m = man.get("metrics", {})
         lat = (m.get("precision_latency_ms") or {}).get("int8")
         if m.get("accuracy_int8") is not None and lat:
@@ -76,7 +71,7 @@ def profile_samples(run_dir: Path, s: dict[str, Any]) -> dict[str, dict[str, lis
     rec = s.get("stages", {}).get("profile")
     if not rec:
         return {}
-    p = _stage_dir(run_dir, rec) / "profile.json"
+    p = _stage_dir(run_dir, "profile", rec) / "profile.json"
     try:
         doc = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError):
@@ -87,7 +82,7 @@ def profile_samples(run_dir: Path, s: dict[str, Any]) -> dict[str, dict[str, lis
 def stage_rows(run_dir: Path, s: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, rec in s.get("stages", {}).items():
-        d = _stage_dir(run_dir, rec)
+        d = _stage_dir(run_dir, name, rec)
         man = _manifest(d) or {}
         m = man.get("metrics", {})
         size = sum(f.get("size", 0) for f in man.get("files", {}).values())

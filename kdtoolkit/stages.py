@@ -21,7 +21,7 @@ def _load(art: Artifact):
     return load_model(art.path)
 
 
-def teacher_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
+def teacher_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
     from kdtoolkit.evaluate import check_outputs, evaluate
     from kdtoolkit.models.loading import save_model
     from kdtoolkit.student.build import count_macs, count_params
@@ -29,7 +29,7 @@ def teacher_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
     t = ctx.teacher
     spec = ctx.splits.spec
     check_outputs(t.module, spec)
-    with ArtifactWriter(out_dir, kind="torch", stage="teacher", config={"model": ctx.cfg.model, "arch": ctx.cfg.arch}, input_key=key) as w:
+    with ArtifactWriter(out_dir, kind="torch", stage="teacher", config=config, input_key=key) as w:
         meta = {**t.meta, **spec.to_dict()}
         if t.form in ("torchscript", "exported"):
             name = "model.pt2" if t.form == "exported" else "model.pt"
@@ -49,7 +49,7 @@ def teacher_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
     return w.artifact
 
 
-def student_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
+def student_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
     from kdtoolkit.data import batches
     from kdtoolkit.models.loading import save_model
     from kdtoolkit.student.build import count_macs, count_params, make_student
@@ -68,8 +68,8 @@ def student_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
                                          num_classes=len(spec.classes), calib_batches=calib)
     if found is not None:
         info["search"] = {k: v for k, v in found.items() if k != "config"}
-    with ArtifactWriter(out_dir, kind="torch", stage="student", config=cfg.model_dump(mode="json"),
-                        parents=[teacher_art], input_key=key) as w:
+    info["resolved_config"] = cfg.model_dump(mode="json")  # profile defaults filled, search result applied
+    with ArtifactWriter(out_dir, kind="torch", stage="student", config=config, parents=[teacher_art], input_key=key) as w:
         name = save_model(w.dir, student, recipe, spec.to_dict(), ctx.input_shape)
         info["stored_as"] = "recipe + weights" if name == "model.pt" else \
             "torch.export program (loads without the teacher's source code and without unpickling)"
@@ -133,7 +133,7 @@ def resolve_student_config(cfg, profile, teacher, input_shape, num_classes: int,
     return found["config"], found
 
 
-def distill_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
+def distill_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
     from kdtoolkit.distill.trainer import Trainer
     from kdtoolkit.evaluate import evaluate
     from kdtoolkit.models.loading import save_model
@@ -150,8 +150,7 @@ def distill_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
     log("[distill] evaluating the student on the test split", enabled=ctx.progress)
     t_logits = evaluate(teacher.module, ctx.splits.test, spec)["logits"]
     r = evaluate(model, ctx.splits.test, spec, reference=t_logits)
-    with ArtifactWriter(out_dir, kind="torch", stage="distill", config=ctx.cfg.train.model_dump(mode="json"),
-                        parents=[teacher_art, student_art], input_key=key) as w:
+    with ArtifactWriter(out_dir, kind="torch", stage="distill", config=config, parents=[teacher_art, student_art], input_key=key) as w:
         name = save_model(w.dir, model, student.recipe, spec.to_dict(), ctx.input_shape)
         fsutil.write_json(w.path("history.json"), result["history"])
         w.metrics.update({"accuracy": r["accuracy"], "teacher_agreement": r["agreement"], "params": count_params(model),
@@ -161,16 +160,16 @@ def distill_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
     return w.artifact
 
 
-def export_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
-    from kdtoolkit.export.onnx_export import (JETPACK_MAX_OPSET, choose_opset, export_onnx, opset_for_target, opset_of, parity,
+def export_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
+    from kdtoolkit.export.onnx_export import (JETPACK_MAX_OPSET, export_onnx, opset_for_target, opset_of, parity,
                                               simplify)
 
     (src,) = inputs
     loaded = _load(src)
-    opset = choose_opset(ctx.cfg.opset, ctx.profile.max_opset)
+    opset = config["opset"]
     if opset > JETPACK_MAX_OPSET:
         log(f"[export] note: opset {opset} is newer than the TensorRT 8.5/8.6 parsers (JetPack 5, 6.0) accept", enabled=ctx.progress)
-    with ArtifactWriter(out_dir, kind="onnx", stage="export", config={"opset": opset}, parents=[src], input_key=key) as w:
+    with ArtifactWriter(out_dir, kind="onnx", stage="export", config=config, parents=[src], input_key=key) as w:
         raw = w.dir / ".raw.onnx"
         dynamic = ctx.profile.static_input_shape is None
         export_onnx(loaded.module, ctx.input_shape, raw, opset=opset, dynamic_batch=dynamic)
@@ -254,14 +253,14 @@ def quantize_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
     return w.artifact
 
 
-def optimize_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
+def optimize_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
     """Make the deployable model for the profile and measure its accuracy on the runtime that serves it."""
     from kdtoolkit.engine.ort import make_session, optimize_for_ort
     from kdtoolkit.evaluate import evaluate
 
     (src,) = inputs
     prof = ctx.profile
-    with ArtifactWriter(out_dir, kind="onnx", stage="optimize", config={"profile": prof.name}, parents=[src], input_key=key) as w:
+    with ArtifactWriter(out_dir, kind="onnx", stage="optimize", config=config, parents=[src], input_key=key) as w:
         w.info.update({k: v for k, v in src.info.items()})
         if prof.backend == "onnxruntime":
             optimize_for_ort(src.file("model.onnx"), w.path("model.onnx"), level="extended")
@@ -281,7 +280,7 @@ def optimize_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
     return w.artifact
 
 
-def profile_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
+def profile_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
     from kdtoolkit.profile.runners import OrtRunner, measure
 
     teacher_onnx, student_onnx = inputs
@@ -298,7 +297,7 @@ def profile_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
                     "providers": ["CPUExecutionProvider"], "interleaved": True, "seed": 0, "compile": False}
         doc = build_document([rt, rs], [str(teacher_onnx.path), str(student_onnx.path)], res, settings)
 
-    with ArtifactWriter(out_dir, kind="profile", stage="profile", config=m.model_dump(), parents=[teacher_onnx, student_onnx], input_key=key) as w:
+    with ArtifactWriter(out_dir, kind="profile", stage="profile", config=config, parents=[teacher_onnx, student_onnx], input_key=key) as w:
         fsutil.write_json(w.path("profile.json"), doc)
         w.metrics["latency_ms"] = {name: {str(b): {k: v for k, v in s.items() if k != "samples_ms"} for b, s in per.items()} for name, per in res.items()}
         if ctx.profile.is_tensorrt:
@@ -307,6 +306,7 @@ def profile_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
 
 
 def write_summary(ctx, *, teacher: Artifact, student: Artifact, deploy: Artifact, profile: Artifact) -> dict[str, Any]:
+    """RUN/summary.json (a :class:`kdtoolkit.run.RunSummary`) and the reports; returns the summary as a dict."""
     lat = profile.metrics["latency_ms"]
     b1 = min(int(b) for b in lat["teacher"])
 
@@ -345,7 +345,11 @@ def write_summary(ctx, *, teacher: Artifact, student: Artifact, deploy: Artifact
         "data": ctx.splits.spec.to_dict(),
         "environment": profile.manifest.environment.get("cpu"),
     }
-    fsutil.write_json(ctx.run_dir / "summary.json", summary)
+    from kdtoolkit.run import RunSummary
+
+    typed = RunSummary.model_validate(summary)  # the one typed summary: summary.json, report, bundle and the CLI table read it
+    typed.write(ctx.run_dir)
+    summary = typed.to_dict()
     from kdtoolkit.report import write_reports
 
     write_reports(ctx.run_dir, summary)  # report.md, report.html and plots; `kdtoolkit report RUN_DIR` rebuilds them

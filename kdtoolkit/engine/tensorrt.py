@@ -299,8 +299,10 @@ def _use_timing_cache(config: Any, cache_file: Path | None) -> dict[str, Any]:
 
 def build_engine(onnx: str | os.PathLike[str], profile: Profile, out_dir: str | os.PathLike[str], *, calib_data: str | None = None,
                  precision: str | None = None, timing_cache: str | None = None, calib_cache: str | None = None,
-                 log: Any = None) -> Artifact:
-    """Build a TensorRT engine for ``profile`` from ``onnx`` (a file or an onnx artifact folder) into ``out_dir``."""
+                 log: Any = None, input_key: str = "") -> Artifact:
+    """Build a TensorRT engine for ``profile`` from ``onnx`` (a file or an onnx artifact folder) into ``out_dir``.
+
+    ``input_key`` is the compress build stage's skip key (empty for the ``build`` command)."""
     import onnx as onnx_lib
 
     from kdtoolkit.artifact import Artifact, ArtifactWriter
@@ -444,7 +446,7 @@ def build_engine(onnx: str | os.PathLike[str], profile: Profile, out_dir: str | 
         report = _layer_report(engine)
         io = engine_io(engine)
         with ArtifactWriter(out_dir, kind="engine", stage="build", config={"profile": profile.name, **cfg.model_dump()},
-                            parents=parents) as w:
+                            parents=parents, input_key=input_key) as w:
             fsutil.write_bytes(w.path(PLAN_NAME), plan_bytes)  # the raw plan: no header of ours
             fsutil.write_json(w.path("layers.json"), report["layers"])
             if calib_out is not None and calib_out.is_file():
