@@ -213,9 +213,9 @@ def test_compress_without_data_names_the_flag(tmp_path):
 def test_layernorm_is_exported_so_tensorrt_85_parses_it(tmp_path):
     import onnx
 
-    from kdtoolkit.engine.check import check_file
+    from kdtoolkit.backends.check import check_file
     from kdtoolkit.export.onnx_export import export_onnx, opset_for_target
-    from kdtoolkit.profiles import load_profile
+    from kdtoolkit.targets import load_profile
 
     class ConvNeXtish(nn.Module):
         def __init__(self) -> None:
@@ -273,3 +273,17 @@ def test_safetensors_state_dict_with_arch(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(InputError, match="not a readable safetensors file"):
         load_model(tmp_path / "bad.safetensors", arch="user_models:ResNetish")
+
+
+def test_width_shrink_that_breaks_a_graph_is_an_error_not_a_broken_student():
+    from kdtoolkit.errors import InputError
+    from kdtoolkit.models.graph import export_program, modules_from_program
+    from kdtoolkit.models.zoo import ARCHS
+    from kdtoolkit.student.shrink import shrink_width
+
+    # option-A shortcuts zero-pad channels: as a module kdtoolkit prunes them; as a traced graph the padding is opaque
+    eager = ARCHS.get("cifar_resnet20")(num_classes=10).eval()
+    shrink_width(eager, torch.zeros(1, 3, 32, 32), 0.5)
+    graph = modules_from_program(export_program(ARCHS.get("cifar_resnet20")(num_classes=10).eval(), (1, 3, 32, 32)))
+    with pytest.raises(InputError, match="broke the model's channel structure"):
+        shrink_width(graph, torch.zeros(1, 3, 32, 32), 0.5)

@@ -67,6 +67,12 @@ def shrink_width(model: nn.Module, example: torch.Tensor, width: float, *, round
         if n in frozen:
             p.requires_grad_(False)
     after = sum(p.numel() for p in model.parameters())
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as exc:  # a channel dependency Torch-Pruning did not see (e.g. zero-padding in a traced shortcut)
+        raise InputError(f"width {width:g} broke the model's channel structure ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:120]}); keep --width 1 for this model") from None
     if after >= before:
         raise InputError(f"width {width:g} shrank nothing ({before:,} parameters before and after): no prunable channel group was found")
     return {"width": width, "params_before": before, "params_after": after, "importance": importance, "round_to": round_to}
