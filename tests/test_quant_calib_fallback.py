@@ -66,17 +66,10 @@ def test_entropy_calib_model_runs_and_minmax_covers_the_outlier(outlier_case) ->
         assert got.shape == ref.shape and np.isfinite(got).all()
 
 
-ENTROPY_IS_MINMAX = (
-    "kdtoolkit passes calib_method='entropy' to onnxruntime quantize_static, which (ORT 1.32) builds its "
-    "EntropyCalibrater with num_bins=128 and num_quantized_bins=128 and offers no option to change them: "
-    "the KL search then has a single candidate, the full range, so 'entropy' gives exactly the min/max ranges. "
-    "Fix in kdtoolkit/quant/ptq.py: compute entropy ranges with onnxruntime.quantization.calibrate.create_calibrator"
-    "(..., CalibrationMethod.Entropy, extra_options={'num_bins': 2048, 'num_quantized_bins': 128}) and pass them "
-    "as TensorQuantOverrides, as the mse path does; then drop this xfail."
-)
+# Entropy used to equal minmax: ORT's quantize_static builds its EntropyCalibrater with 128/128 bins and no
+# option reaches them. kdtoolkit now runs the calibrator itself with 2048/128 bins (quant/ptq.py entropy_ranges).
 
 
-@pytest.mark.xfail(strict=True, reason=ENTROPY_IS_MINMAX)
 def test_entropy_calib_range_is_tighter_than_minmax_and_quantizes_typical_data_better(outlier_case) -> None:
     s_mm, s_ent = _q_scales(outlier_case["minmax"]), _q_scales(outlier_case["entropy"])
     assert s_ent["input"] < 0.25 * s_mm["input"], (s_ent["input"], s_mm["input"])
@@ -85,7 +78,6 @@ def test_entropy_calib_range_is_tighter_than_minmax_and_quantizes_typical_data_b
     assert err["entropy"] < 0.5 * err["minmax"], err
 
 
-@pytest.mark.xfail(strict=True, reason=ENTROPY_IS_MINMAX)
 def test_entropy_calib_range_matches_onnxruntimes_entropy_calibrator(outlier_case, tmp_path, monkeypatch) -> None:
     """The independent value: ORT's own EntropyCalibrater (KL search, 2048 histogram bins, 128 quantized bins,
     TensorRT's recipe) on the same data; the input's scale follows from its range as ORT computes scales."""

@@ -224,6 +224,34 @@ def align_input_channels(path: str | os.PathLike[str], multiple: int = CHANNEL_A
     return done
 
 
+ENTROPY_BINS, ENTROPY_QUANT_BINS = 2048, 128  # TensorRT's entropy calibration (IInt8EntropyCalibrator2)
+
+
+def entropy_ranges(fp32: Path, calib: np.ndarray, scheme: Scheme, tensors: list[str]) -> dict[str, tuple[float, float]]:
+    """Per-tensor (rmin, rmax) from ORT's EntropyCalibrater (KL divergence) with 2048 histogram bins."""
+    import tempfile
+
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    name, _ = model_input(fp32)
+    symmetric = bool(scheme.ort_kwargs()["extra_options"].get("ActivationSymmetric", False))
+    with tempfile.TemporaryDirectory(prefix="kdt-entropy-") as d:
+        cal = create_calibrator(str(fp32), list(set(scheme.quant_ops) | set(PASS_THROUGH_OPS)),
+                                augmented_model_path=str(Path(d) / "augmented.onnx"), calibrate_method=CalibrationMethod.Entropy,
+                                extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANT_BINS, "symmetric": symmetric})
+        try:
+            cal.collect_data(_Reader(name, calib))
+            data = cal.compute_data().data
+        finally:
+            del cal
+    out = {}
+    for t in tensors:
+        if t in data:
+            lo, hi = (float(v) for v in data[t].range_value)
+            out[t] = (min(lo, 0.0), max(hi, 0.0))
+    return out
+
+
 def quantize_onnx(
     fp32: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -255,6 +283,17 @@ def quantize_onnx(
         extra["CalibPercentile"] = percentile
     info: dict[str, Any] = {"calib_method": method, "calib_samples": int(len(calib)), "scheme": scheme.to_manifest(),
                             "float_ops": unquantizable_ops(fp32, scheme), "nodes_in_float": list(nodes_to_exclude or [])}
+    if method == "entropy":
+        # ORT's quantize_static builds its entropy calibrator with 128 histogram bins and 128 quantized bins and
+        # no option reaches them: the KL search then has one candidate, the full range, and "entropy" equals
+        # minmax. Run ORT's EntropyCalibrater with TensorRT's recipe (2048 bins, 128 quantized) and hand its
+        # ranges over as TensorQuantOverrides, as the mse path does.
+        tensors = _float_tensors(fp32, scheme)
+        log(f"[quantize] entropy calibration (2048 bins) over {len(tensors)} tensors", enabled=progress)
+        overrides = {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                     for t, (lo, hi) in entropy_ranges(fp32, calib, scheme, tensors).items()}
+        extra["TensorQuantOverrides"] = overrides
+        cm = CalibrationMethod.MinMax
     if method == "mse":
         tensors = _float_tensors(fp32, scheme)
         log(f"[quantize] MSE calibration over {len(tensors)} tensors", enabled=progress)
