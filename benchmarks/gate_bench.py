@@ -105,7 +105,7 @@ def repeat_rep(a: str, b: str, work: Path, i: int) -> dict:
     res = json.loads(out.read_text())["results"]
     na, nb = list(res)
     from kdtoolkit.gate import DEFAULT_QUANTILE
-    from kdtoolkit.profile.stats import compare
+    from kdtoolkit.latency.stats import compare
 
     c = compare(res[na]["1"]["samples_ms"], res[nb]["1"]["samples_ms"], quantile=DEFAULT_QUANTILE)
     return {"rc": 0, "ratio": round(c["ratio"], 4), "ratio_p50": round(c["ratio_p50"], 4),

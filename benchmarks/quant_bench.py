@@ -111,7 +111,7 @@ def main() -> None:
 
     ctx = Context(cfg, run, progress=False)
     splits = ctx.splits
-    from kdtoolkit.engine.ort import make_session
+    from kdtoolkit.backends.ort import make_session
     from kdtoolkit.evaluate import evaluate
     from kdtoolkit.quant.ptq import calib_array, quantize_onnx
     from kdtoolkit.quant.schemes import Scheme, scheme_for
@@ -170,7 +170,8 @@ def main() -> None:
     acc_res = section(work, "accuracy", accuracies)
 
     def latency():
-        from kdtoolkit.profile.runners import OrtRunner, measure
+        from kdtoolkit.backends.ort import OrtRunner
+        from kdtoolkit.latency.timing import measure
 
         cands = {"fp32": fp32, "int8_qat": qat_int8, "ort_quantize_static": Path(ort_res["path"]),
                  "tensorrt_scheme": Path(trt_res["path"])}

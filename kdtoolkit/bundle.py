@@ -207,7 +207,7 @@ def on_device_commands(onnx_src: Path, profile: Any, inp: dict[str, Any], *, cal
     profile), written with the bundle's paths (model/model.onnx -> model/model.plan, and the shipped
     calibration cache and Q/DQ-free ONNX where the profile needs them).
     """
-    from kdtoolkit.engine.tensorrt import build_commands
+    from kdtoolkit.backends.trt.commands import build_commands
 
     c = build_commands(onnx_src, profile, calib_data=calib_data, onnx_name="model/model.onnx", calib_cache_name=calib_cache,
                        stripped_onnx_name=stripped_onnx, plan_name="model/model.plan")
@@ -339,7 +339,7 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
 
     from kdtoolkit.evaluate import predict
     from kdtoolkit.config import load_config
-    from kdtoolkit.profiles import load_profile
+    from kdtoolkit.targets import load_profile
 
     deploy.check()
     cfg = load_config(run_dir / "config.yaml")
@@ -372,7 +372,7 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
         raise InputError(f"the model's batch is fixed at {static_batch} but the test split has only {len(idx)} images")
     sub = splits.test.subset(np.asarray(idx, dtype=np.int64))
     from kdtoolkit.data.datasets import to_tensor
-    from kdtoolkit.engine.ort import make_session
+    from kdtoolkit.backends.ort import make_session
 
     x_ref = to_tensor(sub.x, spec).numpy().astype(np.float32)
     batch = static_batch or max(1, min(len(sub), profile.batch.max))
@@ -664,7 +664,7 @@ def verify_bundle(path: str | os.PathLike[str], *, runtime: str | None = None, e
         if extra:
             emit(f"note: files not in the manifest (not checked): {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
         _check_model(root, m, runtime or (m.get("runtime") or {}).get("name") or "onnxruntime", check)
-        from kdtoolkit.engine.device_report import check_device_report
+        from kdtoolkit.backends.device_report import check_device_report
 
         for ok, name, why in check_device_report(root, m):  # the device's own figures, when the device wrote them
             check(ok, name, why)
@@ -751,7 +751,8 @@ def _check_model(root: Path, m: dict[str, Any], runtime: str, check: Any) -> Non
 
 def _run_tensorrt(plan: Path, m: dict[str, Any], x: Any) -> Any:
     """Run the engine on the reference batch with the engine module's runner (named tensors, execute_async_v3)."""
-    from kdtoolkit.engine.tensorrt import TrtRunner, load_tensorrt
+    from kdtoolkit.backends.trt.runner import TrtRunner
+    from kdtoolkit.backends.trt.lazy import load_tensorrt
 
     try:
         load_tensorrt()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -23,7 +23,7 @@ from kdtoolkit.errors import InputError
 
 # names registered in kdtoolkit.distill.losses.LOSSES (tests/test_config.py keeps them equal)
 LOSS_NAMES = ("ce", "kd", "multi_kd")
-CONFIG_VERSION = 1
+M = TypeVar("M", bound=BaseModel)
 
 
 # ---- distillation ----
@@ -185,3 +185,40 @@ def load_config(path: str | os.PathLike[str]) -> CompressConfig:
 
 def save_config(cfg: CompressConfig, path: Path) -> None:
     fsutil.write_text(path, yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+
+
+def apply_overrides(model: M, pairs: list[str] | None, *, flag: str = "--set", prefix: str | None = None) -> M:
+    """``--set a.b=VALUE`` (repeatable) on a config model: VALUE is read as YAML (numbers, booleans, lists,
+    null), the key is a dotted path into the model, and the result is validated against the model, so an
+    unknown key or a bad value is a one-line InputError naming the key. ``prefix`` (e.g. ``train``) may
+    lead the key of a command whose whole config is that section (``distill --set train.lr=0.01``)."""
+    if not pairs:
+        return model
+    data = model.model_dump(mode="json")
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InputError(f"{flag} takes KEY=VALUE with a dotted key (e.g. train.lr=0.01), got {pair!r}")
+        path = key.split(".")
+        if prefix and len(path) > 1 and path[0] == prefix:
+            path = path[1:]
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for i, part in enumerate(path[:-1]):
+            nxt = node.setdefault(part, {})  # a new key is judged by validation (extra="forbid" names it)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise InputError(f"{flag} {key}: {'.'.join(path[:i + 1])} is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    try:
+        return type(model).model_validate(data)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        where = ".".join(map(str, e["loc"]))
+        raise InputError(f"{flag} {where}: {e['msg']}" + (" (no such setting)" if e["type"] == "extra_forbidden" else "")) from None

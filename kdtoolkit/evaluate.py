@@ -22,7 +22,7 @@ def as_predictor(model: Any) -> Predictor:
     except ImportError:  # pragma: no cover
         ort = None
     if isinstance(model, str) and model.endswith(".onnx"):
-        from kdtoolkit.engine.ort import make_session
+        from kdtoolkit.backends.ort import make_session
 
         model = make_session(model)
     if ort is not None and isinstance(model, ort.InferenceSession):

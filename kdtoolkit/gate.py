@@ -10,7 +10,7 @@ Two modes:
   default threshold is wider, and the environment (device, threads, runtime version) must match.
 
 A latency regression needs both: the candidate's latency (10th percentile by default: robust to
-the bimodal tails of a loaded machine, see kdtoolkit.profile.stats.compare) is slower than the threshold allows AND a
+the bimodal tails of a loaded machine, see kdtoolkit.latency.stats.compare) is slower than the threshold allows AND a
 one-sided Mann-Whitney U test over the raw samples says the slowdown is real (p < alpha).
 Accuracy regresses when it drops by more than the allowed percentage points (when both sides
 record it). Exit codes via the CLI: 0 pass, 1 regression, 2 input error.
@@ -30,7 +30,7 @@ DEFAULT_SLOWDOWN_IN_JOB = 0.05
 DEFAULT_SLOWDOWN_STORED = 0.30
 DEFAULT_ALPHA = 0.01
 DEFAULT_ROUNDS = 1000  # interleaved rounds per batch (ResNet-20 at batch 1: a few seconds); 500 missed 1 of 5 A/B reps here
-DEFAULT_QUANTILE = 0.10  # the latency quantile compared; see kdtoolkit.profile.stats.compare for why not the median
+DEFAULT_QUANTILE = 0.10  # the latency quantile compared; see kdtoolkit.latency.stats.compare for why not the median
 
 
 @dataclass
@@ -97,7 +97,7 @@ def parse_percent(text: str | float | None, what: str = "--max-slowdown") -> flo
 def resolve_side(spec: str, role: str) -> Side:
     """A model/artifact to measure, or stored numbers: FILE.json[:NAME], a profile artifact folder[:NAME], or a
     device report (device_report.json, or a bundle folder holding one) measured on the target by the bundle's script."""
-    from kdtoolkit.engine.device_report import device_report_as_profile, is_device_report, load_device_report
+    from kdtoolkit.backends.device_report import device_report_as_profile, is_device_report, load_device_report
 
     if is_device_report(spec):
         doc = device_report_as_profile(load_device_report(spec), path=spec)
@@ -112,7 +112,7 @@ def resolve_side(spec: str, role: str) -> Side:
         if not p.exists():
             raise InputError(f"{role} not found: {spec}")
         return Side(spec, role)
-    from kdtoolkit.profile.session import load_profile_json
+    from kdtoolkit.latency.session import load_profile_json
 
     doc = load_profile_json(p)
     names = list(doc["results"])
@@ -169,7 +169,7 @@ def environment_diff(a: dict[str, Any], a_name: str, b: dict[str, Any], b_name: 
 
 def _measure_alone(side: Side, batches: list[int], s: GateSettings, like: dict[str, Any] | None) -> dict[str, Any]:
     """Measure one model now, with the stored side's threads and providers when it has them."""
-    from kdtoolkit.profile.session import profile_models
+    from kdtoolkit.latency.session import profile_models
 
     st = (like or {}).get("settings", {})
     threads = s.threads if s.threads else int(st.get("threads") or 0)
@@ -185,8 +185,8 @@ def _stored(side: Side) -> tuple[dict[str, Any], str]:
 
 def run_gate(candidate: str, baseline: str, settings: GateSettings | None = None) -> GateResult:
     """Compare candidate with baseline; see the module docstring for the rules."""
-    from kdtoolkit.profile.session import profile_models
-    from kdtoolkit.profile.stats import compare
+    from kdtoolkit.latency.session import profile_models
+    from kdtoolkit.latency.stats import compare
 
     s = settings or GateSettings()
     cand, base = resolve_side(candidate, "candidate"), resolve_side(baseline, "baseline")

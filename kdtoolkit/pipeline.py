@@ -33,7 +33,7 @@ class Context:
     """What stages share within one run: config, profile, data, loaded models (lazily)."""
 
     def __init__(self, cfg: CompressConfig, run_dir: Path, *, progress: bool = True) -> None:
-        from kdtoolkit.profiles import load_profile
+        from kdtoolkit.targets import load_profile
 
         self.cfg = cfg
         self.run_dir = run_dir
@@ -138,7 +138,7 @@ def _quantize(ctx: Context, inputs: list[Artifact], out_dir: Path, key: str, con
 
 
 def _build(ctx: Context, inputs: list[Artifact], out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
-    from kdtoolkit.engine.tensorrt import build_engine
+    from kdtoolkit.backends.trt.builder import build_engine
 
     (onnx_art,) = inputs
     return build_engine(onnx_art.path, ctx.profile, out_dir, calib_data=ctx.cfg.data.source, input_key=key,

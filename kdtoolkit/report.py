@@ -22,13 +22,20 @@ _COLORS = {"teacher": "#1f77b4", "student": "#2ca02c", "int8": "#d62728"}
 # --- reading the run --------------------------------------------------------------------------------
 
 def _stage_dir(run_dir: Path, name: str, recorded: str | None = None) -> Path:
-    """A stage's folder, found by stage name inside the run (kdtoolkit.run.RunDir), wherever the run folder was moved."""
+    """A stage's folder, found by stage name inside the run (kdtoolkit.run.RunDir); a summary written with
+    another folder layout names its folders itself (``stages``), found beside it even when the run was moved."""
     from kdtoolkit.run import RunDir
 
     try:
-        return RunDir(run_dir).folder(name)
+        canonical = RunDir(run_dir).folder(name)
     except InputError:
-        return Path(recorded) if recorded else run_dir / name
+        canonical = None
+    if canonical is not None and (canonical / "manifest.json").is_file():
+        return canonical
+    if recorded:
+        local = run_dir / Path(recorded).name
+        return local if local.exists() else Path(recorded)
+    return canonical or run_dir / name
 
 
 def _manifest(d: Path) -> dict[str, Any] | None:

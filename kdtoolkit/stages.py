@@ -51,30 +51,49 @@ def teacher_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) 
 
 def student_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
     from kdtoolkit.data import batches
-    from kdtoolkit.models.loading import save_model
-    from kdtoolkit.student.build import count_macs, count_params, make_student
 
     (teacher_art,) = inputs
-    teacher = _load(teacher_art)
+    spec = ctx.splits.spec
+    calib = batches(ctx.splits.train, spec, 64, shuffle=True, seed=ctx.cfg.train.seed)
+    _, student, recipe, info, _cfg, _found = derive_student(_load(teacher_art), ctx.cfg.student, ctx.profile, ctx.input_shape,
+                                                           len(spec.classes), calib, progress=ctx.progress)
+    return write_student(out_dir, student, recipe, spec.to_dict(), ctx.input_shape, info, config=config, parents=[teacher_art],
+                         input_key=key)
+
+
+def derive_student(teacher, cfg, profile, input_shape, num_classes: int, calib, *, progress: bool = True):
+    """The student stage's work, shared with ``kdtoolkit student``: convert a TorchScript/exported teacher's
+    graph to modules, fill profile defaults and search depth x width where needed, then build the student.
+
+    Returns (teacher as rewritten, student, recipe, info, resolved StudentConfig, search result or None)."""
+    from kdtoolkit.student.build import make_student
+
     if not teacher.rewritable:
         from kdtoolkit.models.loading import as_graph_modules
 
-        log(f"[student] the teacher is a {teacher.form} model: converting its graph to modules for surgery", enabled=ctx.progress)
-        teacher = as_graph_modules(teacher, ctx.input_shape)
-    spec = ctx.splits.spec
-    calib = batches(ctx.splits.train, spec, 64, shuffle=True, seed=ctx.cfg.train.seed)
-    cfg, found = resolve_student_config(ctx.cfg.student, ctx.profile, teacher, ctx.input_shape, len(spec.classes), ctx.progress)
-    student, recipe, info = make_student(teacher, cfg, input_shape=ctx.input_shape,
-                                         num_classes=len(spec.classes), calib_batches=calib)
+        log(f"[student] the teacher is a {teacher.form} model: converting its graph to modules for surgery", enabled=progress)
+        teacher = as_graph_modules(teacher, input_shape)
+    cfg, found = resolve_student_config(cfg, profile, teacher, input_shape, num_classes, progress)
+    student, recipe, info = make_student(teacher, cfg, input_shape=input_shape, num_classes=num_classes, calib_batches=calib)
     if found is not None:
         info["search"] = {k: v for k, v in found.items() if k != "config"}
     info["resolved_config"] = cfg.model_dump(mode="json")  # profile defaults filled, search result applied
-    with ArtifactWriter(out_dir, kind="torch", stage="student", config=config, parents=[teacher_art], input_key=key) as w:
-        name = save_model(w.dir, student, recipe, spec.to_dict(), ctx.input_shape)
+    return teacher, student, recipe, info, cfg, found
+
+
+def write_student(out_dir: Path, student, recipe: dict[str, Any], meta: dict[str, Any], input_shape: tuple[int, ...],
+                  info: dict[str, Any], *, config: dict[str, Any], parents: list[Artifact] | None = None, input_key: str = "",
+                  metrics: dict[str, Any] | None = None) -> Artifact:
+    """The student artifact (stage 01-student and ``kdtoolkit student``): recipe + weights, or a torch.export program."""
+    from kdtoolkit.models.loading import save_model
+    from kdtoolkit.student.build import count_macs, count_params
+
+    with ArtifactWriter(out_dir, kind="torch", stage="student", config=config, parents=parents or [], input_key=input_key) as w:
+        name = save_model(w.dir, student, recipe, meta, input_shape)
         info["stored_as"] = "recipe + weights" if name == "model.pt" else \
             "torch.export program (loads without the teacher's source code and without unpickling)"
-        w.metrics.update({"params": count_params(student), "macs": count_macs(student, ctx.input_shape)})
-        w.info.update({"model": spec.to_dict(), "model_file": name, "recipe": recipe, "surgery": info})
+        w.metrics.update({"params": count_params(student), "macs": count_macs(student, input_shape), **(metrics or {})})
+        w.info.update({"model": meta, "model_file": name, "recipe": recipe, "surgery": info})
     return w.artifact
 
 
@@ -161,32 +180,21 @@ def distill_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) 
 
 
 def export_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
-    from kdtoolkit.export.onnx_export import (JETPACK_MAX_OPSET, export_onnx, opset_for_target, opset_of, parity,
-                                              simplify)
+    """Stages 03/04: the one export function ``kdtoolkit export`` calls too (export.onnx_export.export_artifact)."""
+    from kdtoolkit.export.onnx_export import JETPACK_MAX_OPSET, export_artifact
 
     (src,) = inputs
     loaded = _load(src)
     opset = config["opset"]
     if opset > JETPACK_MAX_OPSET:
         log(f"[export] note: opset {opset} is newer than the TensorRT 8.5/8.6 parsers (JetPack 5, 6.0) accept", enabled=ctx.progress)
-    with ArtifactWriter(out_dir, kind="onnx", stage="export", config=config, parents=[src], input_key=key) as w:
-        raw = w.dir / ".raw.onnx"
-        dynamic = ctx.profile.static_input_shape is None
-        export_onnx(loaded.module, ctx.input_shape, raw, opset=opset, dynamic_batch=dynamic)
-        if ctx.cfg.opset is None and ctx.profile.tensorrt is not None:
-            lower, why = opset_for_target(raw, opset, ctx.profile.tensorrt.min_version)
-            if why:
-                log(f"[export] {why}", enabled=ctx.progress)
-                export_onnx(loaded.module, ctx.input_shape, raw, opset=lower, dynamic_batch=dynamic)
-                w.info["opset_note"] = why
-        w.info["simplify"] = simplify(raw, w.path("model.onnx"))
-        raw.unlink()
-        w.metrics["parity"] = parity(loaded.module, w.path("model.onnx"), ctx.splits.test, ctx.splits.spec)
-        w.info.update({"model": src.info.get("model", {}), "opset": opset_of(w.path("model.onnx")), "precision": "fp32",
-                       "input": {"name": "input", "shape": ["batch", *ctx.input_shape[1:]], "dtype": "float32"},
-                       "output": {"name": "logits", "shape": ["batch", len(ctx.splits.spec.classes)], "dtype": "float32"}})
-        w.metrics.update({k: src.metrics.get(k) for k in ("params", "macs") if k in src.metrics})
-    return w.artifact
+    prof = ctx.profile
+    return export_artifact(
+        loaded.module, ctx.input_shape, out_dir, opset=opset, config=config, model_meta=src.info.get("model", {}),
+        dynamic_batch=prof.static_input_shape is None, parents=[src], input_key=key,
+        trt_min_version=prof.tensorrt.min_version if ctx.cfg.opset is None and prof.tensorrt is not None else None,
+        test=ctx.splits.test, spec=ctx.splits.spec, carry_metrics={k: src.metrics.get(k) for k in ("params", "macs") if k in src.metrics},
+        log=lambda m: log(f"[export] {m}", enabled=ctx.progress))
 
 
 def quantize_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
@@ -225,7 +233,8 @@ def quantize_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
         w.metrics.update(res["metrics"])
         lat = None
         if not prof.is_tensorrt:
-            from kdtoolkit.profile.runners import OrtRunner, measure
+            from kdtoolkit.backends.ort import OrtRunner
+            from kdtoolkit.latency.timing import measure
 
             m = ctx.cfg.measure
             # every batch the run measures inside the profile's range, and always the opt batch, which decides
@@ -255,7 +264,7 @@ def quantize_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
 
 def optimize_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
     """Make the deployable model for the profile and measure its accuracy on the runtime that serves it."""
-    from kdtoolkit.engine.ort import make_session, optimize_for_ort
+    from kdtoolkit.backends.ort import make_session, optimize_for_ort
     from kdtoolkit.evaluate import evaluate
 
     (src,) = inputs
@@ -270,7 +279,7 @@ def optimize_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any])
             shutil.copyfile(src.file("model.onnx"), w.path("model.onnx"))
             label = "onnxruntime-cpu proxy (TensorRT not on this machine; build on the device)"
             w.info["target_latency"] = "not measured: needs the target device"
-            from kdtoolkit.engine.check import record_tensorrt_check  # check.json, counts, build_on_device.sh
+            from kdtoolkit.backends.check import record_tensorrt_check# check.json, counts, build_on_device.sh
 
             record_tensorrt_check(w, prof, calib_data=ctx.cfg.data.source)
         sess = make_session(w.path("model.onnx"))
@@ -281,7 +290,8 @@ def optimize_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any])
 
 
 def profile_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
-    from kdtoolkit.profile.runners import OrtRunner, measure
+    from kdtoolkit.backends.ort import OrtRunner
+    from kdtoolkit.latency.timing import measure
 
     teacher_onnx, student_onnx = inputs
     m = ctx.cfg.measure
@@ -291,7 +301,7 @@ def profile_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) 
     with OrtRunner(teacher_onnx.file("model.onnx"), name="teacher", threads=threads) as rt, \
          OrtRunner(student_onnx.file("model.onnx"), name="student", threads=threads) as rs:
         res = measure([rt, rs], batches, warmup=m.warmup, iters=m.iters, progress=None)
-        from kdtoolkit.profile.session import build_document
+        from kdtoolkit.latency.session import build_document
 
         settings = {"batches": batches, "iters": m.iters, "time_budget_s": None, "warmup": m.warmup, "threads": threads,
                     "providers": ["CPUExecutionProvider"], "interleaved": True, "seed": 0, "compile": False}

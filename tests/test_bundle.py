@@ -76,7 +76,7 @@ def test_reference_batch_is_kdtoolkit_evaluation(bundle):
     from PIL import Image
 
     from kdtoolkit.data.datasets import ArrayData, DataSpec, to_tensor
-    from kdtoolkit.engine.ort import make_session
+    from kdtoolkit.backends.ort import make_session
     from kdtoolkit.evaluate import predict
 
     m = json.loads((bundle / "manifest.json").read_text())

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kdtoolkit.engine.calib_cache import cache_text, read_calibration_cache, strip_qdq, write_calibration_cache_from_qdq
+from kdtoolkit.backends.trt.calib_cache import cache_text, read_calibration_cache, strip_qdq, write_calibration_cache_from_qdq
 from kdtoolkit.errors import InputError
 
 

@@ -54,3 +54,27 @@ def test_input_spec_from_meta():
     s = InputSpec.from_meta({"channels": 3, "input_size": [32, 32], "mean": [0.5] * 3, "std": [0.2] * 3, "classes": [1, 2]})
     assert s.shape == (3, 32, 32) and s.mean == (0.5,) * 3 and s.classes == ["1", "2"] and s.source["mean"] == "model"
     assert InputSpec.from_meta(None).shape is None
+
+
+def test_apply_overrides_dotted_and_validated():
+    from kdtoolkit.config import CompressConfig, DataConfig, TrainConfig, apply_overrides
+    from kdtoolkit.errors import InputError
+
+    cfg = CompressConfig(model="m.pt", data=DataConfig(source="mnist-mini"))
+    got = apply_overrides(cfg, ["train.lr=0.01", "train.loss.temperature=2", "student.skip=[a, b]", "train.lr_scales.head=0.1"])
+    assert got.train.lr == 0.01 and got.train.loss.temperature.start == 2.0 and got.student.skip == ["a", "b"]
+    assert got.train.lr_scales == {"head": 0.1} and cfg.train.lr == 0.05  # the original is untouched
+    with pytest.raises(InputError, match=r"--set train\.lrr: .*no such setting"):
+        apply_overrides(cfg, ["train.lrr=1"])
+    with pytest.raises(InputError, match=r"--set train\.lr: Input should be a valid number"):
+        apply_overrides(cfg, ["train.lr=fast"])
+    with pytest.raises(InputError, match="KEY=VALUE"):
+        apply_overrides(cfg, ["train.lr"])
+    assert apply_overrides(TrainConfig(), ["train.epochs=5", "mixup=0.2"], prefix="train").epochs == 5
+
+
+def test_set_option_on_compress_refuses_unknown_key_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "kdtoolkit", "compress", str(tmp_path / "missing.pt"), "--data", "mnist-mini",
+                        "--out", str(tmp_path / "run"), "--set", "train.lrr=0.1"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --set train.lrr"), r.stderr
+    assert not (tmp_path / "run").exists()

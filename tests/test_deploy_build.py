@@ -98,7 +98,7 @@ class TestBuildOnDevice:
 def test_bundle_build_script_checks_the_cache_before_building(tmp_path):
     """The bundle's own build_on_device.sh refuses to run trtexec --calib on a missing cache."""
     from kdtoolkit.bundle import _build_script
-    from kdtoolkit.profiles import load_profile
+    from kdtoolkit.targets import load_profile
 
     cmds = {"kdtoolkit_build": "kdtoolkit build model/model.onnx --profile p --out engine --calib-cache model/calibration.cache",
             "trtexec_build": "trtexec --onnx=model/model_noqdq.onnx --saveEngine=model/model.plan --calib=model/calibration.cache",

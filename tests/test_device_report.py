@@ -66,7 +66,7 @@ def test_report_hash_ignores_only_its_own_field():
     h = dr.report_sha256(doc)
     assert h == dr.report_sha256({**doc, "sha256": "whatever"})
     assert h != dr.report_sha256({**doc, "b": [1, 3]})
-    from kdtoolkit.engine.device_report import canonical
+    from kdtoolkit.backends.device_report import canonical
 
     assert hashlib.sha256(canonical(doc)).hexdigest() == h  # kdtoolkit's verify and the script agree on the bytes
 

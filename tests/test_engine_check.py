@@ -10,9 +10,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kdtoolkit.engine.check import check_file, check_model, dla_reason, parser_supports
+from kdtoolkit.backends.check import check_file, check_model, dla_reason, parser_supports
 from kdtoolkit.errors import InputError
-from kdtoolkit.profiles import load_profile, parse_profile
+from kdtoolkit.targets import load_profile, parse_profile
 from kdtoolkit.quant.qdq_rules import qdq_findings
 
 from conftest import run_cli
@@ -222,7 +222,7 @@ def test_dla_refuses_fp32_and_a_qdq_onnx_without_a_calibration_cache_before_tens
     assert ("dla.qdq", "") in rules(rep, "error") and not rep.ok
     assert "no calibration cache comes with this Q/DQ ONNX" in "\n".join(rep.lines())
     # with the cache written from its scales (beside the ONNX, where the pipeline puts it) it builds
-    from kdtoolkit.engine.calib_cache import write_calibration_cache_from_qdq
+    from kdtoolkit.backends.trt.calib_cache import write_calibration_cache_from_qdq
 
     onnx.save(m, str(tmp_path / "model.onnx"))
     write_calibration_cache_from_qdq(tmp_path / "model.onnx", tmp_path / "calibration.cache")
@@ -346,7 +346,7 @@ def test_cli_check_errors_exit_1_with_one_line_per_finding(tmp_path):
 
 
 def test_cli_build_without_tensorrt_exits_3_with_the_install_hint(tmp_path):
-    from kdtoolkit.engine.tensorrt import load_tensorrt
+    from kdtoolkit.backends.trt.lazy import load_tensorrt
     from kdtoolkit.errors import MissingDependency
 
     try:
@@ -366,7 +366,7 @@ def test_cli_build_without_tensorrt_exits_3_with_the_install_hint(tmp_path):
 
 
 def test_cuda_adapter_without_a_gpu_is_a_clear_error(monkeypatch):
-    from kdtoolkit.engine import cuda_mem
+    from kdtoolkit.backends.trt import cuda_mem
     from kdtoolkit.errors import KdtError
 
     monkeypatch.setattr(cuda_mem, "_active", None)
@@ -388,7 +388,7 @@ def test_offdevice_record_writes_check_counts_and_build_script(tmp_path):
     import shutil
 
     from kdtoolkit.artifact import ArtifactWriter
-    from kdtoolkit.engine.check import record_tensorrt_check
+    from kdtoolkit.backends.check import record_tensorrt_check
 
     src = tmp_path / "m.onnx"
     onnx.save(_conv_relu(), str(src))
@@ -424,8 +424,8 @@ def _qdq_dla_model():
 def test_offdevice_record_for_dla_writes_a_calibration_cache_from_the_qdq_scales(tmp_path):
     """Issue 15.1: the DLA profile's Q/DQ output becomes buildable on TensorRT 8.5 .. 10.x: cache + Q/DQ-free ONNX + commands."""
     from kdtoolkit.artifact import ArtifactWriter
-    from kdtoolkit.engine.calib_cache import read_calibration_cache
-    from kdtoolkit.engine.check import record_tensorrt_check
+    from kdtoolkit.backends.trt.calib_cache import read_calibration_cache
+    from kdtoolkit.backends.check import record_tensorrt_check
 
     with ArtifactWriter(tmp_path / "dla", kind="onnx", stage="optimize") as w:
         onnx.save(_qdq_dla_model(), str(w.path("model.onnx")))
@@ -443,7 +443,7 @@ def test_offdevice_record_for_dla_writes_a_calibration_cache_from_the_qdq_scales
 
 def test_build_commands_never_ask_trtexec_for_int8_it_cannot_get(tmp_path):
     """Issue 15.2: auto without Q/DQ is FP16 (no --int8); int8 on a GPU adds --fp16 like kdtoolkit build does."""
-    from kdtoolkit.engine.tensorrt import build_commands
+    from kdtoolkit.backends.trt.commands import build_commands
 
     onnx.save(_conv_relu(), str(tmp_path / "fp32.onnx"))
     onnx.save(_qdq_model(), str(tmp_path / "qdq.onnx"))

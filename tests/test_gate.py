@@ -43,7 +43,7 @@ def test_parse_percent():
 def test_compare_statistics():
     import numpy as np
 
-    from kdtoolkit.profile.stats import compare
+    from kdtoolkit.latency.stats import compare
 
     rng = np.random.default_rng(0)
     base = 1.0 + rng.exponential(0.05, 200)

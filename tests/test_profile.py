@@ -37,7 +37,8 @@ def tiny_onnx(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_measure_interleaves_and_summarises(tiny_onnx):
-    from kdtoolkit.profile.runners import OrtRunner, measure
+    from kdtoolkit.backends.ort import OrtRunner
+    from kdtoolkit.latency.timing import measure
 
     with OrtRunner(tiny_onnx["small"], name="a") as a, OrtRunner(tiny_onnx["big"], name="b") as b:
         res = measure([a, b], [1, 4], warmup=2, iters=12)
@@ -51,7 +52,8 @@ def test_measure_interleaves_and_summarises(tiny_onnx):
 
 
 def test_time_budget_stops_rounds(tiny_onnx):
-    from kdtoolkit.profile.runners import OrtRunner, measure
+    from kdtoolkit.backends.ort import OrtRunner
+    from kdtoolkit.latency.timing import measure
 
     with OrtRunner(tiny_onnx["small"], name="a") as a:
         res = measure([a], [1], warmup=1, time_budget_s=0.05)
@@ -64,7 +66,9 @@ def test_load_runner_by_type(tiny_onnx, tmp_path):
     from kdtoolkit.artifact import ArtifactWriter
     from kdtoolkit.models.loading import save_checkpoint
     from kdtoolkit.models.zoo import small_cnn
-    from kdtoolkit.profile.runners import OrtRunner, TorchRunner, load_runner
+    from kdtoolkit.backends.ort import OrtRunner
+    from kdtoolkit.backends.pytorch import TorchRunner
+    from kdtoolkit.backends.factory import load_runner
 
     r = load_runner(tiny_onnx["small"])
     assert isinstance(r, OrtRunner) and r.describe()["allow_spinning"] is False
@@ -96,7 +100,7 @@ def _touch(p: Path) -> Path:
 
 
 def test_engine_without_tensorrt_is_a_clear_error(tmp_path):
-    from kdtoolkit.profile.runners import load_runner
+    from kdtoolkit.backends.factory import load_runner
 
     plan = tmp_path / "model.engine"
     plan.write_bytes(b"\0" * 64)
@@ -106,7 +110,8 @@ def test_engine_without_tensorrt_is_a_clear_error(tmp_path):
 
 
 def test_batch_outside_model_is_rejected_before_timing(tiny_onnx):
-    from kdtoolkit.profile.runners import OrtRunner, measure
+    from kdtoolkit.backends.ort import OrtRunner
+    from kdtoolkit.latency.timing import measure
 
     with OrtRunner(tiny_onnx["static"], name="s") as s, pytest.raises(InputError, match="batch 8 is outside"):
         measure([s], [8], warmup=0, iters=5)
@@ -124,7 +129,7 @@ def test_profile_cli_table_and_json(tiny_onnx, tmp_path):
     assert doc["environment"]["onnxruntime"] and "threads" in doc["environment"]
     assert len(doc["results"]["big"]["2"]["samples_ms"]) == 8
     assert doc["models"]["small"]["runner"] == "onnxruntime"
-    from kdtoolkit.profile.session import load_profile_json
+    from kdtoolkit.latency.session import load_profile_json
 
     assert load_profile_json(out)["results"].keys() == {"small", "big"}
 
@@ -143,7 +148,7 @@ def test_profile_cli_bad_input_exit_2(tiny_onnx, tmp_path):
 
 
 def test_profile_json_validation(tmp_path):
-    from kdtoolkit.profile.session import load_profile_json
+    from kdtoolkit.latency.session import load_profile_json
 
     for text, msg in (("", "empty"), ('{"schema": "kdtoolkit.profile/1", "res', "not valid JSON"), ("[1]", "expected a JSON object"),
                       ('{"schema": "other/9", "results": {}}', "unsupported profile schema"),

@@ -1,7 +1,7 @@
 import pytest
 
 from kdtoolkit.errors import InputError
-from kdtoolkit.profiles import ALIASES, UNSUPPORTED, builtin_names, load_profile, parse_profile, resolve_profile_name
+from kdtoolkit.targets import ALIASES, UNSUPPORTED, builtin_names, load_profile, parse_profile, resolve_profile_name
 
 
 def test_builtin_profiles_are_valid_and_real():

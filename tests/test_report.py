@@ -15,8 +15,9 @@ from test_profile import _tiny
 def run_dir(tmp_path) -> Path:
     """A compress-shaped run folder: summary.json plus a real profile artifact with raw samples."""
     from kdtoolkit.artifact import ArtifactWriter
-    from kdtoolkit.profile.runners import OrtRunner, measure
-    from kdtoolkit.profile.session import build_document
+    from kdtoolkit.backends.ort import OrtRunner
+    from kdtoolkit.latency.timing import measure
+    from kdtoolkit.latency.session import build_document
 
     run = tmp_path / "run"
     t = _tiny(1.0, tmp_path / "teacher.onnx")

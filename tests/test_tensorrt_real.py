@@ -61,7 +61,7 @@ def test_tensorrt_module_type_checks_against_tensorrt_stubs(tmp_path):
     base = [sys.executable, "-m", "mypy", "--config-file", str(cfg), "--cache-dir", str(cache)]
     bad = subprocess.run([*base, str(probe)], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert bad.returncode == 1 and "create_network" in bad.stdout, bad.stdout + bad.stderr
-    r = subprocess.run([*base, "kdtoolkit/engine/tensorrt.py", "kdtoolkit/engine/cuda_mem.py"],
+    r = subprocess.run([*base, "kdtoolkit/backends/trt/"],
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -69,10 +69,10 @@ def test_tensorrt_module_type_checks_against_tensorrt_stubs(tmp_path):
 # ---------------------------------------------------------------- builder pieces that need no TensorRT
 
 def test_resolve_config_from_profiles():
-    from kdtoolkit.engine.tensorrt import resolve_config
-    from kdtoolkit.engine.trt_version import build_path
+    from kdtoolkit.backends.trt.config import resolve_config
+    from kdtoolkit.backends.trt.version import build_path
     from kdtoolkit.errors import InputError
-    from kdtoolkit.profiles import load_profile
+    from kdtoolkit.targets import load_profile
 
     orin = resolve_config(load_profile("jetson-agx-orin"), has_qdq=False, trt_path=build_path("8.5.2"), device_key="Orin-sm87")
     assert (orin.precision, orin.batch_min, orin.batch_opt, orin.batch_max, orin.workspace_mb) == ("int8", 1, 1, 16, 2048)
@@ -91,7 +91,7 @@ def test_resolve_config_from_profiles():
 
 
 def test_profile_shapes_and_their_errors():
-    from kdtoolkit.engine.tensorrt import BuildConfig, _profile_shapes
+    from kdtoolkit.backends.trt.config import BuildConfig, _profile_shapes
     from kdtoolkit.errors import InputError
 
     cfg = BuildConfig(precision="fp16", batch_min=1, batch_opt=4, batch_max=8)
@@ -111,8 +111,8 @@ def test_fp16_conversion_for_strongly_typed_tensorrt_keeps_fp32_io(tmp_path):
     import onnx
     import torch
 
-    from kdtoolkit.engine.ort import make_session
-    from kdtoolkit.engine.tensorrt import convert_onnx_fp16
+    from kdtoolkit.backends.ort import make_session
+    from kdtoolkit.backends.trt.builder import convert_onnx_fp16
     from kdtoolkit.export.onnx_export import export_onnx
     from kdtoolkit.models.zoo import small_cnn
 
@@ -130,7 +130,7 @@ def test_fp16_conversion_for_strongly_typed_tensorrt_keeps_fp32_io(tmp_path):
 
 
 def test_calibration_arrays_from_a_dataset_or_a_npy(tmp_path):
-    from kdtoolkit.engine.tensorrt import calibration_arrays
+    from kdtoolkit.backends.trt.calibrator import calibration_arrays
     from kdtoolkit.errors import InputError
 
     a = calibration_arrays("mnist-mini", (1, 28, 28), limit=32)  # training split, normalised like the model
@@ -148,8 +148,8 @@ def trt_ready():
     from kdtoolkit.errors import KdtError
 
     try:
-        from kdtoolkit.engine import cuda_mem
-        from kdtoolkit.engine.tensorrt import load_tensorrt
+        from kdtoolkit.backends.trt import cuda_mem
+        from kdtoolkit.backends.trt.lazy import load_tensorrt
 
         trt = load_tensorrt()
         cuda_mem.backend()
@@ -171,7 +171,7 @@ tensorrt: {{min_version: "8.5", workspace_mb: 256, timing_cache: {cache}}}
 
 
 def _profile(tmp: Path, precision: str):
-    from kdtoolkit.profiles import parse_profile
+    from kdtoolkit.targets import parse_profile
 
     return parse_profile(PROFILE_YAML.format(precision=precision, cache=tmp / "timing.cache"), "test-gpu")
 
@@ -198,7 +198,7 @@ def _inputs(n: int = 8) -> np.ndarray:
 
 
 def _ort(onnx_path: Path, x: np.ndarray) -> np.ndarray:
-    from kdtoolkit.engine.ort import make_session
+    from kdtoolkit.backends.ort import make_session
 
     s = make_session(onnx_path)
     return s.run(None, {s.get_inputs()[0].name: x})[0]
@@ -207,7 +207,8 @@ def _ort(onnx_path: Path, x: np.ndarray) -> np.ndarray:
 @pytest.mark.tensorrt
 def test_fp32_engine_matches_onnxruntime(trt_ready, small_onnx, tmp_path):
     from kdtoolkit.artifact import Artifact
-    from kdtoolkit.engine.tensorrt import TrtRunner, build_engine
+    from kdtoolkit.backends.trt.runner import TrtRunner
+    from kdtoolkit.backends.trt.builder import build_engine
 
     art = build_engine(small_onnx, _profile(tmp_path, "fp32"), tmp_path / "eng")
     assert Artifact.load(art.path).verify() == []
@@ -224,7 +225,7 @@ def test_fp32_engine_matches_onnxruntime(trt_ready, small_onnx, tmp_path):
 
 @pytest.mark.tensorrt
 def test_plan_is_raw_and_loads_with_plain_tensorrt(trt_ready, small_onnx, tmp_path):
-    from kdtoolkit.engine.tensorrt import build_engine
+    from kdtoolkit.backends.trt.builder import build_engine
 
     art = build_engine(small_onnx, _profile(tmp_path, "fp32"), tmp_path / "eng")
     runtime = trt_ready.Runtime(trt_ready.Logger(trt_ready.Logger.WARNING))
@@ -234,7 +235,8 @@ def test_plan_is_raw_and_loads_with_plain_tensorrt(trt_ready, small_onnx, tmp_pa
 
 @pytest.mark.tensorrt
 def test_batch_outside_the_profile_is_a_clear_input_error(trt_ready, small_onnx, tmp_path):
-    from kdtoolkit.engine.tensorrt import TrtRunner, build_engine
+    from kdtoolkit.backends.trt.runner import TrtRunner
+    from kdtoolkit.backends.trt.builder import build_engine
     from kdtoolkit.errors import InputError
 
     art = build_engine(small_onnx, _profile(tmp_path, "fp32"), tmp_path / "eng")
@@ -245,7 +247,7 @@ def test_batch_outside_the_profile_is_a_clear_input_error(trt_ready, small_onnx,
 
 @pytest.mark.tensorrt
 def test_timing_cache_is_written_and_reused(trt_ready, small_onnx, tmp_path):
-    from kdtoolkit.engine.tensorrt import build_engine
+    from kdtoolkit.backends.trt.builder import build_engine
 
     prof = _profile(tmp_path, "fp32")
     first = build_engine(small_onnx, prof, tmp_path / "a")
@@ -258,9 +260,10 @@ def test_timing_cache_is_written_and_reused(trt_ready, small_onnx, tmp_path):
 @pytest.mark.tensorrt
 def test_dla_builds_a_qdq_onnx_through_the_calibration_cache(trt_ready, small_onnx, tmp_path):
     """Issue 15.1 on the device: the DLA profile's Q/DQ ONNX builds (Q/DQ stripped, scales from the cache) below TensorRT 11."""
-    from kdtoolkit.engine.tensorrt import TrtRunner, build_engine
-    from kdtoolkit.engine.trt_version import build_path
-    from kdtoolkit.profiles import load_profile
+    from kdtoolkit.backends.trt.runner import TrtRunner
+    from kdtoolkit.backends.trt.builder import build_engine
+    from kdtoolkit.backends.trt.version import build_path
+    from kdtoolkit.targets import load_profile
     from kdtoolkit.quant.ptq import quantize_onnx
     from kdtoolkit.quant.schemes import scheme_for
 
@@ -277,7 +280,8 @@ def test_dla_builds_a_qdq_onnx_through_the_calibration_cache(trt_ready, small_on
 
 @pytest.mark.tensorrt
 def test_fp16_engine_agrees_with_onnxruntime(trt_ready, small_onnx, tmp_path):
-    from kdtoolkit.engine.tensorrt import TrtRunner, build_engine
+    from kdtoolkit.backends.trt.runner import TrtRunner
+    from kdtoolkit.backends.trt.builder import build_engine
 
     art = build_engine(small_onnx, _profile(tmp_path, "fp16"), tmp_path / "eng")
     x = _inputs(8)
@@ -292,13 +296,14 @@ def test_fp16_engine_agrees_with_onnxruntime(trt_ready, small_onnx, tmp_path):
 
 @pytest.mark.tensorrt
 def test_int8_with_entropy_calibrator_or_refusal(trt_ready, small_onnx, tmp_path):
-    from kdtoolkit.engine.tensorrt import TrtRunner, build_engine
+    from kdtoolkit.backends.trt.runner import TrtRunner
+    from kdtoolkit.backends.trt.builder import build_engine
     from kdtoolkit.errors import InputError
 
     calib = tmp_path / "calib.npy"
     np.save(calib, _inputs(64))
     prof = _profile(tmp_path, "int8")
-    from kdtoolkit.engine.trt_version import build_path
+    from kdtoolkit.backends.trt.version import build_path
 
     if build_path(trt_ready.__version__).strongly_typed:
         with pytest.raises(InputError, match="needs a Q/DQ ONNX"):
@@ -341,7 +346,8 @@ class _FakeConfig:
 
 def test_timing_cache_reuse_is_reported_truthfully(tmp_path):
     """Issue 15.8: set_timing_cache's result decides `reused`; a rejected cache is replaced by an empty one and said so."""
-    from kdtoolkit.engine.tensorrt import _use_timing_cache, gpu_cache_key
+    from kdtoolkit.backends.trt.builder import _use_timing_cache
+    from kdtoolkit.backends.trt.config import gpu_cache_key
 
     f = tmp_path / "timing.cache"
     assert _use_timing_cache(_FakeConfig(True), f) == {"set": True, "reused": False}  # no file yet
@@ -359,7 +365,7 @@ def test_timing_cache_reuse_is_reported_truthfully(tmp_path):
                                                ("13.0.0", 13000, True), ("11.8.0", 12020, True)])
 def test_cuda_python_major_must_fit_the_driver(binding, driver, ok):
     """Issue 15.9: cuda-python 13.x needs a CUDA 13 driver; a CUDA 12.6 image must pin cuda-python < 13."""
-    from kdtoolkit.engine.cuda_mem import binding_fits_driver
+    from kdtoolkit.backends.trt.cuda_mem import binding_fits_driver
 
     problem = binding_fits_driver(binding, driver)
     assert (problem is None) is ok
@@ -371,7 +377,7 @@ def test_pycuda_errors_become_one_line_kdtoolkit_errors(monkeypatch):
     """Issue 15.9: pycuda's own exceptions (cuInit failed ...) come out as CheckFailed, so callers (and the fixture) can react."""
     import types
 
-    from kdtoolkit.engine import cuda_mem
+    from kdtoolkit.backends.trt import cuda_mem
     from kdtoolkit.errors import CheckFailed
 
     pkg = types.ModuleType("pycuda")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kdtoolkit.engine.trt_version import build_path, dla_plan, parse_version, trt_version_number
+from kdtoolkit.backends.trt.version import build_path, dla_plan, parse_version, trt_version_number
 from kdtoolkit.errors import InputError
 
 

@@ -1,1 +1,2 @@
-"""Runtimes: ONNX Runtime sessions, the TensorRT builder and runner, the static check."""
+"""Backends: one runner protocol (base), ONNX Runtime (ort), torch (pytorch), TensorRT (trt/), the
+runner factory above them, the static TensorRT check and the on-device report. See docs/architecture.md."""

@@ -29,12 +29,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kdtoolkit.errors import InputError
-from kdtoolkit.quant.qdq_rules import Finding, Severity, _attr, constants, has_qdq, node_label, qdq_findings
+from kdtoolkit.quant.qdq_rules import (
+    Finding,
+    Severity,
+    _attr,
+    constants,
+    has_qdq,
+    node_label,
+    qdq_findings,
+)
 
 __all__ = ["Finding", "CheckReport", "check_file", "check_model", "parser_supports"]
 
 def _version_tuple(text: str) -> tuple[int, int]:
-    from kdtoolkit.engine.trt_version import parse_version
+    from kdtoolkit.backends.trt.version import parse_version
 
     major, minor, _ = parse_version(text)
     return major, minor
@@ -175,7 +183,7 @@ def check_file(path: str | os.PathLike[str], profile: Any, *, tensorrt_version: 
     """
     import onnx
 
-    from kdtoolkit.engine.calib_cache import CACHE_NAME
+    from kdtoolkit.backends.trt.calib_cache import CACHE_NAME
 
     p = str(path)
     if not os.path.isfile(p):
@@ -229,7 +237,7 @@ def check_model(model: Any, profile: Any, *, source: str = "<model>", tensorrt_v
 
 def _cache_entries(calib_cache: str | os.PathLike[str]) -> tuple[int | None, str]:
     """(number of scales, problem) of a calibration cache file."""
-    from kdtoolkit.engine.calib_cache import read_calibration_cache
+    from kdtoolkit.backends.trt.calib_cache import read_calibration_cache
 
     try:
         _, scales = read_calibration_cache(calib_cache)
@@ -240,7 +248,7 @@ def _cache_entries(calib_cache: str | os.PathLike[str]) -> tuple[int | None, str
 
 def _int8_route_findings(model: Any, profile: Any, version: str, calib_cache: str | os.PathLike[str] | None) -> list[Finding]:
     """Whether the INT8 the profile asks for can be built from this ONNX with this TensorRT (an error where it cannot)."""
-    from kdtoolkit.engine.trt_version import build_path
+    from kdtoolkit.backends.trt.version import build_path
 
     try:
         path = build_path(version)
@@ -274,7 +282,7 @@ def _int8_route_findings(model: Any, profile: Any, version: str, calib_cache: st
             out.append(Finding("error", "", "dla.qdq",
                                f"TensorRT {version} takes INT8 on DLA only implicitly (a calibration cache), never from Q/DQ nodes, and "
                                "no calibration cache comes with this Q/DQ ONNX: write one from its scales "
-                               "(kdtoolkit.engine.calib_cache.write_calibration_cache_from_qdq, as the compress pipeline does for DLA "
+                               "(kdtoolkit.backends.trt.calib_cache.write_calibration_cache_from_qdq, as the compress pipeline does for DLA "
                                "profiles) or build from the FP32 ONNX with calibration data"))
     elif not qdq and not n_scales:
         out.append(Finding("warning", "", "int8.calibration",
@@ -501,9 +509,13 @@ def record_tensorrt_check(writer: Any, profile: Any, *, onnx_name: str = "model.
     import onnx
 
     from kdtoolkit import fsutil
-    from kdtoolkit.engine.calib_cache import CACHE_NAME, STRIPPED_NAME, write_calibration_cache_from_qdq
-    from kdtoolkit.engine.tensorrt import build_commands, build_script
-    from kdtoolkit.engine.trt_version import build_path
+    from kdtoolkit.backends.trt.calib_cache import (
+        CACHE_NAME,
+        STRIPPED_NAME,
+        write_calibration_cache_from_qdq,
+    )
+    from kdtoolkit.backends.trt.commands import build_commands, build_script
+    from kdtoolkit.backends.trt.version import build_path
 
     onnx_path = writer.path(onnx_name)
     trt_cfg = profile.tensorrt

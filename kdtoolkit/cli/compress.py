@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from kdtoolkit.cli import app
-from kdtoolkit.cli.options import Arch, Channels, Data, InputShape, JsonOut, Out, Quiet, TrustPickle, parse_input_flags
+from kdtoolkit.cli.options import Arch, Channels, Data, InputShape, JsonOut, Out, Quiet, Set, TrustPickle, parse_input_flags
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:
@@ -73,11 +73,12 @@ def compress_cmd(
     iters: Annotated[Optional[int], typer.Option("--iters", help="timed interleaved rounds per batch size")] = None,
     json_out: JsonOut = None,
     quiet: Quiet = False,
+    sets: Set = None,
 ) -> None:
     """Teacher -> student -> distill -> export -> optimise -> profile -> report, resumable, in one run folder."""
     from kdtoolkit import fsutil
     from kdtoolkit.errors import InputError
-    from kdtoolkit.config import CompressConfig, DataConfig, load_config
+    from kdtoolkit.config import CompressConfig, DataConfig, apply_overrides, load_config
     from kdtoolkit.pipeline import compress
 
     if config is not None:
@@ -119,6 +120,7 @@ def compress_cmd(
     if temperature is not None:
         tr.loss.temperature.start = temperature
     cfg = CompressConfig.model_validate(cfg.model_dump())  # re-validate values set from flags
+    cfg = apply_overrides(cfg, sets)  # --set train.lr=0.01 ...
     summary = compress(cfg, run_dir, progress=not quiet, wait=wait)
     if json_out:
         fsutil.write_json(json_out, summary)

@@ -34,9 +34,9 @@ def check_cmd(
 ) -> None:
     """Static check of an ONNX file against a target profile (ops, Q/DQ, shapes, opset, DLA layers); no TensorRT needed."""
     from kdtoolkit import fsutil
-    from kdtoolkit.engine.check import check_file
+    from kdtoolkit.backends.check import check_file
     from kdtoolkit.errors import CheckFailed
-    from kdtoolkit.profiles import load_profile
+    from kdtoolkit.targets import load_profile
 
     prof = load_profile(profile)
     rep = check_file(_onnx_path(onnx), prof, tensorrt_version=tensorrt_version)
@@ -62,8 +62,8 @@ def build_cmd(
 ) -> None:
     """Build a TensorRT engine (raw plan + manifest) for the profile; needs TensorRT on this machine."""
     from kdtoolkit import fsutil
-    from kdtoolkit.engine.tensorrt import build_engine
-    from kdtoolkit.profiles import load_profile
+    from kdtoolkit.backends.trt.builder import build_engine
+    from kdtoolkit.targets import load_profile
 
     prof = load_profile(profile)
     art = build_engine(onnx, prof, out, calib_data=calib_data, precision=precision, timing_cache=timing_cache,

@@ -43,7 +43,7 @@ def env_cmd(json_out: JsonOut = None) -> None:
 @profiles_app.command("list")
 def profiles_list() -> None:
     """The built-in profiles, each with the aliases it answers to (e.g. jetson-agx for jetson-agx-orin)."""
-    from kdtoolkit.profiles import aliases_of, builtin_names, load_profile
+    from kdtoolkit.targets import aliases_of, builtin_names, load_profile
 
     for name in builtin_names():
         p = load_profile(name)
@@ -61,7 +61,7 @@ def profiles_show(name: Annotated[str, typer.Argument(help="profile name or YAML
     import yaml
 
     from kdtoolkit import fsutil
-    from kdtoolkit.profiles import load_profile
+    from kdtoolkit.targets import load_profile
 
     p = load_profile(name)
     if p.requested_as:

@@ -15,6 +15,9 @@ Profile = Annotated[str, typer.Option("--profile", help="target profile name (kd
 Out = Annotated[Path, typer.Option("--out", help="output folder")]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", help="also write the result as JSON here")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
+Set = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="set any config field by its dotted name, e.g. --set train.lr=0.01 (repeatable; value read as YAML; "
+                  "validated against the config models, applied after the other options)")]
 
 
 def parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:

@@ -23,7 +23,7 @@ def resolve_timing(profile: str | None, batch: str | None, iters: int | None, ti
 
     prof = None
     if profile:
-        from kdtoolkit.profiles import load_profile
+        from kdtoolkit.targets import load_profile
 
         prof = load_profile(profile)
     batches = list(parse_ints(batch, "--batch") or ([prof.batch.opt] if prof else [1]))
@@ -88,7 +88,7 @@ def profile_cmd(
     json_out: JsonOut = None,
 ) -> None:
     """Warm up, then time each model at each batch interleaved; p50/p90/p99, mean, std, throughput, memory."""
-    from kdtoolkit.profile.session import profile_models, write_profile_json
+    from kdtoolkit.latency.session import profile_models, write_profile_json
 
     batches, n, budget, th, providers = resolve_timing(profile, batch, iters, time_budget, threads)
     doc = profile_models(models, batches=batches, iters=n, time_budget_s=budget, warmup=warmup, threads=th, providers=providers,

@@ -47,7 +47,7 @@ def quantize_cmd(
         raise InputError("--data is needed: calibration samples come from its training split")
     if calib_method is not None and calib_method not in CALIB_METHODS:
         raise InputError(f"--calib-method must be one of {', '.join(CALIB_METHODS)}, got {calib_method!r}")
-    from kdtoolkit.profiles import load_profile
+    from kdtoolkit.targets import load_profile
 
     prof = load_profile(profile)
     method = calib_method or prof.quant.calib_method

@@ -28,9 +28,7 @@ def export_cmd(
 ) -> None:
     """Export to ONNX (dynamic batch, checked, simplified) with a parity check against PyTorch."""
     from kdtoolkit import fsutil
-    from kdtoolkit.artifact import ArtifactWriter
-    from kdtoolkit.errors import InputError
-    from kdtoolkit.export.onnx_export import JETPACK_MAX_OPSET, choose_opset, export_onnx, opset_of, parity, simplify
+    from kdtoolkit.export.onnx_export import JETPACK_MAX_OPSET, choose_opset, export_artifact
     from kdtoolkit.cli.options import parse_input_flags, resolve_model_input
     from kdtoolkit.models.loading import load_model
 
@@ -47,22 +45,20 @@ def export_cmd(
     shape = spec.require_shape(" (or --data)")
     prof = None
     if profile:
-        from kdtoolkit.profiles import load_profile
+        from kdtoolkit.targets import load_profile
 
         prof = load_profile(profile)
     chosen = choose_opset(opset, prof.max_opset if prof else None)
     if chosen > JETPACK_MAX_OPSET:
         typer.echo(f"note: opset {chosen} is newer than the TensorRT 8.5/8.6 parsers of JetPack 5 and 6.0 accept (17)", err=True)
-    with ArtifactWriter(out, kind="onnx", stage="export", config={"opset": chosen, "static_batch": static_batch}) as w:
-        raw = w.dir / ".raw.onnx"
-        export_onnx(loaded.module, (1, *shape), raw, opset=chosen, dynamic_batch=not static_batch)
-        w.info["simplify"] = simplify(raw, w.path("model.onnx"))
-        raw.unlink()
-        if sp is not None:
-            w.metrics["parity"] = parity(loaded.module, w.path("model.onnx"), sp.test, sp.spec)
-        # mean/std travel with the model; a mean/std measured here for the parity check is no fact about it
-        w.info.update({"model": {**meta, **spec.to_meta(include_measured=False)}, "opset": opset_of(w.path("model.onnx"))})
-    res = {"onnx": str(out / "model.onnx"), **w.artifact.metrics, "opset": w.artifact.info["opset"], **w.artifact.info["simplify"]}
+    # the export stage's own function: `kdtoolkit export` writes the manifest stage 04-export writes
+    # (mean/std travel with the model; a mean/std measured here for the parity check is no fact about it)
+    art = export_artifact(loaded.module, (1, *shape), out, opset=chosen, config={"opset": chosen, "static_batch": static_batch},
+                          model_meta={**meta, **spec.to_meta(include_measured=False)}, dynamic_batch=not static_batch,
+                          trt_min_version=prof.tensorrt.min_version if opset is None and prof is not None and prof.tensorrt else None,
+                          test=sp.test if sp is not None else None, spec=sp.spec if sp is not None else None,
+                          log=lambda m: typer.echo(f"note: {m}", err=True))
+    res = {"onnx": str(out / "model.onnx"), **art.metrics, "opset": art.info["opset"], **art.info["simplify"]}
     if json_out:
         fsutil.write_json(json_out, res)
     typer.echo(f"wrote {out / 'model.onnx'} (opset {res['opset']}, nodes {res['nodes_before']} -> {res['nodes_after']})")
@@ -102,15 +98,13 @@ def student_cmd(
     from rich.table import Table
 
     from kdtoolkit import fsutil
-    from kdtoolkit.artifact import ArtifactWriter
-    from kdtoolkit.errors import InputError
-    from kdtoolkit.models.loading import load_model, save_model
-    from kdtoolkit.profiles import load_profile
-    from kdtoolkit.stages import resolve_student_config
-    from kdtoolkit.student.build import StudentConfig, make_student
-    from kdtoolkit.student.search import latency_table
-
     from kdtoolkit.cli.options import parse_input_flags, resolve_model_input
+    from kdtoolkit.config import StudentConfig
+    from kdtoolkit.errors import InputError
+    from kdtoolkit.models.loading import load_model
+    from kdtoolkit.stages import derive_student, write_student
+    from kdtoolkit.student.search import latency_table
+    from kdtoolkit.targets import load_profile
 
     if init not in ("svd", "random"):
         raise InputError("--init must be svd or random")
@@ -139,25 +133,18 @@ def student_cmd(
     cfg = StudentConfig(arch=student_arch, separable=not no_separable, skip_stem=skip_stem, skip_first=skip_first,
                         skip=skip.split(",") if skip else [], only=only.split(",") if only else [], depth=depth, width=width,
                         init=init, latency_budget_ms=latency_budget, speedup=speedup)
-    if not teacher.rewritable:
-        from kdtoolkit.models.loading import as_graph_modules
-
-        teacher = as_graph_modules(teacher, full_shape)  # TorchScript: convert the graph itself
-    cfg, found = resolve_student_config(cfg, prof, teacher, full_shape, n_cls)
-    student, recipe, info = make_student(teacher, cfg, input_shape=full_shape, num_classes=n_cls, calib_batches=calib)
+    # the student stage's own functions: `kdtoolkit student` writes what stage 01-student writes
+    teacher_mod, student, recipe, info, cfg, found = derive_student(teacher, cfg, prof, full_shape, n_cls, calib)
     bs = [int(b) for b in batches.split(",")]
-    if not teacher.rewritable and not hasattr(teacher.module, "parameters"):
+    if not teacher_mod.rewritable and not hasattr(teacher_mod.module, "parameters"):
         raise InputError("cannot time this teacher form; give a state dict + --arch")
-    table = latency_table(teacher.module, student.eval(), full_shape, bs, threads=prof.onnxruntime.intra_op_threads)
+    table = latency_table(teacher_mod.module, student.eval(), full_shape, bs, threads=prof.onnxruntime.intra_op_threads)
     runtime = "onnxruntime-cpu" + (" (proxy: TensorRT is not on this machine)" if prof.is_tensorrt else "")
-    result = {**table, "latency_runtime": runtime, "profile": prof.name, "surgery": {k: v for k, v in info.items() if k != "converted"},
+    result = {**table, "latency_runtime": runtime, "profile": prof.name, "surgery": {k: v for k, v in info.items() if k not in ("converted", "search", "resolved_config")},
               "converted": info.get("converted", []), "recipe": recipe}
     if found is not None:
-        result["search"] = {k: v for k, v in found.items() if k != "config"}
-    with ArtifactWriter(out, kind="torch", stage="student", config=cfg.model_dump(mode="json")) as w:
-        name = save_model(w.dir, student, recipe, meta, full_shape)
-        w.metrics.update({"params": table["student"]["params"], "macs": table["student"]["macs"], "latency": table})
-        w.info.update({"model": meta, "model_file": name, "recipe": recipe, "surgery": info})
+        result["search"] = info["search"]
+    write_student(out, student, recipe, meta, full_shape, info, config=cfg.model_dump(mode="json"), metrics={"latency": table})
     if json_out:
         fsutil.write_json(json_out, result)
     if found is not None and found.get("candidates"):

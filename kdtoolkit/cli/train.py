@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from kdtoolkit.cli import app
-from kdtoolkit.cli.options import (Arch, Channels, Data, InputShape, JsonOut, Mean, ModelArg, Out, Quiet, Std, TrustPickle,
+from kdtoolkit.cli.options import (Arch, Channels, Data, InputShape, JsonOut, Mean, ModelArg, Out, Quiet, Set, Std, TrustPickle,
                                    parse_floats)
 
 Optim = Annotated[str, typer.Option("--optimizer", help="sgd (Nesterov momentum) or adamw")]
@@ -178,6 +178,7 @@ def distill_cmd(
     tensorboard: Tensorboard = None,
     quiet: Quiet = False,
     json_out: JsonOut = None,
+    sets: Set = None,
 ) -> None:
     """Distil TEACHER into STUDENT (KD, hints, attention transfer, several teachers) with the one trainer."""
     from kdtoolkit.distill.trainer import Trainer, dist_info
@@ -219,6 +220,9 @@ def distill_cmd(
               "at_weight": at_weight, "at_layers": at_layers.split(",") if at_layers else [], "teacher_weights": weights,
               "teacher_weighting": teacher_weighting},
     )
+    from kdtoolkit.config import apply_overrides
+
+    cfg = apply_overrides(cfg, sets, prefix="train")  # --set lr=0.01 or --set train.lr=0.01
     teachers = [t.module] + [e.module for e in extra]
     key = {"cmd": "distill", "cfg": cfg.model_dump(mode="json"), "teachers": [str(Path(p).resolve()) for p in [teacher, *(extra_teacher or [])]],
            "student": s_source, "data": [data, train_limit, test_limit, on_bad_image, mean, std, input_shape, val_fraction]

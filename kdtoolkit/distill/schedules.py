@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Schedule(BaseModel):
@@ -15,6 +16,12 @@ class Schedule(BaseModel):
     start: float = Field(description="value at the start of training")
     end: float | None = Field(None, description="value at the end; None keeps start")
     kind: Literal["constant", "linear", "cosine"] = Field("constant", description="shape of the change")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _number_is_constant(cls, v: Any) -> Any:
+        # a plain number (``--set train.loss.temperature=2``, YAML ``alpha: 0.5``) is a constant schedule
+        return {"start": v} if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
     def at(self, t: float) -> float:
         if self.end is None or self.kind == "constant":

@@ -39,7 +39,7 @@ def opset_for_target(onnx_path: str | os.PathLike[str], opset: int, trt_min_vers
         return opset, None
     import onnx
 
-    from kdtoolkit.engine.trt_version import parse_version
+    from kdtoolkit.backends.trt.version import parse_version
 
     ops = {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
     oldest = parse_version(trt_min_version)[:2]
@@ -124,7 +124,7 @@ def opset_of(path_or_model: Any) -> int:
 
 def parity(module: Any, onnx_path: str | os.PathLike[str], data: Any, spec: Any, *, limit: int | None = 2000) -> dict[str, Any]:
     """Compare PyTorch and ONNX Runtime logits on real inputs: max abs difference and top-1 agreement."""
-    from kdtoolkit.engine.ort import make_session
+    from kdtoolkit.backends.ort import make_session
     from kdtoolkit.evaluate import predict
 
     if limit is not None and len(data) > limit:
@@ -136,3 +136,39 @@ def parity(module: Any, onnx_path: str | os.PathLike[str], data: Any, spec: Any,
         "max_abs_diff": float(np.abs(ref - got).max()) if len(data) else 0.0,
         "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()) if len(data) else 1.0,
     }
+
+
+def export_artifact(module: Any, input_shape: tuple[int, ...], out_dir: str | os.PathLike[str], *, opset: int, config: dict[str, Any],
+                    model_meta: dict[str, Any], dynamic_batch: bool = True, parents: list[Any] | None = None, input_key: str = "",
+                    trt_min_version: str | None = None, test: Any = None, spec: Any = None, carry_metrics: dict[str, Any] | None = None,
+                    log: Any = None) -> Any:
+    """The export stage's artifact, used by ``compress`` (stages 03/04) and ``kdtoolkit export`` alike: ONNX
+    exported (re-exported at a lower opset where ``trt_min_version``'s parser needs it), checked, simplified,
+    compared against the torch model on ``test`` when given, and described (opset, input, output, model meta)."""
+    from kdtoolkit.artifact import ArtifactWriter
+
+    say = log or (lambda msg: None)
+    with ArtifactWriter(out_dir, kind="onnx", stage="export", config=config, parents=parents or [], input_key=input_key) as w:
+        raw = w.dir / ".raw.onnx"
+        export_onnx(module, input_shape, raw, opset=opset, dynamic_batch=dynamic_batch)
+        if trt_min_version is not None:
+            lower, why = opset_for_target(raw, opset, trt_min_version)
+            if why:
+                say(why)
+                export_onnx(module, input_shape, raw, opset=lower, dynamic_batch=dynamic_batch)
+                w.info["opset_note"] = why
+        w.info["simplify"] = simplify(raw, w.path("model.onnx"))
+        raw.unlink()
+        if test is not None:
+            w.metrics["parity"] = parity(module, w.path("model.onnx"), test, spec)
+        import onnx
+
+        m = onnx.load(str(w.path("model.onnx")), load_external_data=False)
+        init = {t.name for t in m.graph.initializer}
+        dims = [[d.dim_value if d.dim_value > 0 else (d.dim_param or "batch") for d in v.type.tensor_type.shape.dim]
+                for v in [next(i for i in m.graph.input if i.name not in init), m.graph.output[0]]]
+        w.info.update({"model": model_meta, "opset": opset_of(m), "precision": "fp32",
+                       "input": {"name": INPUT_NAME, "shape": dims[0], "dtype": "float32"},
+                       "output": {"name": OUTPUT_NAME, "shape": dims[1], "dtype": "float32"}})
+        w.metrics.update(carry_metrics or {})
+    return w.artifact

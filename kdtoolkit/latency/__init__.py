@@ -1,1 +1,1 @@
-"""Latency measurement: runners (ONNX Runtime, torch, TensorRT), interleaved timing, statistics."""
+"""Latency measurement: interleaved timing of runners (kdtoolkit.backends), statistics, profile documents."""

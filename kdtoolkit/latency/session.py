@@ -84,7 +84,8 @@ def profile_models(
     command: str | None = None,
 ) -> dict[str, Any]:
     """Load every model, time them interleaved and return the profile document (raw samples kept)."""
-    from kdtoolkit.profile.runners import load_runner, measure
+    from kdtoolkit.backends.factory import load_runner
+    from kdtoolkit.latency.timing import measure
 
     if not specs:
         raise InputError("profile needs at least one model")
@@ -109,7 +110,7 @@ def profile_models(
 def build_document(runners: list[Any], sources: list[str], res: dict[str, Any], settings: dict[str, Any], *,
                    command: str | None = None) -> dict[str, Any]:
     """The profile JSON: settings, environment, what each model is (runner, source, accuracy if known), raw samples."""
-    from kdtoolkit.profile.runners import peak_rss_bytes
+    from kdtoolkit.backends.base import peak_rss_bytes
 
     models = {}
     for r, src in zip(runners, sources):

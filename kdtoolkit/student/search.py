@@ -24,7 +24,8 @@ def measure_models(models: dict[str, Any], input_shape: tuple[int, ...], batches
                    iters: int = 30, warmup: int = 5) -> dict[str, dict[int, dict[str, Any]]]:
     """Export each model to a temp ONNX and time them all interleaved (ONNX Runtime CPU)."""
     from kdtoolkit.export.onnx_export import export_onnx
-    from kdtoolkit.profile.runners import OrtRunner, measure
+    from kdtoolkit.backends.ort import OrtRunner
+    from kdtoolkit.latency.timing import measure
 
     with tempfile.TemporaryDirectory(prefix="kdt-latency-") as tmp:
         runners = []

@@ -199,7 +199,7 @@ def strip_qdq(model: Any) -> tuple[Any, dict[str, float], dict[str, Any]]:
 
 def cache_text(scales: dict[str, float], tensorrt_version: str) -> str:
     """The cache file's text for ``scales`` (tensor name -> float32 scale), header for ``tensorrt_version``."""
-    from kdtoolkit.engine.trt_version import trt_version_number
+    from kdtoolkit.backends.trt.version import trt_version_number
 
     lines = [f"TRT-{trt_version_number(tensorrt_version)}-{ALGORITHM}"]
     for name, s in scales.items():
