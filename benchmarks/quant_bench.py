@@ -64,7 +64,6 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quant.json"))
     a = ap.parse_args()
 
-    import numpy as np
 
     from kdtoolkit.distill.trainer import TrainConfig
     from kdtoolkit.envinfo import environment
@@ -139,7 +138,6 @@ def main() -> None:
     ort_res = section(work, "ort_quantize_static", ort_default)
 
     def trt_scheme():
-        prof = ctx.profile.model_copy(deep=True)
         p = models / "tensorrt_scheme_ptq.onnx"
         sch = Scheme("tensorrt", "int8", True, "int8", True, 0, False)
         quantize_onnx(fp32, p, x_cal, sch, method="minmax")

@@ -107,10 +107,9 @@ def main() -> None:
         if not p.exists():
             sys.exit(f"missing {p}: the shared data folder must sit beside the checkout")
 
-    from kdtoolkit.backends.ort import make_session
+    from kdtoolkit.backends.ort import OrtRunner, make_session
     from kdtoolkit.envinfo import environment
     from kdtoolkit.evaluate import evaluate
-    from kdtoolkit.backends.ort import OrtRunner
     from kdtoolkit.latency.timing import measure
 
     t0 = time.perf_counter()

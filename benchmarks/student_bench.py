@@ -85,7 +85,7 @@ def part_init(teacher, splits, epochs_list: list[int], seed: int) -> dict:
 
 
 def part_search(teacher, budget_ms: float, iters: int) -> dict:
-    from kdtoolkit.student.build import make_student, StudentConfig
+    from kdtoolkit.student.build import StudentConfig, make_student
     from kdtoolkit.student.search import measure_models, search
 
     found = search(teacher, StudentConfig(), budget_ms=budget_ms, input_shape=SHAPE, num_classes=10, batch=1, iters=iters)

@@ -33,11 +33,10 @@ def hand_loop(student, teacher, x_u8, y_all, spec, steps: int, bs: int, lr: floa
     Batches are made from the same uint8 arrays with the same ``to_tensor`` as the Trainer's, so both
     feed identical tensors (memory format included: that alone changes CPU conv speed)."""
     import numpy as np
-
-    from kdtoolkit.data.datasets import to_tensor
-
     import torch
     import torch.nn.functional as F
+
+    from kdtoolkit.data.datasets import to_tensor
 
     opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)

@@ -174,7 +174,7 @@ def load_data(path: str, manifest: dict, limit: int = 0):
     try:
         from PIL import Image
     except ImportError:
-        raise SystemExit("error: an image folder as --data needs pillow (pip install pillow), or give an .npz")
+        raise SystemExit("error: an image folder as --data needs pillow (pip install pillow), or give an .npz") from None
     h, w = pre["input_size"]
     files, labels = [], []
     unknown = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and d not in classes)

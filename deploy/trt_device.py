@@ -130,7 +130,7 @@ class PyCuda:
         except ImportError:
             raise
         except Exception as exc:  # pycuda._driver.Error: cuInit failed, no device, driver too old
-            raise DeviceError("pycuda is installed but CUDA does not initialise (%s)" % _first_line(exc))
+            raise DeviceError("pycuda is installed but CUDA does not initialise (%s)" % _first_line(exc)) from None
         self.cuda = cuda
         self.stream = self._call("stream creation", cuda.Stream)
         self._mem = {}
@@ -139,7 +139,7 @@ class PyCuda:
         try:
             return fn(*args)
         except Exception as exc:
-            raise DeviceError("CUDA %s through pycuda failed (%s)" % (what, _first_line(exc)))
+            raise DeviceError("CUDA %s through pycuda failed (%s)" % (what, _first_line(exc))) from None
 
     def alloc(self, nbytes: int) -> int:
         mem = self._call("memory allocation", self.cuda.mem_alloc, max(1, int(nbytes)))
@@ -201,7 +201,7 @@ def import_tensorrt():
         import tensorrt as trt
     except ImportError as exc:
         raise DeviceError("TensorRT's Python package is not importable (%s): on JetPack install python3-libnvinfer, "
-                          "elsewhere pip install tensorrt matching the installed TensorRT" % exc)
+                          "elsewhere pip install tensorrt matching the installed TensorRT" % exc) from None
     if not hasattr(trt, "Builder"):
         raise DeviceError("only type stubs were found for 'tensorrt', not TensorRT itself")
     return trt

@@ -337,8 +337,8 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
     summary = RunSummary.load(run_dir).to_dict()
     import numpy as np  # heavy imports only once the run is known to be usable
 
-    from kdtoolkit.evaluate import predict
     from kdtoolkit.config import load_config
+    from kdtoolkit.evaluate import predict
     from kdtoolkit.targets import load_profile
 
     deploy.check()
@@ -371,8 +371,8 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
     if static_batch and len(idx) != static_batch:
         raise InputError(f"the model's batch is fixed at {static_batch} but the test split has only {len(idx)} images")
     sub = splits.test.subset(np.asarray(idx, dtype=np.int64))
-    from kdtoolkit.data.datasets import to_tensor
     from kdtoolkit.backends.ort import make_session
+    from kdtoolkit.data.datasets import to_tensor
 
     x_ref = to_tensor(sub.x, spec).numpy().astype(np.float32)
     batch = static_batch or max(1, min(len(sub), profile.batch.max))
@@ -751,8 +751,8 @@ def _check_model(root: Path, m: dict[str, Any], runtime: str, check: Any) -> Non
 
 def _run_tensorrt(plan: Path, m: dict[str, Any], x: Any) -> Any:
     """Run the engine on the reference batch with the engine module's runner (named tensors, execute_async_v3)."""
-    from kdtoolkit.backends.trt.runner import TrtRunner
     from kdtoolkit.backends.trt.lazy import load_tensorrt
+    from kdtoolkit.backends.trt.runner import TrtRunner
 
     try:
         load_tensorrt()

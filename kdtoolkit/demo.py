@@ -14,8 +14,9 @@ DATASET = "mnist-mini"
 
 def train_teacher(out_dir: Path, *, epochs: int = 3, progress: bool = True) -> Artifact:
     """A SmallCNN trained on labels alone: the teacher the demo compresses (skipped when already there)."""
+    from kdtoolkit.config import LossConfig as LC
+    from kdtoolkit.config import TrainConfig
     from kdtoolkit.data import load_data
-    from kdtoolkit.config import LossConfig as LC, TrainConfig
     from kdtoolkit.distill.trainer import Trainer
     from kdtoolkit.evaluate import evaluate
     from kdtoolkit.models.loading import save_checkpoint

@@ -15,8 +15,17 @@ from typing import Any
 
 from kdtoolkit import fsutil
 from kdtoolkit.artifact import Artifact
-from kdtoolkit.config import (CompressConfig, DataConfig, LossConfig, MeasureConfig, QatConfig, StudentConfig, TrainConfig,
-                              load_config, save_config)
+from kdtoolkit.config import (
+    CompressConfig,
+    DataConfig,
+    LossConfig,
+    MeasureConfig,
+    QatConfig,
+    StudentConfig,
+    TrainConfig,
+    load_config,
+    save_config,
+)
 from kdtoolkit.errors import InputError
 from kdtoolkit.progress import log
 from kdtoolkit.run import RunDir, RunSummary, Stage  # noqa: F401  (RunSummary re-exported)

@@ -20,7 +20,8 @@ class Progress:
 
     def __enter__(self) -> Progress:
         if self.enabled and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as RP
 
             self._rich = RP(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

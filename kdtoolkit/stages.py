@@ -201,10 +201,10 @@ def quantize_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
     """INT8 per the profile's scheme (QAT under distillation by default, PTQ as the fast option), measured
     on ORT; for precision auto/int8 decide FP32 vs INT8 from measured latency and accuracy (see
     kdtoolkit.quant). ``model.onnx`` is the chosen model; ``int8.onnx`` is kept beside it."""
+    import time
+
     from kdtoolkit.quant.ptq import build_int8
     from kdtoolkit.quant.schemes import pick_precision, scheme_for
-
-    import time
 
     t0 = time.perf_counter()
     teacher_art, student_art, fp32_art = inputs
@@ -279,7 +279,7 @@ def optimize_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any])
             shutil.copyfile(src.file("model.onnx"), w.path("model.onnx"))
             label = "onnxruntime-cpu proxy (TensorRT not on this machine; build on the device)"
             w.info["target_latency"] = "not measured: needs the target device"
-            from kdtoolkit.backends.check import record_tensorrt_check# check.json, counts, build_on_device.sh
+            from kdtoolkit.backends.check import record_tensorrt_check  # check.json, counts, build_on_device.sh
 
             record_tensorrt_check(w, prof, calib_data=ctx.cfg.data.source)
         sess = make_session(w.path("model.onnx"))

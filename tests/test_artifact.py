@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from kdtoolkit.artifact import Artifact, ArtifactWriter, SCHEMA_VERSION
+from kdtoolkit.artifact import SCHEMA_VERSION, Artifact, ArtifactWriter
 from kdtoolkit.errors import CheckFailed, InputError
 
 

@@ -6,13 +6,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, run_cli
 
 
@@ -75,8 +73,8 @@ def test_reference_batch_is_kdtoolkit_evaluation(bundle):
     """expected.npy is kdtoolkit's own ORT evaluation of the bundle's model on the bundle's images."""
     from PIL import Image
 
-    from kdtoolkit.data.datasets import ArrayData, DataSpec, to_tensor
     from kdtoolkit.backends.ort import make_session
+    from kdtoolkit.data.datasets import ArrayData, DataSpec, to_tensor
     from kdtoolkit.evaluate import predict
 
     m = json.loads((bundle / "manifest.json").read_text())

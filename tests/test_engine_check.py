@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 from kdtoolkit.backends.check import check_file, check_model, dla_reason, parser_supports
 from kdtoolkit.errors import InputError
-from kdtoolkit.targets import load_profile, parse_profile
 from kdtoolkit.quant.qdq_rules import qdq_findings
-
-from conftest import run_cli
+from kdtoolkit.targets import load_profile, parse_profile
 
 ORIN = load_profile("jetson-agx-orin")
 DLA = load_profile("jetson-agx-orin-dla")
@@ -424,8 +423,8 @@ def _qdq_dla_model():
 def test_offdevice_record_for_dla_writes_a_calibration_cache_from_the_qdq_scales(tmp_path):
     """Issue 15.1: the DLA profile's Q/DQ output becomes buildable on TensorRT 8.5 .. 10.x: cache + Q/DQ-free ONNX + commands."""
     from kdtoolkit.artifact import ArtifactWriter
-    from kdtoolkit.backends.trt.calib_cache import read_calibration_cache
     from kdtoolkit.backends.check import record_tensorrt_check
+    from kdtoolkit.backends.trt.calib_cache import read_calibration_cache
 
     with ArtifactWriter(tmp_path / "dla", kind="onnx", stage="optimize") as w:
         onnx.save(_qdq_dla_model(), str(w.path("model.onnx")))

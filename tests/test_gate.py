@@ -8,10 +8,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
-from kdtoolkit.errors import InputError
 from test_profile import _tiny
+
+from kdtoolkit.errors import InputError
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,11 @@ import pickle
 
 import pytest
 import torch
+from conftest import shared_file
 
 from kdtoolkit.errors import InputError
 from kdtoolkit.models import build_arch, load_model
 from kdtoolkit.models.loading import save_checkpoint
-
-from conftest import shared_file
 
 
 def test_shared_resnet56_state_dict_with_module_prefix():

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
+
 from kdtoolkit.errors import InputError, KdtError
 
 
@@ -64,11 +64,11 @@ def test_load_runner_by_type(tiny_onnx, tmp_path):
     import torch
 
     from kdtoolkit.artifact import ArtifactWriter
-    from kdtoolkit.models.loading import save_checkpoint
-    from kdtoolkit.models.zoo import small_cnn
+    from kdtoolkit.backends.factory import load_runner
     from kdtoolkit.backends.ort import OrtRunner
     from kdtoolkit.backends.pytorch import TorchRunner
-    from kdtoolkit.backends.factory import load_runner
+    from kdtoolkit.models.loading import save_checkpoint
+    from kdtoolkit.models.zoo import small_cnn
 
     r = load_runner(tiny_onnx["small"])
     assert isinstance(r, OrtRunner) and r.describe()["allow_spinning"] is False

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 from test_profile import _tiny
 
@@ -16,8 +15,8 @@ def run_dir(tmp_path) -> Path:
     """A compress-shaped run folder: summary.json plus a real profile artifact with raw samples."""
     from kdtoolkit.artifact import ArtifactWriter
     from kdtoolkit.backends.ort import OrtRunner
-    from kdtoolkit.latency.timing import measure
     from kdtoolkit.latency.session import build_document
+    from kdtoolkit.latency.timing import measure
 
     run = tmp_path / "run"
     t = _tiny(1.0, tmp_path / "teacher.onnx")

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import shared_file
 from torch import nn
 
 from kdtoolkit.export.onnx_export import export_onnx
@@ -10,8 +11,6 @@ from kdtoolkit.models import build_arch, load_model
 from kdtoolkit.models.loading import load_weights
 from kdtoolkit.student.shrink import shrink_width
 from kdtoolkit.student.transforms import fit_to_state_dict, to_separable
-
-from conftest import shared_file
 
 
 def _ort_out(model, shape, tmp_path):

@@ -207,8 +207,8 @@ def _ort(onnx_path: Path, x: np.ndarray) -> np.ndarray:
 @pytest.mark.tensorrt
 def test_fp32_engine_matches_onnxruntime(trt_ready, small_onnx, tmp_path):
     from kdtoolkit.artifact import Artifact
-    from kdtoolkit.backends.trt.runner import TrtRunner
     from kdtoolkit.backends.trt.builder import build_engine
+    from kdtoolkit.backends.trt.runner import TrtRunner
 
     art = build_engine(small_onnx, _profile(tmp_path, "fp32"), tmp_path / "eng")
     assert Artifact.load(art.path).verify() == []
@@ -235,8 +235,8 @@ def test_plan_is_raw_and_loads_with_plain_tensorrt(trt_ready, small_onnx, tmp_pa
 
 @pytest.mark.tensorrt
 def test_batch_outside_the_profile_is_a_clear_input_error(trt_ready, small_onnx, tmp_path):
-    from kdtoolkit.backends.trt.runner import TrtRunner
     from kdtoolkit.backends.trt.builder import build_engine
+    from kdtoolkit.backends.trt.runner import TrtRunner
     from kdtoolkit.errors import InputError
 
     art = build_engine(small_onnx, _profile(tmp_path, "fp32"), tmp_path / "eng")
@@ -260,12 +260,12 @@ def test_timing_cache_is_written_and_reused(trt_ready, small_onnx, tmp_path):
 @pytest.mark.tensorrt
 def test_dla_builds_a_qdq_onnx_through_the_calibration_cache(trt_ready, small_onnx, tmp_path):
     """Issue 15.1 on the device: the DLA profile's Q/DQ ONNX builds (Q/DQ stripped, scales from the cache) below TensorRT 11."""
-    from kdtoolkit.backends.trt.runner import TrtRunner
     from kdtoolkit.backends.trt.builder import build_engine
+    from kdtoolkit.backends.trt.runner import TrtRunner
     from kdtoolkit.backends.trt.version import build_path
-    from kdtoolkit.targets import load_profile
     from kdtoolkit.quant.ptq import quantize_onnx
     from kdtoolkit.quant.schemes import scheme_for
+    from kdtoolkit.targets import load_profile
 
     dla = load_profile("jetson-agx-orin-dla")
     if not build_path(trt_ready.__version__).dla or trt_ready.Builder(trt_ready.Logger()).num_DLA_cores == 0:
@@ -280,8 +280,8 @@ def test_dla_builds_a_qdq_onnx_through_the_calibration_cache(trt_ready, small_on
 
 @pytest.mark.tensorrt
 def test_fp16_engine_agrees_with_onnxruntime(trt_ready, small_onnx, tmp_path):
-    from kdtoolkit.backends.trt.runner import TrtRunner
     from kdtoolkit.backends.trt.builder import build_engine
+    from kdtoolkit.backends.trt.runner import TrtRunner
 
     art = build_engine(small_onnx, _profile(tmp_path, "fp16"), tmp_path / "eng")
     x = _inputs(8)
@@ -296,8 +296,8 @@ def test_fp16_engine_agrees_with_onnxruntime(trt_ready, small_onnx, tmp_path):
 
 @pytest.mark.tensorrt
 def test_int8_with_entropy_calibrator_or_refusal(trt_ready, small_onnx, tmp_path):
-    from kdtoolkit.backends.trt.runner import TrtRunner
     from kdtoolkit.backends.trt.builder import build_engine
+    from kdtoolkit.backends.trt.runner import TrtRunner
     from kdtoolkit.errors import InputError
 
     calib = tmp_path / "calib.npy"

@@ -20,9 +20,9 @@ def test_torchvision_pickle_gets_a_2x_student(name, tmp_path):
     import torchvision
 
     from kdtoolkit.models.loading import load_model
-    from kdtoolkit.targets import load_profile
     from kdtoolkit.stages import DEFAULT_SPEEDUP, resolve_student_config
     from kdtoolkit.student.build import StudentConfig, count_params, make_student
+    from kdtoolkit.targets import load_profile
 
     path = tmp_path / "model.pt"
     torch.save(torchvision.models.get_model(name, num_classes=10).eval(), path)  # what users save

@@ -37,11 +37,14 @@ def _root(
 
 
 def _register() -> None:
-    from kdtoolkit.cli import bundle, compress, info, stages  # noqa: F401  (modules register their commands)
-    from kdtoolkit.cli import quantize  # noqa: F401
-    from kdtoolkit.cli import engine  # noqa: F401  (check, build)
-    from kdtoolkit.cli import gate, profile, report  # noqa: F401  (profiling, CI gate, reports)
-    from kdtoolkit.cli import train  # noqa: F401  (distill, finetune)
+    """Import the command modules (each registers its commands), in the order `--help` lists them."""
+    import importlib
+
+    for name in ("bundle", "compress", "info", "stages",  # bundle, verify, compress, demo, info, student, export
+                 "quantize", "engine",  # quantize; check, build
+                 "gate", "profile", "report",  # profiling, CI gate, reports
+                 "train"):  # distill, finetune
+        importlib.import_module(f"kdtoolkit.cli.{name}")
 
 
 _register()

@@ -77,8 +77,8 @@ def compress_cmd(
 ) -> None:
     """Teacher -> student -> distill -> export -> optimise -> profile -> report, resumable, in one run folder."""
     from kdtoolkit import fsutil
-    from kdtoolkit.errors import InputError
     from kdtoolkit.config import CompressConfig, DataConfig, apply_overrides, load_config
+    from kdtoolkit.errors import InputError
     from kdtoolkit.pipeline import compress
 
     if config is not None:

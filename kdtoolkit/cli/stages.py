@@ -28,8 +28,8 @@ def export_cmd(
 ) -> None:
     """Export to ONNX (dynamic batch, checked, simplified) with a parity check against PyTorch."""
     from kdtoolkit import fsutil
-    from kdtoolkit.export.onnx_export import JETPACK_MAX_OPSET, choose_opset, export_artifact
     from kdtoolkit.cli.options import parse_input_flags, resolve_model_input
+    from kdtoolkit.export.onnx_export import JETPACK_MAX_OPSET, choose_opset, export_artifact
     from kdtoolkit.models.loading import load_model
 
     flags = parse_input_flags(input_shape, channels, mean, std)

@@ -15,8 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from kdtoolkit.cli import app
-from kdtoolkit.cli.options import (Arch, Channels, Data, InputShape, JsonOut, Mean, ModelArg, Out, Quiet, Set, Std, TrustPickle,
-                                   parse_floats)
+from kdtoolkit.cli.options import Arch, Channels, Data, InputShape, JsonOut, Mean, ModelArg, Out, Quiet, Set, Std, TrustPickle, parse_floats
 
 Optim = Annotated[str, typer.Option("--optimizer", help="sgd (Nesterov momentum) or adamw")]
 Epochs = Annotated[int, typer.Option("--epochs", help="passes over the training split")]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 

@@ -230,11 +230,11 @@ def export_program(module: Any, input_shape: tuple[int, ...], *, dynamic_batch: 
 
 def save_program(module: Any, path: Any, input_shape: tuple[int, ...]) -> None:
     """Write ``module`` as a ``torch.export`` program (atomically)."""
+    import io
+
     import torch
 
     from kdtoolkit import fsutil
-
-    import io
 
     ep = export_program(module, input_shape)
     buf = io.BytesIO()

@@ -23,8 +23,8 @@ WIDTHS = (1.0, 0.75, 0.5, 0.35, 0.25)  # the narrow end is for teachers that are
 def measure_models(models: dict[str, Any], input_shape: tuple[int, ...], batches: list[int], *, threads: int = 0,
                    iters: int = 30, warmup: int = 5) -> dict[str, dict[int, dict[str, Any]]]:
     """Export each model to a temp ONNX and time them all interleaved (ONNX Runtime CPU)."""
-    from kdtoolkit.export.onnx_export import export_onnx
     from kdtoolkit.backends.ort import OrtRunner
+    from kdtoolkit.export.onnx_export import export_onnx
     from kdtoolkit.latency.timing import measure
 
     with tempfile.TemporaryDirectory(prefix="kdt-latency-") as tmp:

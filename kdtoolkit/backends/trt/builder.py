@@ -37,6 +37,10 @@ else:
     from kdtoolkit.backends.trt.lazy import trt
 
 
+def _nothing() -> None:
+    pass
+
+
 def convert_onnx_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> str:
     """FP16 for strongly typed TensorRT (>= 11): convert the ONNX itself, keeping fp32 inputs and outputs."""
     import onnx
@@ -145,7 +149,7 @@ def build_engine(onnx: str | os.PathLike[str], profile: Profile, out_dir: str | 
     logger = trt.Logger(trt.Logger.WARNING)
     mem: CudaBackend | None = None
     calibrator: trt.IInt8EntropyCalibrator2 | None = None
-    free_calibrator: Callable[[], None] = lambda: None
+    free_calibrator: Callable[[], None] = _nothing
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdt-build-") as tmpd:
         onnx_for_build = Path(src_path)
