@@ -25,8 +25,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -58,7 +59,7 @@ def op_counts(path: Path) -> dict[str, Any]:
 
     import onnx
 
-    from kdtoolkit.engine.ort import session_options
+    from kdtoolkit.backends.ort import session_options
 
     m = onnx.load(str(path))
     saved = collections.Counter(n.op_type for n in m.graph.node)
@@ -126,15 +127,15 @@ def main() -> None:
     import torch
 
     from kdtoolkit import fsutil
+    from kdtoolkit.backends.ort import make_session
     from kdtoolkit.data import load_data
-    from kdtoolkit.engine.ort import make_session
     from kdtoolkit.envinfo import environment
     from kdtoolkit.evaluate import evaluate
     from kdtoolkit.export.onnx_export import export_onnx, simplify
     from kdtoolkit.models.loading import load_model
-    from kdtoolkit.profiles import load_profile
     from kdtoolkit.quant.ptq import calib_array, quantize_onnx
     from kdtoolkit.quant.schemes import scheme_for
+    from kdtoolkit.targets import load_profile
 
     t_start = time.perf_counter()
     work = Path(a.work)
@@ -237,7 +238,8 @@ def main() -> None:
         accs = section(d / "accuracy.json", accuracy, k + f"-qat{a.qat_steps}")
 
         def latency() -> dict[str, Any]:
-            from kdtoolkit.profile.runners import OrtRunner, measure
+            from kdtoolkit.backends.ort import OrtRunner
+            from kdtoolkit.latency.timing import measure
 
             timed = [n for n in paths if n != "kdtoolkit_tensorrt_scheme_ptq"]  # TensorRT's speed is the device's
             runners = [OrtRunner(paths[n], name=n) for n in timed]

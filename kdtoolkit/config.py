@@ -123,6 +123,23 @@ class QatConfig(BaseModel):
     seed: int = Field(0, description="seed for order and calibration subset")
 
 
+# ---- INT8 ----
+
+
+class Int8Config(BaseModel):
+    """How ``quant.ptq.build_int8`` makes and checks the INT8 model (the quantize stage fills it from the profile)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["ptq", "qat"] = Field("ptq", description="QAT (needs the torch student) or PTQ")
+    calib_method: Literal["minmax", "entropy", "percentile", "mse"] = Field("minmax", description="PTQ calibration")
+    calib_size: int = Field(512, ge=1, description="calibration samples from the training split")
+    percentile: float = Field(99.99, gt=50, le=100, description="for calib_method=percentile")
+    tolerance_points: float = Field(1.0, ge=0, description="INT8 may lose this many top-1 points before layers fall back to float")
+    opset: int = Field(17, ge=7, description="opset of the exported QAT model")
+    val_limit: int = Field(1000, ge=1, description="validation samples for the sensitivity fallback")
+    seed: int = Field(0, description="seed of the calibration and validation samples")
+
+
 # ---- compress ----
 
 class DataConfig(BaseModel):

@@ -140,12 +140,6 @@ def _stage(fn_name: str) -> Callable[..., Artifact]:
     return run
 
 
-def _quantize(ctx: Context, inputs: list[Artifact], out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
-    from kdtoolkit import stages
-
-    return stages.quantize_stage(ctx, inputs, out_dir, key)
-
-
 def _build(ctx: Context, inputs: list[Artifact], out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
     from kdtoolkit.backends.trt.builder import build_engine
 
@@ -179,7 +173,7 @@ STAGES: tuple[Stage, ...] = (
           _stage("distill_stage"), enabled=_has_student, alias="teacher"),
     Stage(3, "export-teacher", ("teacher",), _export_config, _stage("export_stage")),
     Stage(4, "export", ("distill",), _export_config, _stage("export_stage"), enabled=_has_student, alias="export-teacher"),
-    Stage(5, "quantize", ("teacher", "distill", "export"), _quantize_config, _quantize),
+    Stage(5, "quantize", ("teacher", "distill", "export"), _quantize_config, _stage("quantize_stage")),
     Stage(6, "optimize", ("quantize",), lambda ctx: {"profile": ctx.profile.name, "target": _target(ctx)}, _stage("optimize_stage")),
     Stage(7, "profile", ("export-teacher", "optimize"),
           lambda ctx: {**ctx.cfg.measure.model_dump(), "target": _target(ctx), "data": _data(ctx)}, _stage("profile_stage")),

@@ -197,12 +197,13 @@ def export_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) -
         log=lambda m: log(f"[export] {m}", enabled=ctx.progress))
 
 
-def quantize_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
+def quantize_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
     """INT8 per the profile's scheme (QAT under distillation by default, PTQ as the fast option), measured
     on ORT; for precision auto/int8 decide FP32 vs INT8 from measured latency and accuracy (see
     kdtoolkit.quant). ``model.onnx`` is the chosen model; ``int8.onnx`` is kept beside it."""
     import time
 
+    from kdtoolkit.config import Int8Config
     from kdtoolkit.quant.ptq import build_int8
     from kdtoolkit.quant.schemes import pick_precision, scheme_for
 
@@ -211,8 +212,7 @@ def quantize_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
     prof = ctx.profile
     q = prof.quant
     fp32 = fp32_art.file("model.onnx")
-    cfg = {"profile": prof.name, "precision_policy": prof.precision, "method": q.method, "qat": ctx.cfg.qat.model_dump(mode="json")}
-    with ArtifactWriter(out_dir, kind="onnx", stage="quantize", config=cfg, parents=[fp32_art, student_art], input_key=key) as w:
+    with ArtifactWriter(out_dir, kind="onnx", stage="quantize", config=config, parents=[fp32_art, student_art], input_key=key) as w:
         w.info.update(fp32_art.info)
         w.metrics.update({k: fp32_art.metrics.get(k) for k in ("params", "macs", "parity") if k in fp32_art.metrics})
         if prof.precision in ("fp32", "fp16"):
@@ -224,11 +224,11 @@ def quantize_stage(ctx, inputs, out_dir: Path, key: str) -> Artifact:
         scheme = scheme_for(prof)
         student = _load(student_art).module if q.method == "qat" else None
         teacher = _load(teacher_art).module if q.method == "qat" else None
-        res = build_int8(fp32, w.path("int8.onnx"), ctx.splits, scheme, method=q.method, calib_method=q.calib_method,
-                         calib_size=min(q.calib_size, len(ctx.splits.train)), percentile=q.percentile,
-                         tolerance_points=prof.accuracy_tolerance, student=student, teacher=teacher, qat_cfg=ctx.cfg.qat,
-                         loss=ctx.cfg.train.loss, work=ctx.run_dir / ".work" / f"qat-{key[:12]}",
-                         opset=fp32_art.info.get("opset", 17), seed=ctx.cfg.train.seed, progress=ctx.progress)
+        int8_cfg = Int8Config(method=q.method, calib_method=q.calib_method, calib_size=min(q.calib_size, len(ctx.splits.train)),
+                              percentile=q.percentile, tolerance_points=prof.accuracy_tolerance, opset=fp32_art.info.get("opset", 17),
+                              seed=ctx.cfg.train.seed)
+        res = build_int8(fp32, w.path("int8.onnx"), ctx.splits, scheme, int8_cfg, student=student, teacher=teacher, qat_cfg=ctx.cfg.qat,
+                         loss=ctx.cfg.train.loss, work=ctx.run_dir / ".work" / f"qat-{key[:12]}", progress=ctx.progress)
         w.info["quantization"] = res["info"]
         w.metrics.update(res["metrics"])
         lat = None

@@ -33,15 +33,15 @@ def trained(mnist, tmp_path_factory):
 
 
 def _scheme(name: str, reduce_range: bool = False):
-    from kdtoolkit.profiles import load_profile
     from kdtoolkit.quant.schemes import scheme_for
+    from kdtoolkit.targets import load_profile
 
     prof = load_profile({"tensorrt": "jetson-agx-orin", "ort_x86": "ort-cpu"}[name])
     return scheme_for(prof, reduce_range=reduce_range)
 
 
 def _acc(path, data, spec) -> float:
-    from kdtoolkit.engine.ort import make_session
+    from kdtoolkit.backends.ort import make_session
     from kdtoolkit.evaluate import evaluate
 
     return evaluate(make_session(path), data, spec)["accuracy"]
@@ -126,7 +126,7 @@ def test_tensorrt_scheme_zero_points_and_per_channel_weights(trained, mnist):
 
 def test_fake_quant_matches_ort_qdq_within_one_step(mnist, tmp_path):
     """Torch fake-quant and the exported QDQ graph on ORT agree to within one quantisation step."""
-    from kdtoolkit.engine.ort import make_session
+    from kdtoolkit.backends.ort import make_session
     from kdtoolkit.quant.ptq import calib_array
     from kdtoolkit.quant.qat import act_quantizers, calibrate, export_qdq, prepare_qat
 
@@ -186,7 +186,7 @@ def test_sensitivity_fallback_floats_layers_until_it_fits(trained, mnist):
     # all layers in float reproduces FP32
     allf = sensitivity.keep_in_float(onnx.load(str(out)), layers)
     vx, vy = to_tensor(mnist.val.x[:300], mnist.spec).numpy(), mnist.val.y[:300]
-    from kdtoolkit.engine.ort import make_session
+    from kdtoolkit.backends.ort import make_session
 
     p = d / "allf.onnx"
     onnx.save(allf, str(p))

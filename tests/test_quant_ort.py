@@ -17,8 +17,8 @@ from tests.conftest import shared_file
 
 
 def _scheme(reduce_range: bool = False):
-    from kdtoolkit.profiles import load_profile
     from kdtoolkit.quant.schemes import scheme_for
+    from kdtoolkit.targets import load_profile
 
     return scheme_for(load_profile("ort-cpu"), reduce_range=reduce_range)
 
@@ -33,7 +33,7 @@ def _ort_ops(path: Path, tmp: Path) -> collections.Counter:
     """Op types of ORT's optimised graph (what actually runs)."""
     import onnxruntime as ort
 
-    from kdtoolkit.engine.ort import session_options
+    from kdtoolkit.backends.ort import session_options
 
     out = tmp / f"{path.stem}.opt.onnx"
     ort.InferenceSession(str(path), sess_options=session_options(level="extended", optimized_path=str(out)), providers=["CPUExecutionProvider"])
@@ -93,7 +93,7 @@ def test_stem_channel_padding_is_exact(resnet8):
     import onnx
     from onnx import numpy_helper
 
-    from kdtoolkit.engine.ort import make_session
+    from kdtoolkit.backends.ort import make_session
     from kdtoolkit.quant.ptq import quantize_onnx
 
     _, fp32, x, d = resnet8
@@ -142,8 +142,8 @@ def test_auto_reason_quotes_every_batch_and_decides_at_opt():
 @pytest.mark.slow
 def test_ptq_accuracy_equals_quantize_static_on_real_cifar(tmp_path):
     """The fine-tuned ResNet-56 on 1,000 real JPEG test images: kdtoolkit's ort-cpu PTQ within 0.1 point of ORT's."""
+    from kdtoolkit.backends.ort import make_session
     from kdtoolkit.data import load_data
-    from kdtoolkit.engine.ort import make_session
     from kdtoolkit.evaluate import evaluate
     from kdtoolkit.export.onnx_export import export_onnx, simplify
     from kdtoolkit.models.loading import load_model

@@ -38,6 +38,7 @@ def quantize_cmd(
     from kdtoolkit import fsutil
     from kdtoolkit.artifact import ArtifactWriter
     from kdtoolkit.cli.options import parse_input_flags
+    from kdtoolkit.config import Int8Config
     from kdtoolkit.errors import InputError
     from kdtoolkit.quant.ptq import CALIB_METHODS, build_int8, model_input
     from kdtoolkit.quant.schemes import scheme_for
@@ -79,8 +80,9 @@ def quantize_cmd(
         cfg = {"model": str(model), "profile": prof.name, "scheme": scheme.name, "calib_method": method, "calib_size": n,
                "reduce_range": scheme.reduce_range, "data": data, "input": {k: v for k, v in spec.to_meta().items() if k != "classes"}}
         with ArtifactWriter(out, kind="onnx", stage="quantize", config=cfg) as w:
-            res = build_int8(fp32, w.path("model.onnx"), sp, scheme, method="ptq", calib_method=method, calib_size=n,
-                             percentile=percentile or prof.quant.percentile, tolerance_points=prof.accuracy_tolerance)
+            res = build_int8(fp32, w.path("model.onnx"), sp, scheme, Int8Config(
+                method="ptq", calib_method=method, calib_size=n, percentile=percentile or prof.quant.percentile,
+                tolerance_points=prof.accuracy_tolerance))
             # the INT8 model was calibrated with these statistics: record them, measured or not, with their source
             w.info.update({"model": {**meta, **sp.spec.to_dict(), **spec.to_meta()}, "precision": "int8", "quantization": res["info"],
                            "input": {"name": model_input(w.path("model.onnx"))[0], "shape": dims, "dtype": "float32"}})

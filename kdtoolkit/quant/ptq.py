@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from kdtoolkit.config import Int8Config
 from kdtoolkit.errors import InputError
 from kdtoolkit.progress import log
+from kdtoolkit.quant.calib import MIN_CALIB, calib_array, mse_range, qdq_error  # noqa: F401  (re-exported)
 from kdtoolkit.quant.schemes import PASS_THROUGH_OPS, Scheme
 
-MIN_CALIB = 16  # fewer samples give ranges that are noise (and entropy/percentile need a histogram)
 CALIB_METHODS = ("minmax", "entropy", "percentile", "mse")
 _SAMPLE_CAP = 1 << 19  # values kept per tensor for the MSE search (a uniform random subsample)
 # ops that only carry shapes or are fine left in float around quantized ops
@@ -61,19 +62,6 @@ def unquantizable_ops(onnx_path: str | os.PathLike[str], scheme: Scheme) -> list
     return sorted({n.op_type for n in m.graph.node if n.op_type not in ok})
 
 
-def calib_array(splits: Any, n: int, seed: int = 0) -> np.ndarray:
-    """``n`` normalised samples drawn (seeded) from the training split."""
-    from kdtoolkit.data.datasets import to_tensor
-
-    have = len(splits.train)
-    if n < MIN_CALIB:
-        raise InputError(f"calibration needs at least {MIN_CALIB} samples, got --calib-size {n}")
-    if have < n:
-        raise InputError(f"calibration asked for {n} samples but the training split has only {have}; lower --calib-size")
-    idx = np.sort(np.random.default_rng(seed).choice(have, n, replace=False))
-    return to_tensor(splits.train.x[idx], splits.spec).numpy()
-
-
 class _Reader:
     """onnxruntime CalibrationDataReader over an in-memory array, in fixed batches."""
 
@@ -91,34 +79,11 @@ class _Reader:
         self.i = 0
 
 
-def qdq_error(values: np.ndarray, scheme: Scheme, rmin: float, rmax: float) -> float:
-    """Mean squared quantize-dequantize error of ``values`` for one range (ORT's Q: round half to even)."""
-    scale, zp = scheme.act_qparams(rmin, rmax)
-    lo, hi = scheme.act_range
-    q = np.clip(np.round(values / scale) + zp, lo, hi)
-    return float(np.mean(((q - zp) * scale - values) ** 2))
-
-
-def mse_range(values: np.ndarray, scheme: Scheme, steps: int = 60) -> tuple[float, float]:
-    """The clipping range (a shrink of the observed range) with the smallest quantization MSE."""
-    v = values.astype(np.float32, copy=False).ravel()
-    lo, hi = min(float(v.min()), 0.0), max(float(v.max()), 0.0)
-    if hi - lo <= 0:
-        return lo, hi
-    best = (np.inf, lo, hi)
-    for a in np.linspace(0.1, 1.0, steps):
-        r = (lo * a, hi * a)
-        e = qdq_error(v, scheme, *r)
-        if e < best[0]:
-            best = (e, *r)
-    return float(best[1]), float(best[2])
-
-
 def _collect(fp32: Path, x: np.ndarray, tensors: list[str], batch: int = 64) -> dict[str, np.ndarray]:
     """Run the model once over ``x`` with ``tensors`` as extra outputs; keep a subsample of each."""
     import onnx
 
-    from kdtoolkit.engine.ort import make_session
+    from kdtoolkit.backends.ort import make_session
 
     m = onnx.load(str(fp32))
     have = {o.name for o in m.graph.output}
@@ -369,83 +334,110 @@ def build_int8(
     out: Path,
     splits: Any,
     scheme: Scheme,
+    config: Int8Config | None = None,
     *,
-    method: str = "ptq",
-    calib_method: str = "minmax",
-    calib_size: int = 512,
-    percentile: float = 99.99,
-    tolerance_points: float = 1.0,
     student: Any = None,
     teacher: Any = None,
     qat_cfg: Any = None,
     loss: Any = None,
     work: Path | None = None,
-    opset: int = 17,
-    val_limit: int = 1000,
-    seed: int = 0,
     progress: bool = False,
+    **settings: Any,
 ) -> dict[str, Any]:
-    """Make the INT8 QDQ model of ``fp32`` at ``out`` (QAT when ``method='qat'`` and a torch student is
+    """Make the INT8 QDQ model of ``fp32`` at ``out`` (QAT when ``config.method='qat'`` and a torch student is
     given, else PTQ), measure FP32 and INT8 top-1 on the test split with ORT sessions, and fall back to
-    float for the most sensitive layers if INT8 misses the tolerance. Returns info and metrics."""
+    float for the most sensitive layers if INT8 misses the tolerance. Returns info and metrics.
+
+    ``config`` is a :class:`kdtoolkit.config.Int8Config`; its fields may also be given as keywords
+    (``calib_size=64``), which override it."""
+    cfg = (config or Int8Config()).model_copy(update=settings) if settings else (config or Int8Config())
+    if settings:
+        cfg = Int8Config.model_validate(cfg.model_dump())  # unknown or bad keywords fail here, by name
+    out = Path(out)
+    info: dict[str, Any] = {"scheme": scheme.to_manifest()}
+    info.update(_make_int8(fp32, out, splits, scheme, cfg, student=student, teacher=teacher, qat_cfg=qat_cfg, loss=loss,
+                           work=work, progress=progress))
+    float_ops = (info.get("qat") or info.get("ptq") or {}).get("float_ops", [])
+    if float_ops:
+        log(f"[quantize] note: the {scheme.name} scheme does not quantize {', '.join(float_ops)}; they stay in float", enabled=progress)
+    metrics = _measure_int8(fp32, out, splits)
+    if metrics["accuracy_drop_points"] > cfg.tolerance_points and len(splits.val):
+        info["fallback"] = _fallback(fp32, out, splits, cfg, metrics, progress=progress)
+    metrics["kept_in_float"] = (info.get("fallback") or {}).get("kept_in_float", [])
+    if scheme.name == "tensorrt":
+        info["qdq_rule_check"] = _check_tensorrt_rules(out)
+    return {"info": info, "metrics": metrics}
+
+
+def _make_int8(fp32: Path, out: Path, splits: Any, scheme: Scheme, cfg: Int8Config, *, student: Any, teacher: Any, qat_cfg: Any,
+               loss: Any, work: Path | None, progress: bool) -> dict[str, Any]:
+    """Step 1: the QDQ model, by QAT (a torch student under distillation) or PTQ; returns the method's info."""
+    from kdtoolkit.data.datasets import to_tensor
+
+    sample = tuple(to_tensor(splits.train.x[:1], splits.spec).shape[1:])
+    check_calib_shape(fp32, sample)
+    if cfg.method == "qat" and student is not None:
+        from kdtoolkit.quant.qat import QatConfig, export_qdq, run_qat
+
+        qcfg = qat_cfg or QatConfig()
+        log(f"[quantize] QAT under distillation ({qcfg.max_steps or 'all'} steps, {qcfg.epochs} epoch(s) at most)", enabled=progress)
+        gm, qi = run_qat(student, teacher, splits, scheme, qcfg, work or out.parent / ".qat-work", calib_size=cfg.calib_size,
+                         loss=loss, progress=progress)
+        qi.update(export_qdq(gm, (1, *sample), out, opset=cfg.opset))
+        if scheme.name == "ort_x86":
+            qi["channel_aligned_convs"] = align_input_channels(out)
+        qi["float_ops"] = unquantizable_ops(fp32, scheme)
+        return {"method": "qat", "qat": qi}
+    log(f"[quantize] PTQ ({cfg.calib_method}, {cfg.calib_size} calibration samples from the training split)", enabled=progress)
+    x = calib_array(splits, cfg.calib_size, seed=cfg.seed)
+    return {"method": "ptq", "ptq": quantize_onnx(fp32, out, x, scheme, method=cfg.calib_method, percentile=cfg.percentile,
+                                                  progress=progress)}
+
+
+def _measure_int8(fp32: Path, out: Path, splits: Any) -> dict[str, Any]:
+    """Step 2: FP32 and INT8 top-1 on the test split, on real ONNX Runtime sessions (never fake-quant)."""
+    from kdtoolkit.backends.ort import make_session
+    from kdtoolkit.evaluate import evaluate
+
+    test = splits.test
+    fp32_acc = evaluate(make_session(fp32), test, splits.spec)["accuracy"]
+    int8_acc = evaluate(make_session(out), test, splits.spec)["accuracy"]
+    return {"accuracy_fp32": fp32_acc, "accuracy_int8": int8_acc, "n_test": len(test), "accuracy_drop_points": 100 * (fp32_acc - int8_acc)}
+
+
+def _fallback(fp32: Path, out: Path, splits: Any, cfg: Int8Config, metrics: dict[str, Any], *, progress: bool) -> dict[str, Any]:
+    """Step 3: INT8 missed the tolerance: keep the most sensitive layers in float (chosen on the validation
+    split), rewrite ``out`` and update ``metrics``; returns the fallback report."""
     import onnx
 
+    from kdtoolkit.backends.ort import make_session
     from kdtoolkit.data.datasets import to_tensor
-    from kdtoolkit.engine.ort import make_session
     from kdtoolkit.evaluate import evaluate
     from kdtoolkit.export.onnx_export import check_onnx
     from kdtoolkit.quant import sensitivity
 
-    out = Path(out)
-    info: dict[str, Any] = {"scheme": scheme.to_manifest()}
-    sample = tuple(to_tensor(splits.train.x[:1], splits.spec).shape[1:])
-    check_calib_shape(fp32, sample)
-    if method == "qat" and student is not None:
-        from kdtoolkit.quant.qat import QatConfig, export_qdq, run_qat
+    n = min(cfg.val_limit, len(splits.val))
+    idx = np.sort(np.random.default_rng(cfg.seed).choice(len(splits.val), n, replace=False))
+    vx = to_tensor(splits.val.x[idx], splits.spec).numpy()
+    vy = splits.val.y[idx]
+    fp32_val = evaluate(make_session(fp32), splits.val.subset(idx), splits.spec)["accuracy"]
+    model, rep = sensitivity.fallback(out, fp32_val, vx, vy, cfg.tolerance_points, progress=progress)
+    if rep.get("kept_in_float"):
+        onnx.save(model, str(out))
+        check_onnx(out)
+        int8_acc = metrics["accuracy_int8"]
+        after = evaluate(make_session(out), splits.test, splits.spec)["accuracy"]
+        rep.update({"test_accuracy_before": int8_acc, "test_accuracy_after": after,
+                    "cost": f"{len(rep['kept_in_float'])} layer(s) kept in float: +{100 * (after - int8_acc):.2f} points on test"})
+        metrics.update({"accuracy_int8": after, "accuracy_drop_points": 100 * (metrics["accuracy_fp32"] - after)})
+    return rep
 
-        cfg = qat_cfg or QatConfig()
-        log(f"[quantize] QAT under distillation ({cfg.max_steps or 'all'} steps, {cfg.epochs} epoch(s) at most)", enabled=progress)
-        gm, qi = run_qat(student, teacher, splits, scheme, cfg, work or out.parent / ".qat-work", calib_size=calib_size,
-                         loss=loss, progress=progress)
-        qi.update(export_qdq(gm, (1, *sample), out, opset=opset))
-        if scheme.name == "ort_x86":
-            qi["channel_aligned_convs"] = align_input_channels(out)
-        qi["float_ops"] = unquantizable_ops(fp32, scheme)
-        info.update({"method": "qat", "qat": qi})
-    else:
-        log(f"[quantize] PTQ ({calib_method}, {calib_size} calibration samples from the training split)", enabled=progress)
-        x = calib_array(splits, calib_size, seed=seed)
-        info.update({"method": "ptq", "ptq": quantize_onnx(fp32, out, x, scheme, method=calib_method, percentile=percentile, progress=progress)})
-    float_ops = (info.get("qat") or info.get("ptq") or {}).get("float_ops", [])
-    if float_ops:
-        log(f"[quantize] note: the {scheme.name} scheme does not quantize {', '.join(float_ops)}; they stay in float", enabled=progress)
-    test = splits.test
-    fp32_acc = evaluate(make_session(fp32), test, splits.spec)["accuracy"]
-    int8_acc = evaluate(make_session(out), test, splits.spec)["accuracy"]
-    metrics: dict[str, Any] = {"accuracy_fp32": fp32_acc, "accuracy_int8": int8_acc, "n_test": len(test),
-                               "accuracy_drop_points": 100 * (fp32_acc - int8_acc)}
-    if 100 * (fp32_acc - int8_acc) > tolerance_points and len(splits.val):
-        n = min(val_limit, len(splits.val))
-        idx = np.sort(np.random.default_rng(seed).choice(len(splits.val), n, replace=False))
-        vx = to_tensor(splits.val.x[idx], splits.spec).numpy()
-        vy = splits.val.y[idx]
-        fp32_val = evaluate(make_session(fp32), splits.val.subset(idx), splits.spec)["accuracy"]
-        model, rep = sensitivity.fallback(out, fp32_val, vx, vy, tolerance_points, progress=progress)
-        if rep.get("kept_in_float"):
-            onnx.save(model, str(out))
-            check_onnx(out)
-            after = evaluate(make_session(out), test, splits.spec)["accuracy"]
-            rep.update({"test_accuracy_before": int8_acc, "test_accuracy_after": after,
-                        "cost": f"{len(rep['kept_in_float'])} layer(s) kept in float: +{100 * (after - int8_acc):.2f} points on test"})
-            int8_acc = after
-            metrics.update({"accuracy_int8": int8_acc, "accuracy_drop_points": 100 * (fp32_acc - int8_acc)})
-        info["fallback"] = rep
-    metrics["kept_in_float"] = (info.get("fallback") or {}).get("kept_in_float", [])
-    if scheme.name == "tensorrt":
-        errors = _tensorrt_rule_check(out)
-        info["qdq_rule_check"] = {"scheme": "tensorrt", "errors": errors, "passed": not errors}
-        if errors:
-            from kdtoolkit.errors import CheckFailed
 
-            raise CheckFailed(f"the INT8 model breaks TensorRT's Q/DQ rules: {errors[0]}" + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""))
-    return {"info": info, "metrics": metrics}
+def _check_tensorrt_rules(out: Path) -> dict[str, Any]:
+    """Step 4 (TensorRT scheme): the Q/DQ placement rules TensorRT needs; a break is a CheckFailed."""
+    errors = _tensorrt_rule_check(out)
+    if errors:
+        from kdtoolkit.errors import CheckFailed
+
+        raise CheckFailed(f"the INT8 model breaks TensorRT's Q/DQ rules: {errors[0]}" + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""))
+    return {"scheme": "tensorrt", "errors": errors, "passed": True}

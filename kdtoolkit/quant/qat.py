@@ -33,7 +33,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from kdtoolkit.errors import InputError
 from kdtoolkit.quant.schemes import Scheme
 
-
 try:  # one home for every configuration (kdtoolkit.config, no torch); this module's copy until that lands
     from kdtoolkit.config import QatConfig
 except ImportError:  # pragma: no cover - older trees without kdtoolkit/config.py
@@ -127,7 +126,7 @@ def _make_modules():
 
 def fold_bn(model: Any) -> Any:
     """An FX GraphModule of ``model`` with every Conv->BatchNorm folded into the conv (eval statistics)."""
-    torch = _torch()
+    _torch()  # torch is needed (a one-line error without it)
     from torch.fx.experimental.optimization import fuse
 
     m = copy.deepcopy(model).eval()
@@ -260,7 +259,7 @@ def act_quantizers(gm: Any) -> list[Any]:
 def calibrate(gm: Any, x: np.ndarray, scheme: Scheme, *, method: str = "mse", percentile: float = 99.99, batch: int = 64) -> None:
     """Set every activation quantizer's (scale, zero point) from a calibration pass (ORT's formula)."""
     torch = _torch()
-    from kdtoolkit.quant.ptq import mse_range
+    from kdtoolkit.quant.calib import mse_range
 
     fqs = act_quantizers(gm)
     for f in fqs:
@@ -324,7 +323,7 @@ def fold_weight_quantize(path: str | os.PathLike[str]) -> int:
             alias[n.output[0]] = n.input[0]
     nodes = [n for n in nodes if n.output[0] not in alias]
     for n in nodes:
-        for k, i in enumerate(n.input):
+        for k in range(len(n.input)):
             while n.input[k] in alias:
                 n.input[k] = alias[n.input[k]]
     del m.graph.node[:]
@@ -436,7 +435,7 @@ def run_qat(
     """Fold BN, insert fake-quant, calibrate, train under KD with the project's Trainer; return (graph, info)."""
     torch = _torch()
     from kdtoolkit.distill.trainer import TrainConfig, Trainer
-    from kdtoolkit.quant.ptq import calib_array
+    from kdtoolkit.quant.calib import calib_array
 
     torch.manual_seed(cfg.seed)
     gm = prepare_qat(student, scheme)

@@ -139,7 +139,7 @@ def _prune(m: Any) -> None:
 def _accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
     import onnx
 
-    from kdtoolkit.engine.ort import make_session
+    from kdtoolkit.backends.ort import make_session
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "m.onnx"
