@@ -1,0 +1,93 @@
+"""Constants and ONNX facts every part of the bundle package uses."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+BUNDLE_SCHEMA = "kdtoolkit.bundle"
+
+BUNDLE_SCHEMA_VERSION = 1
+
+MANIFEST = "manifest.json"
+
+SCHEMA_FILE = Path(__file__).resolve().parents[1] / "schemas" / "bundle-manifest.schema.json"
+
+# the deploy scripts: beside the package in a source checkout, or where KDTOOLKIT_DEPLOY_DIR says (docker image)
+DEPLOY_DIR = Path(os.environ.get("KDTOOLKIT_DEPLOY_DIR") or Path(__file__).resolve().parents[2] / "deploy")
+
+DEPLOY_SCRIPTS = ("infer_onnx.py", "infer_tensorrt.py", "build_on_device.sh", "trt_device.py", "device_report.py")
+
+# Reference-output tolerance per precision: the same ONNX on another CPU or ORT build differs by
+# float reassociation (fp32), more where reduced precision rounds differently.
+TOLERANCE = {"fp32": {"atol": 1e-3, "rtol": 1e-3}, "fp16": {"atol": 5e-2, "rtol": 5e-2}, "int8": {"atol": 0.25, "rtol": 0.05}}
+
+_WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"}
+
+_INT8_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm"}
+
+def layer_precision(onnx_path: Path) -> dict[str, dict[str, int]]:
+    """Precision of each weighted layer group (op type -> precision -> count), read from the graph itself."""
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    g = m.graph
+    producers = {o: n for n in g.node for o in n.output}
+    init_types = {i.name: i.data_type for i in g.initializer}
+    groups: dict[str, dict[str, int]] = {}
+    for n in g.node:
+        if n.op_type in _INT8_OPS:
+            prec = "int8"
+        elif n.op_type in _WEIGHTED_OPS and len(n.input) > 1:
+            w = n.input[1]
+            src = producers.get(w)
+            if src is not None and src.op_type == "DequantizeLinear":
+                prec = "int8"
+            elif init_types.get(w) == onnx.TensorProto.FLOAT16:
+                prec = "fp16"
+            else:
+                prec = "fp32"
+        else:
+            continue
+        groups.setdefault(n.op_type, {}).setdefault(prec, 0)
+        groups[n.op_type][prec] += 1
+    return groups
+
+def _io_from_onnx(onnx_path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    init = {i.name for i in m.graph.initializer}
+
+    def desc(v: Any) -> dict[str, Any]:
+        t = v.type.tensor_type
+        shape = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None) for d in t.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+        return {"name": v.name, "shape": shape, "dtype": dtype}
+
+    return [desc(v) for v in m.graph.input if v.name not in init], [desc(v) for v in m.graph.output]
+
+def _has_qdq(onnx_path: Path) -> bool:
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node)
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", s)[:40]
+
+def _device_name(env: dict[str, Any]) -> str:
+    if not env:
+        return "unknown"
+    if env.get("jetson"):
+        return f"Jetson ({env['jetson'].get('l4t')})"
+    return env.get("gpu") or (env.get("cpu") or {}).get("model") or "unknown"
+
+def _env_summary(env: dict[str, Any]) -> dict[str, Any]:
+    cpu = env.get("cpu") or {}
+    return {"device": _device_name(env), "cpu": cpu.get("model"), "arch": cpu.get("arch"), "vnni": cpu.get("vnni"),
+            "gpu": env.get("gpu"), "jetson": env.get("jetson"), "tensorrt": env.get("tensorrt"),
+            "onnxruntime": env.get("onnxruntime"), "cuda": env.get("cuda"), "torch": env.get("torch"), "onnx": env.get("onnx"),
+            "python": env.get("python"), "platform": env.get("platform")}
