@@ -55,7 +55,11 @@ def student_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) 
     (teacher_art,) = inputs
     spec = ctx.splits.spec
     calib = batches(ctx.splits.train, spec, 64, shuffle=True, seed=ctx.cfg.train.seed)
-    _, student, recipe, info, _cfg, _found = derive_student(_load(teacher_art), ctx.cfg.student, ctx.profile, ctx.input_shape,
+    # a full pickle: surgery on the module the user's own code built (its custom layers keep their meaning, e.g.
+    # zero-padded shortcuts that Torch-Pruning handles as modules but not as a traced graph); the trust given with
+    # --trust-pickle covers the run, and the student is stored without pickling (write_student)
+    source = ctx.teacher if ctx.cfg.trust_pickle and ctx.teacher.form == "pickle" else _load(teacher_art)
+    _, student, recipe, info, _cfg, _found = derive_student(source, ctx.cfg.student, ctx.profile, ctx.input_shape,
                                                            len(spec.classes), calib, progress=ctx.progress)
     return write_student(out_dir, student, recipe, spec.to_dict(), ctx.input_shape, info, config=config, parents=[teacher_art],
                          input_key=key)
