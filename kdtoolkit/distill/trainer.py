@@ -183,13 +183,10 @@ class Trainer:
             return None
         return SummaryWriter(str(self.tensorboard))
 
-    # -- training -----------------------------------------------------------------------------
-    def fit(self, student: nn.Module, splits: Splits, teacher: Any = None) -> dict[str, Any]:
-        """Train; ``teacher`` is None, one model, or a list of models (multi-teacher KD)."""
-        cfg = self.cfg
-        spec = splits.spec
-        train = splits.train
-        teachers: list[Any] = [] if teacher is None else list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+    # -- the steps of fit() before the loop ------------------------------------------------------------
+    def _check_inputs(self, student: nn.Module, teachers: list[Any], splits: Splits) -> bool:
+        """Refuse batch/class mismatches in one line; return whether feature (hint/AT) distillation is on."""
+        cfg, spec, train = self.cfg, splits.spec, splits.train
         if cfg.batch_size * self.world > len(train):
             raise InputError(f"batch size {cfg.batch_size} x {self.world} process(es) is larger than the training split ({len(train)} samples)")
         if teachers:
@@ -204,18 +201,26 @@ class Trainer:
         use_features = bool(teachers) and cfg.loss.uses_features
         if use_features and not isinstance(teachers[0], nn.Module):
             raise InputError("hint / attention-transfer losses need an eager PyTorch teacher (forward hooks)")
+        return use_features
+
+    def _loss_fn(self, teachers: list[Any]) -> Any:
+        """The registered loss, or multi-teacher KD when several teachers are given."""
+        cfg = self.cfg
         if len(teachers) > 1 and cfg.loss.name in ("kd", "multi_kd"):
             from functools import partial
 
             from kdtoolkit.distill.losses import multi_teacher_kd_loss
 
-            loss_fn = partial(multi_teacher_kd_loss, weighting=cfg.loss.teacher_weighting, weights=cfg.loss.teacher_weights)
-        else:
-            loss_fn = LOSSES.get(cfg.loss.name)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.seed)
+            return partial(multi_teacher_kd_loss, weighting=cfg.loss.teacher_weighting, weights=cfg.loss.teacher_weights)
+        return LOSSES.get(cfg.loss.name)
+
+    def _device(self) -> tuple[torch.device, torch.memory_format]:
         device = torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() and os.environ.get("KDTOOLKIT_CPU") != "1" else "cpu")
-        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        return device, torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+
+    def _place(self, student: nn.Module, teachers: list[Any], device: torch.device, fmt: torch.memory_format) -> nn.Module:
+        """Move the models to the device (teachers frozen, in eval mode); under DDP start the process group and
+        convert BatchNorm to its synchronised form. Returns the student to train."""
         student.to(device, memory_format=fmt)
         for t in teachers:
             if isinstance(t, nn.Module):
@@ -227,35 +232,36 @@ class Trainer:
 
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            if cfg.sync_bn:
+            if self.cfg.sync_bn:
                 if device.type == "cuda":
                     student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
                 else:  # torch's SyncBatchNorm is GPU-only
                     from kdtoolkit.distill.syncbn import convert_gloo_sync_bn
 
                     student = convert_gloo_sync_bn(student)
-        raw: nn.Module = student
-        # feature distillation: hooks on paired modules, adapters trained with the student (never saved with it)
-        adapters: nn.ModuleList | None = None
-        t_taps = None
-        n_hint = 0
-        core: nn.Module = raw
-        if use_features:
-            from kdtoolkit.distill.losses import DistillWrapper, FeatureTaps, HintAdapter, probe_feature_maps, resolve_pairs
+        return student
 
-            shape = (spec.channels, *spec.input_size)
-            hint_pairs = resolve_pairs(raw, teachers[0], shape, cfg.loss.hints) if cfg.loss.hint_weight > 0 else []
-            at_pairs = resolve_pairs(raw, teachers[0], shape, cfg.loss.at_layers) if cfg.loss.at_weight > 0 else []
-            s_ch = {n: c[0] for n, c in probe_feature_maps(raw, shape)}
-            t_ch = {n: c[0] for n, c in probe_feature_maps(teachers[0], shape)}
-            adapters = nn.ModuleList([HintAdapter(s_ch[s], t_ch[t]) for s, t in hint_pairs]).to(device)
-            n_hint = len(hint_pairs)
-            s_taps = FeatureTaps(raw, [s for s, _ in hint_pairs + at_pairs])
-            t_taps = FeatureTaps(teachers[0], [t for _, t in hint_pairs + at_pairs])
-            core = DistillWrapper(raw, s_taps, adapters, n_hint)
-            log(f"feature distillation pairs (student -> teacher): hints {hint_pairs or '-'}, AT {at_pairs or '-'}",
-                enabled=self.progress and self.is_main)
-        extra = list(adapters.parameters()) if adapters is not None else []
+    def _features(self, raw: nn.Module, teachers: list[Any], spec: DataSpec, device: torch.device) -> tuple[Any, Any, int, nn.Module]:
+        """Feature distillation: hooks on paired modules, adapters trained with the student (never saved with it).
+        Returns (adapters, teacher taps, number of hint pairs, the module the loop runs)."""
+        from kdtoolkit.distill.losses import DistillWrapper, FeatureTaps, HintAdapter, probe_feature_maps, resolve_pairs
+
+        cfg = self.cfg
+        shape = (spec.channels, *spec.input_size)
+        hint_pairs = resolve_pairs(raw, teachers[0], shape, cfg.loss.hints) if cfg.loss.hint_weight > 0 else []
+        at_pairs = resolve_pairs(raw, teachers[0], shape, cfg.loss.at_layers) if cfg.loss.at_weight > 0 else []
+        s_ch = {n: c[0] for n, c in probe_feature_maps(raw, shape)}
+        t_ch = {n: c[0] for n, c in probe_feature_maps(teachers[0], shape)}
+        adapters = nn.ModuleList([HintAdapter(s_ch[s], t_ch[t]) for s, t in hint_pairs]).to(device)
+        s_taps = FeatureTaps(raw, [s for s, _ in hint_pairs + at_pairs])
+        t_taps = FeatureTaps(teachers[0], [t for _, t in hint_pairs + at_pairs])
+        log(f"feature distillation pairs (student -> teacher): hints {hint_pairs or '-'}, AT {at_pairs or '-'}",
+            enabled=self.progress and self.is_main)
+        return adapters, t_taps, len(hint_pairs), DistillWrapper(raw, s_taps, adapters, len(hint_pairs))
+
+    def _optimizer(self, raw: nn.Module, extra: list[nn.Parameter]) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
+        """SGD (Nesterov) or AdamW over the parameter groups (per-prefix lr scales); returns it and the parameters."""
+        cfg = self.cfg
         groups = param_groups(raw, cfg, extra)
         params = [p for g in groups for p in g["params"]]
         if cfg.optimizer == "sgd":
@@ -264,6 +270,42 @@ class Trainer:
             opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         for g in opt.param_groups:
             g["base_lr"] = cfg.lr * g.get("lr_scale", 1.0)
+        return opt, params
+
+    def _teacher_caches(self, teachers: list[Any], train: ArrayData, spec: DataSpec, use_features: bool) -> list[TeacherCache]:
+        """Teacher logits cached on disk when every epoch sees the same inputs (no augmentation, mixup, cutmix or features)."""
+        cfg = self.cfg
+        kd_on = cfg.loss.alpha.start > 0 or (cfg.loss.alpha.end or 0) > 0
+        use_cache = bool(teachers) and kd_on and cfg.cache_teacher and cfg.augment == "none" and not cfg.mixup and not cfg.cutmix and not use_features
+        if not use_cache:
+            return []
+        paths = [self.work_dir / ("teacher_logits.npy" if k == 0 else f"teacher{k}_logits.npy") for k in range(len(teachers))]
+        if self.world > 1:  # rank 0 fills the cache; the others wait and map the same files
+            import torch.distributed as dist
+
+            if self.is_main:
+                for t, p in zip(teachers, paths):
+                    TeacherCache(t, train, spec, p)
+            dist.barrier()
+        return [TeacherCache(t, train, spec, p) for t, p in zip(teachers, paths)]
+
+    # -- training -----------------------------------------------------------------------------
+    def fit(self, student: nn.Module, splits: Splits, teacher: Any = None) -> dict[str, Any]:
+        """Train; ``teacher`` is None, one model, or a list of models (multi-teacher KD)."""
+        cfg = self.cfg
+        spec = splits.spec
+        train = splits.train
+        teachers: list[Any] = [] if teacher is None else list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+        use_features = self._check_inputs(student, teachers, splits)
+        loss_fn = self._loss_fn(teachers)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        device, fmt = self._device()
+        raw: nn.Module = self._place(student, teachers, device, fmt)
+        # feature distillation: hooks on paired modules, adapters trained with the student (never saved with it)
+        adapters, t_taps, n_hint, core = self._features(raw, teachers, spec, device) if use_features else (None, None, 0, raw)
+        extra = list(adapters.parameters()) if adapters is not None else []
+        opt, params = self._optimizer(raw, extra)
         ema = copy.deepcopy(raw).eval() if cfg.ema_decay else None
         scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
 
@@ -276,19 +318,7 @@ class Trainer:
         total = cfg.epochs * steps_per_epoch
         if cfg.max_steps:
             total = min(total, cfg.max_steps)
-        caches: list[TeacherCache] = []
-        kd_on = cfg.loss.alpha.start > 0 or (cfg.loss.alpha.end or 0) > 0
-        use_cache = bool(teachers) and kd_on and cfg.cache_teacher and cfg.augment == "none" and not cfg.mixup and not cfg.cutmix and not use_features
-        if use_cache:
-            paths = [self.work_dir / ("teacher_logits.npy" if k == 0 else f"teacher{k}_logits.npy") for k in range(len(teachers))]
-            if self.world > 1:  # rank 0 fills the cache; the others wait and map the same files
-                import torch.distributed as dist
-
-                if self.is_main:
-                    for t, p in zip(teachers, paths):
-                        TeacherCache(t, train, spec, p)
-                dist.barrier()
-            caches = [TeacherCache(t, train, spec, p) for t, p in zip(teachers, paths)]
+        caches = self._teacher_caches(teachers, train, spec, use_features)
 
         state = self._load()
         step, epoch, batch_in_epoch = 0, 0, 0
