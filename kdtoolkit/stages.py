@@ -159,8 +159,6 @@ def resolve_student_config(cfg, profile, teacher, input_shape, num_classes: int,
 def distill_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
     from kdtoolkit.distill.trainer import Trainer
     from kdtoolkit.evaluate import evaluate
-    from kdtoolkit.models.loading import save_model
-    from kdtoolkit.student.build import count_params
 
     teacher_art, student_art = inputs
     teacher = _load(teacher_art)
@@ -168,18 +166,45 @@ def distill_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) 
     work = ctx.run_dir / ".work" / f"distill-{key[:12]}"
     trainer = Trainer(ctx.cfg.train, work, progress=ctx.progress)
     result = trainer.fit(student.module.train(), ctx.splits, teacher=teacher.module)
-    model = result["model"]
-    spec = ctx.splits.spec
     log("[distill] evaluating the student on the test split", enabled=ctx.progress)
-    t_logits = evaluate(teacher.module, ctx.splits.test, spec)["logits"]
-    r = evaluate(model, ctx.splits.test, spec, reference=t_logits)
-    with ArtifactWriter(out_dir, kind="torch", stage="distill", config=config, parents=[teacher_art, student_art], input_key=key) as w:
-        name = save_model(w.dir, model, student.recipe, spec.to_dict(), ctx.input_shape)
+    t_logits = evaluate(teacher.module, ctx.splits.test, ctx.splits.spec)["logits"]
+    return write_trained(out_dir, "distill", result, student.recipe, ctx.splits, work, config=config, input_shape=ctx.input_shape,
+                         parents=[teacher_art, student_art], input_key=key, teacher_logits=t_logits)
+
+
+def write_trained(out_dir: Path, stage: str, result: dict[str, Any], recipe: dict[str, Any] | None, splits, work: Path, *,
+                  config: dict[str, Any], input_shape: tuple[int, ...] | None = None, parents: list[Artifact] | None = None,
+                  input_key: str = "", teacher_logits=None, extra_metrics: dict[str, Any] | None = None,
+                  extra_info: dict[str, Any] | None = None) -> Artifact:
+    """The artifact of a training run (stage 02-distill, ``kdtoolkit distill`` and ``finetune``): the model evaluated
+    on the test split (agreement with the teacher when its logits are given), its history and metrics log.
+
+    With ``input_shape`` the model is stored for later stages (recipe + weights, or a torch.export program when the
+    recipe needs the user's code); without it, as a kdtoolkit checkpoint ``model.pt``."""
+    import shutil
+
+    from kdtoolkit.evaluate import evaluate
+    from kdtoolkit.models.loading import save_checkpoint, save_model
+    from kdtoolkit.student.build import count_params
+
+    model, spec = result["model"], splits.spec
+    r = evaluate(model, splits.test, spec, reference=teacher_logits)
+    with ArtifactWriter(out_dir, kind="torch", stage=stage, config=config, parents=parents or [], input_key=input_key) as w:
+        if input_shape is not None:
+            name = save_model(w.dir, model, recipe, spec.to_dict(), input_shape)
+        else:
+            name = "model.pt"
+            save_checkpoint(w.path(name), model, recipe, spec.to_dict())
         fsutil.write_json(w.path("history.json"), result["history"])
-        w.metrics.update({"accuracy": r["accuracy"], "teacher_agreement": r["agreement"], "params": count_params(model),
-                          "best_val_accuracy": result["best"]["val_accuracy"], "steps": result["steps"],
-                          "train_time_s": result["train_time_s"]})
-        w.info.update({"model": spec.to_dict(), "model_file": name, "recipe": student.recipe})
+        if (work / "metrics.jsonl").exists():
+            shutil.copyfile(work / "metrics.jsonl", w.path("metrics.jsonl"))
+        w.metrics.update({"accuracy": r["accuracy"], "n_test": r["n"], "params": count_params(model),
+                          "best_val_accuracy": result["best"]["val_accuracy"], "best_epoch": result["best"]["epoch"],
+                          "steps": result["steps"], "train_time_s": result["train_time_s"], **(extra_metrics or {})})
+        if "agreement" in r:
+            w.metrics["teacher_agreement"] = r["agreement"]
+        w.info.update({"model": spec.to_dict(), "model_file": name, "recipe": recipe, "arch": (recipe or {}).get("arch"),
+                       "work_dir": str(work), **(extra_info or {})})
     return w.artifact
 
 

@@ -91,29 +91,12 @@ def _work_dir(out: Path, key: dict[str, Any]) -> Path:
 
 def _write(out: Path, stage: str, cfg, model, recipe: dict[str, Any], splits, result: dict[str, Any], work: Path,
            extra_metrics: dict[str, Any], extra_info: dict[str, Any], teacher_logits=None) -> dict[str, Any]:
-    import shutil
+    """The distill stage's own artifact writer (kdtoolkit.stages.write_trained): the same manifest as compress's 02-distill."""
+    from kdtoolkit.stages import write_trained
 
-    from kdtoolkit import fsutil
-    from kdtoolkit.artifact import ArtifactWriter
-    from kdtoolkit.evaluate import evaluate
-    from kdtoolkit.models.loading import save_checkpoint
-    from kdtoolkit.student.build import count_params
-
-    spec = splits.spec
-    r = evaluate(model, splits.test, spec, reference=teacher_logits)
-    with ArtifactWriter(out, kind="torch", stage=stage, config=cfg.model_dump(mode="json")) as w:
-        save_checkpoint(w.path("model.pt"), model, recipe, spec.to_dict())
-        fsutil.write_json(w.path("history.json"), result["history"])
-        if (work / "metrics.jsonl").exists():
-            shutil.copyfile(work / "metrics.jsonl", w.path("metrics.jsonl"))
-        w.metrics.update({"accuracy": r["accuracy"], "n_test": r["n"], "params": count_params(model),
-                          "best_val_accuracy": result["best"]["val_accuracy"], "best_epoch": result["best"]["epoch"],
-                          "steps": result["steps"], "train_time_s": result["train_time_s"], **extra_metrics})
-        if "agreement" in r:
-            w.metrics["teacher_agreement"] = r["agreement"]
-        w.info.update({"model": spec.to_dict(), "model_file": "model.pt", "recipe": recipe, "arch": recipe.get("arch"),
-                       "work_dir": str(work), **extra_info})
-    return dict(w.artifact.metrics)
+    art = write_trained(out, stage, {**result, "model": model}, recipe, splits, work, config=cfg.model_dump(mode="json"),
+                        teacher_logits=teacher_logits, extra_metrics=extra_metrics, extra_info=extra_info)
+    return dict(art.metrics)
 
 
 def _report(out: Path, metrics: dict[str, Any], json_out: Path | None) -> None:
