@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from test_profile import _tiny
+from test_latency import _tiny
 
 from kdtoolkit.errors import InputError
 

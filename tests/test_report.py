@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from test_profile import _tiny
+from test_latency import _tiny
 
 
 @pytest.fixture()
