@@ -63,6 +63,9 @@ def test_compress_jetson_agx_every_model_form_to_a_verified_bundle(form, tmp_pat
     assert student["info"]["surgery"]["converted"], "the student must come from converting the teacher's own convolutions"
     assert student["metrics"]["params"] < json.loads((run / "00-teacher" / "manifest.json").read_text())["metrics"]["params"]
     assert student["info"]["model_file"] == "model.pt2"  # no portable recipe: stored as a torch.export program
+    summary = json.loads((run / "summary.json").read_text())
+    if summary["student"]["precision"] == "int8":  # ORT has no fast path for TensorRT's s8 QDQ: the proxy times FP32
+        assert "student timed in FP32" in summary["latency_runtime"]
     # the distilled student loads without the user's source code and without unpickling anything
     code = ("from kdtoolkit.models.loading import load_model; import torch; m = load_model(%r); "
             "print(m.module(torch.zeros(3, 1, 28, 28)).shape)") % str(run / "02-distill")

@@ -15,7 +15,7 @@ pytest.importorskip("torchvision", reason="torchvision is not installed (see REA
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "convnext_tiny"])
 def test_torchvision_pickle_gets_a_2x_student(name, tmp_path):
     import torchvision
 
