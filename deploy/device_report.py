@@ -40,7 +40,8 @@ def parse_args(argv=None):
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--engine", default=None, help="an engine built earlier on this device (default: model/model.plan if present)")
     src.add_argument("--rebuild", action="store_true", help="build the engine from the bundle even if model/model.plan exists")
-    ap.add_argument("--data", default=None, help="test data on this device for top-1: an ImageFolder (class sub-folders) or .npz with x, y")
+    ap.add_argument("--data", default=None, help="test data on this device for top-1: an ImageFolder (class sub-folders) or .npz with x, y "
+                                                 "(default: the bundle's testset/test.npz when it was bundled with --test-subset)")
     ap.add_argument("--limit", type=int, default=0, help="use at most this many --data images (0 = all)")
     ap.add_argument("--iters", type=int, default=500, help="timed runs per batch size")
     ap.add_argument("--warmup", type=int, default=50, help="untimed runs per batch size first")
@@ -336,14 +337,19 @@ def _run(a, root, mpath, m, td) -> int:
         reference = compare_outputs(run_batched(logits, x_ref, lo, hi, static), want, tol)
         reference["against"] = "reference/expected.npy: kdtoolkit's ONNX Runtime outputs of model/model.onnx"
         accuracy = None
-        if a.data:
-            x, y, what = load_data(a.data, m, a.limit)
+        subset = m.get("test_subset") or {}
+        data = a.data or (os.path.join(root, subset["path"]) if subset.get("path") else None)
+        if data:
+            x, y, what = load_data(data, m, a.limit)
             pred = run_batched(logits, x, lo, hi, static).argmax(1)
             proxy = (m.get("metrics") or {}).get("accuracy") or {}
             accuracy = {"top1": float((pred == y).mean()), "n": int(len(y)), "data": what,
                         "onnxruntime_proxy_top1": proxy.get("value"), "onnxruntime_proxy_n": proxy.get("n_test"),
                         "note": "the proxy figure is the run's ONNX Runtime CPU accuracy on its own test split; "
                                 "compare like for like only when --data is that split"}
+            if not a.data and not a.limit:  # the bundled subset: ONNX Runtime's top-1 on exactly these images
+                accuracy.update({"onnxruntime_proxy_top1": subset.get("onnxruntime_top1"), "onnxruntime_proxy_n": subset.get("images"),
+                                 "note": "bundled test subset: the proxy figure is ONNX Runtime CPU on exactly these images"})
         batches = sorted(set(a.batch or ([hi] if static else [m["profile"]["batch"]["opt"], m["profile"]["batch"]["max"]])))
         shape = list(x_ref.shape[1:])
         latency = {}

@@ -265,3 +265,30 @@ def test_cuda_adapter_moves_on_from_a_binding_that_does_not_fit(monkeypatch):
     monkeypatch.setattr(td, "BINDINGS", {"cuda-python": TooNew})
     with pytest.raises(td.DeviceError, match=r"cuda-python: cuda-python 13.0.0 needs a CUDA 13 driver.*cuda-python>=12.6,<13"):
         td.cuda_adapter()
+
+
+def test_bundled_test_subset_is_what_the_device_report_scores(trt_bundle, tmp_path):
+    """`bundle --test-subset N` packs seeded test images with ORT's top-1 on exactly them; the device script reads
+    them by default and compares like for like (the TensorRT part itself needs a device)."""
+    import json
+
+    import numpy as np
+    from conftest import run_cli
+
+    from kdtoolkit.backends.ort import make_session
+
+    run, out = trt_bundle.parent, tmp_path / "b"
+    r = run_cli("bundle", str(run), "--out", str(out), "--test-subset", "80")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    sub = m["test_subset"]
+    assert sub["images"] == 80 and sub["path"] == "testset/test.npz" and sub["path"] in m["files"]
+    dr = _load("device_report")
+    x, y, what = dr.load_data(str(out / sub["path"]), m)
+    assert x.shape[0] == 80 and x.dtype == np.float32 and "npz" in what
+    sess = make_session(str(out / "model" / "model.onnx"))
+    top1 = float((sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(1) == y).mean())
+    assert top1 == pytest.approx(sub["onnxruntime_top1"])  # the bundle's preprocessing formula reproduces kdtoolkit's
+    assert run_cli("verify", str(out)).returncode == 0
+    (out / sub["path"]).write_bytes(b"tampered")
+    assert run_cli("verify", str(out)).returncode != 0

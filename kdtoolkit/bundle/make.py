@@ -63,8 +63,12 @@ def _report_files(run_dir: Path) -> list[Path]:
     return out
 
 def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, tar: bool = False, splits: Any = None,
-                data: str | None = None, samples: int = 16, name: str | None = None) -> Path:
-    """Write the bundle for a finished compress run; atomically (a temp folder or file renamed into place)."""
+                data: str | None = None, samples: int = 16, name: str | None = None, test_subset: int = 0) -> Path:
+    """Write the bundle for a finished compress run; atomically (a temp folder or file renamed into place).
+
+    ``test_subset`` > 0 also packs that many seeded test images (raw uint8 + labels, ``testset/test.npz``) with
+    the ONNX Runtime top-1 on exactly those images, so ``deploy/device_report.py`` measures the engine's top-1
+    on the device like for like when no data is at hand there."""
     run_dir, out = Path(run_dir), Path(out)
     if not run_dir.is_dir():
         raise InputError(f"run folder not found: {run_dir}")
@@ -168,6 +172,17 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
         np.save(put("reference/input.npy"), x_ref)
         np.save(put("reference/expected.npy"), expected)
         np.save(put("reference/labels.npy"), sub.y.astype(np.int64))
+        testset = None
+        if test_subset > 0:
+            n = min(test_subset, len(splits.test))
+            pick = np.sort(np.random.default_rng(cfg.data.seed).permutation(len(splits.test))[:n])
+            tsub = splits.test.subset(pick.astype(np.int64))
+            pred = predict(make_session(onnx_src), tsub, spec, batch_size=batch).argmax(1)
+            np.savez_compressed(put("testset/test.npz"), x=np.asarray(tsub.x, np.uint8), y=tsub.y.astype(np.int64))
+            testset = {"path": "testset/test.npz", "images": int(n), "seed": cfg.data.seed,
+                       "onnxruntime_top1": float((pred == tsub.y).mean()), "runtime": "onnxruntime-cpu",
+                       "note": "raw uint8 test images (N,H,W,C) at the model's input size and their labels; "
+                               "onnxruntime_top1 is model/model.onnx on exactly these images"}
         from PIL import Image
 
         images = []
@@ -267,6 +282,7 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
                           **({"tolerance_engine": dict(TOLERANCE.get(str(engine.info.get("precision")), TOLERANCE["int8"]))}
                              if engine is not None else {}),
                           "note": "expected = kdtoolkit's own ONNX Runtime evaluation of model/model.onnx on these test images"},
+            **({"test_subset": testset} if testset else {}),
             "triton": {"path": f"triton/{model_name}", "platform": platform,
                        "needs_engine_from_device": platform == "tensorrt_plan" and engine is None},
             "lineage": lineage(deploy, run_dir),

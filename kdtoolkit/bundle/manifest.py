@@ -174,6 +174,17 @@ class FileHash(BaseModel):
     size: int = Field(ge=0)
 
 
+class TestSubset(_Open):
+    """Seeded test images packed on request (``--test-subset N``) so the device measures top-1 like for like."""
+
+    path: str
+    images: int = Field(ge=1)
+    seed: int
+    onnxruntime_top1: float = Field(ge=0, le=1, description="model/model.onnx on exactly these images (ONNX Runtime CPU)")
+    runtime: str
+    note: str | None = None
+
+
 class BundleManifest(_Open):
     """manifest.json of a kdtoolkit bundle (schema "kdtoolkit.bundle/1"): how to feed the model, what it was built and
     measured with, and the sha256 of every file. Readers must reject a schema_version newer than they support; fields may
@@ -197,6 +208,7 @@ class BundleManifest(_Open):
     measured_on: Environment
     on_device: OnDevice
     reference: Reference
+    test_subset: TestSubset | None = None
     triton: Triton
     lineage: list[LineageNode] = Field(min_length=1)
     report: list[str] = Field(default_factory=list)

@@ -18,11 +18,13 @@ def bundle_cmd(
     data: Annotated[Optional[str], typer.Option("--data", help="the run's data, if it moved (for the reference images)")] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, max=256, help="reference test images to include")] = 16,
     name: Annotated[Optional[str], typer.Option("--name", help="model name (Triton entry); default ARCH-PROFILE")] = None,
+    test_subset: Annotated[int, typer.Option("--test-subset", min=0, help="also pack N seeded test images with their ONNX Runtime top-1, "
+                                                                         "for device_report.py on a device without the data (1000 or more)")] = 0,
 ) -> None:
     """Bundle the run's deployable model with its manifest, reference batch, Triton entry, report and deploy scripts."""
     from kdtoolkit.bundle import make_bundle
 
-    path = make_bundle(run_dir, out, tar=tar, data=data, samples=samples, name=name)
+    path = make_bundle(run_dir, out, tar=tar, data=data, samples=samples, name=name, test_subset=test_subset)
     typer.echo(f"bundle written: {path}")
     typer.echo(f"check it with: kdtoolkit verify {path}")
 
