@@ -289,37 +289,6 @@ def quantize_onnx(
     return info
 
 
-def load_fp32(model: str, *, arch: str | None = None, trust_pickle: bool = False, opset: int = 17,
-              work: Path) -> tuple[Path, dict[str, Any], Any]:
-    """An FP32 ONNX for ``model`` (an .onnx file, an onnx or torch artifact, or any torch model form).
-
-    Returns (onnx path, model metadata, the torch module or None)."""
-    from kdtoolkit.artifact import Artifact
-    from kdtoolkit.export.onnx_export import check_onnx, export_onnx, simplify
-
-    p = Path(model)
-    if not p.exists():
-        raise InputError(f"model not found: {p}")
-    if p.suffix == ".onnx":
-        check_onnx(p)
-        return p, {}, None
-    if p.is_dir() and Artifact.is_artifact(p) and Artifact.load(p).kind == "onnx":
-        art = Artifact.load(p)
-        f = art.file("model.onnx")
-        check_onnx(f)
-        return f, dict(art.info.get("model", {})), None
-    from kdtoolkit.models.loading import load_model
-
-    loaded = load_model(p, arch=arch, trust_pickle=trust_pickle)
-    meta = loaded.meta
-    if "input_size" not in meta or "channels" not in meta:
-        raise InputError(f"{p}: the model carries no input size; export it first with `kdtoolkit export --input-shape C,H,W`")
-    raw = work / "raw.onnx"
-    export_onnx(loaded.module, (1, meta["channels"], *meta["input_size"]), raw, opset=opset)
-    simplify(raw, work / "fp32.onnx")
-    return work / "fp32.onnx", meta, loaded.module
-
-
 def _tensorrt_rule_check(path: Path) -> list[str]:
     """Run the project's Q/DQ rule check (kdtoolkit.quant.qdq_rules) for the tensorrt scheme; error lines."""
     import onnx

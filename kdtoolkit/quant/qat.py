@@ -25,30 +25,13 @@ import copy
 import operator
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
+from kdtoolkit.config import QatConfig  # noqa: F401  (re-exported: QAT callers import it from here)
 from kdtoolkit.errors import InputError
 from kdtoolkit.quant.schemes import Scheme
-
-try:  # one home for every configuration (kdtoolkit.config, no torch); this module's copy until that lands
-    from kdtoolkit.config import QatConfig
-except ImportError:  # pragma: no cover - older trees without kdtoolkit/config.py
-
-    class QatConfig(BaseModel):
-        """Budget and knobs of the QAT run (kept small by default: the demo must stay fast)."""
-
-        model_config = ConfigDict(extra="forbid")
-        epochs: int = Field(1, ge=0, description="passes over the training split")
-        max_steps: int | None = Field(60, ge=1, description="optimiser step budget (None = all epochs)")
-        batch_size: int = Field(128, ge=1, description="batch size")
-        lr: float = Field(0.002, gt=0, description="peak learning rate (fine-tuning: small)")
-        learn_scales: bool = Field(True, description="train activation scales (LSQ gradient), else keep calibrated ones")
-        init: Literal["minmax", "mse", "percentile"] = Field("mse", description="activation-range initialisation from calibration")
-        calib_size: int | None = Field(None, ge=1, description="calibration samples; default: the profile's calib_size")
-        seed: int = Field(0, description="seed for order and calibration subset")
 
 
 def _torch():
