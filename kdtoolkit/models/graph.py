@@ -62,10 +62,7 @@ def modules_from_program(ep: Any) -> Any:
     to_buffer = dict(sig.inputs_to_buffers)
     to_const = dict(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
     user_inputs = list(sig.user_inputs)
-    user_outputs = list(sig.user_outputs)
-    if len(user_outputs) != len([s for s in sig.output_specs]):
-        # buffer mutations (a program exported in training mode): keep the user outputs only
-        pass
+    user_outputs = list(sig.user_outputs)  # a program exported in training mode also returns buffer mutations first
 
     root = nn.Module()
     graph = fx.Graph()
@@ -101,27 +98,22 @@ def modules_from_program(ep: Any) -> Any:
             t = state[key]
             if key in to_param.values() or (not to_param and t.is_floating_point() and key.endswith((".weight", ".bias"))):
                 # TorchScript programs lift every weight as a buffer; weights and biases are trainable
-                parent.register_parameter(leaf, nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad or True))
+                parent.register_parameter(leaf, nn.Parameter(t.detach().clone()))
             else:
                 parent.register_buffer(leaf, t.detach().clone())
         return graph.get_attr(target)
 
-    first_user = {n: True for n in weights_by_node}
     for node in ep.graph_module.graph.nodes:
         if node.op == "placeholder":
             if node.name in weights_by_node:
                 continue
-            if node.target in [u for u in user_inputs] or node.name in user_inputs:
+            if node.target in user_inputs or node.name in user_inputs:
                 env[node.name] = graph.placeholder(node.name)
                 env[node.name].meta = dict(node.meta)
                 continue
             raise InputError(f"the exported graph has an input {node.name!r} that is neither a weight nor a user input")
         if node.op == "output":
-            outs = node.args[0]
-            outs = outs[: len(user_outputs)] if len(outs) != len(user_outputs) else outs
-            # user outputs come last in the output list when buffers were mutated
-            if len(node.args[0]) != len(user_outputs):
-                outs = node.args[0][len(node.args[0]) - len(user_outputs):]
+            outs = node.args[0][len(node.args[0]) - len(user_outputs):]  # user outputs come after buffer mutations
             vals = [arg(o) for o in outs]
             graph.output(vals[0] if len(vals) == 1 else tuple(vals))
             continue
@@ -189,7 +181,6 @@ def modules_from_program(ep: Any) -> Any:
             new = graph.call_function(t, args, kwargs)
         new.meta = dict(node.meta)
         env[node.name] = new
-    del first_user
     gm = fx.GraphModule(root, graph, class_name="ExportedModel")
     gm.graph.lint()
     gm.recompile()
