@@ -22,7 +22,7 @@ from kdtoolkit.distill.schedules import Schedule
 from kdtoolkit.errors import InputError
 
 # names registered in kdtoolkit.distill.losses.LOSSES (tests/test_config.py keeps them equal)
-LOSS_NAMES = ("ce", "kd", "multi_kd")
+LOSS_NAMES = ("ce", "dist", "dkd", "kd", "multi_kd")
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -30,7 +30,7 @@ M = TypeVar("M", bound=BaseModel)
 
 class LossConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field("kd", description="registered loss: kd (Hinton 2015) or ce (labels only)")
+    name: str = Field("kd", description="registered loss: kd (Hinton 2015), dkd (decoupled KD, Zhao 2022), dist (relation KD, Huang 2022) or ce (labels only)")
     alpha: Schedule = Field(default_factory=lambda: Schedule(start=0.9), description="weight of the soft-target term")
     temperature: Schedule = Field(default_factory=lambda: Schedule(start=4.0), description="softmax temperature T")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the hard-label term")

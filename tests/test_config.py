@@ -36,7 +36,7 @@ def test_unknown_loss_refused_when_read(tmp_path):
 
     p = tmp_path / "config.yaml"
     p.write_text("model: m.pt\ndata: {source: mnist-mini}\ntrain: {loss: {name: kdd}}\n")
-    with pytest.raises(InputError, match=r"train\.loss\.name: .*unknown loss 'kdd'; known: ce, kd, multi_kd"):
+    with pytest.raises(InputError, match=r"train\.loss\.name: .*unknown loss 'kdd'; known: ce, dist, dkd, kd, multi_kd"):
         load_config(p)
 
 

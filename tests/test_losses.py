@@ -131,5 +131,5 @@ def test_schedules_and_lr() -> None:
 def test_unknown_loss_lists_known() -> None:
     from kdtoolkit.errors import InputError
 
-    with pytest.raises(InputError, match="known: ce, kd, multi_kd"):
-        LOSSES.get("dkd")
+    with pytest.raises(InputError, match="known: ce, dist, dkd, kd, multi_kd"):
+        LOSSES.get("crd")

@@ -57,6 +57,83 @@ def ce_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, l
     return F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
 
 
+def _hard(labels: torch.Tensor) -> torch.Tensor:
+    """Class indices from indices or soft targets (mixup/cutmix): the largest share is the target class."""
+    return labels.argmax(1) if labels.dim() == 2 else labels
+
+
+@LOSSES.register("dkd")
+def dkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 0.9,
+    temperature: float = 4.0,
+    label_smoothing: float = 0.0,
+    tckd_weight: float = 1.0,
+    nckd_weight: float = 8.0,
+) -> torch.Tensor:
+    """Zhao, Cui, Song, Qiu, Liang 2022, "Decoupled Knowledge Distillation" (CVPR).
+
+    KD split into target-class KD (TCKD: KL of the binary [p_target, 1 - p_target]) and non-target-class KD
+    (NCKD: KL of the distributions over the other classes), re-weighted so the non-target "dark knowledge"
+    is not suppressed when the teacher is confident: alpha * T^2 * (tckd_weight * TCKD + nckd_weight *
+    NCKD) + (1 - alpha) * CE. Weights 1 and 8 are the paper's CIFAR-100 setting (alpha=1, beta=8, T=4); the
+    paper also warms the DKD term up over 20 epochs, which the alpha schedule provides.
+    """
+    ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
+    if teacher_logits is None or alpha == 0:
+        return ce
+    t = temperature
+    gt = F.one_hot(_hard(labels), student_logits.shape[1]).bool()
+    p_s, p_t = F.softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1)
+    b_s = torch.stack([p_s[gt], p_s.masked_fill(gt, 0).sum(1)], 1).clamp_min(1e-12)
+    b_t = torch.stack([p_t[gt], p_t.masked_fill(gt, 0).sum(1)], 1).clamp_min(1e-12)
+    tckd = (b_t * (b_t.log() - b_s.log())).sum(1).mean()
+    # non-target distributions: the target logit pushed to -inf-like before the softmax (the paper's -1000)
+    ls_nt = F.log_softmax(student_logits / t - 1000.0 * gt, dim=1)
+    lt_nt = F.log_softmax(teacher_logits / t - 1000.0 * gt, dim=1)
+    nckd = F.kl_div(ls_nt, lt_nt, reduction="batchmean", log_target=True)
+    return alpha * t * t * (tckd_weight * tckd + nckd_weight * nckd) + (1 - alpha) * ce
+
+
+def _pearson_gap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of 1 - Pearson correlation between the rows of ``a`` and ``b``."""
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    return (1 - F.cosine_similarity(a, b, dim=1, eps=1e-8)).mean()
+
+
+@LOSSES.register("dist")
+def dist_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 0.9,
+    temperature: float = 4.0,
+    label_smoothing: float = 0.0,
+    inter_weight: float = 1.0,
+    intra_weight: float = 1.0,
+) -> torch.Tensor:
+    """Huang, You, Wang, Qian, Xu 2022, "Knowledge Distillation from A Stronger Teacher" (DIST, NeurIPS).
+
+    Matches relations instead of exact probabilities, which tolerates a large teacher-student gap: the
+    inter-class relation (1 - Pearson correlation of each sample's class probabilities) and the intra-class
+    relation (1 - Pearson correlation of each class's probabilities across the batch), both at temperature
+    T: alpha * T^2 * (inter_weight * inter + intra_weight * intra) + (1 - alpha) * CE. The paper's weights are 1 and 1.
+    """
+    ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
+    if teacher_logits is None or alpha == 0:
+        return ce
+    t = temperature
+    y_s, y_t = F.softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1)
+    inter = _pearson_gap(y_s, y_t)
+    intra = _pearson_gap(y_s.t(), y_t.t())
+    return alpha * t * t * (inter_weight * inter + intra_weight * intra) + (1 - alpha) * ce
+
+
 # -- multi-teacher -------------------------------------------------------------------------------
 def teacher_weights(
     teacher_logits: torch.Tensor,
