@@ -229,66 +229,24 @@ def export_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) -
 def quantize_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
     """INT8 per the profile's scheme (QAT under distillation by default, PTQ as the fast option), measured
     on ORT; for precision auto/int8 decide FP32 vs INT8 from measured latency and accuracy (see
-    kdtoolkit.quant). ``model.onnx`` is the chosen model; ``int8.onnx`` is kept beside it."""
-    import time
-
+    kdtoolkit.quant). ``model.onnx`` is the chosen model; ``int8.onnx`` is kept beside it. Written by
+    kdtoolkit.quant.artifact.write_quantized, which ``kdtoolkit quantize`` calls too."""
     from kdtoolkit.config import Int8Config
-    from kdtoolkit.quant.ptq import build_int8
-    from kdtoolkit.quant.schemes import pick_precision, scheme_for
+    from kdtoolkit.quant.artifact import write_quantized
 
-    t0 = time.perf_counter()
     teacher_art, student_art, fp32_art = inputs
     prof = ctx.profile
     q = prof.quant
-    fp32 = fp32_art.file("model.onnx")
-    with ArtifactWriter(out_dir, kind="onnx", stage="quantize", config=config, parents=[fp32_art, student_art], input_key=key) as w:
-        w.info.update(fp32_art.info)
-        w.metrics.update({k: fp32_art.metrics.get(k) for k in ("params", "macs", "parity") if k in fp32_art.metrics})
-        if prof.precision in ("fp32", "fp16"):
-            shutil.copyfile(fp32, w.path("model.onnx"))
-            w.info["precision"] = prof.precision if prof.precision == "fp32" else "fp32"
-            w.metrics["precision_reason"] = f"profile precision is {prof.precision}; no INT8 made" + \
-                (" (FP16 conversion happens at the engine build)" if prof.precision == "fp16" else "")
-            return w.commit()
-        scheme = scheme_for(prof)
-        student = _load(student_art).module if q.method == "qat" else None
-        teacher = _load(teacher_art).module if q.method == "qat" else None
-        int8_cfg = Int8Config(method=q.method, calib_method=q.calib_method, calib_size=min(q.calib_size, len(ctx.splits.train)),
-                              percentile=q.percentile, tolerance_points=prof.accuracy_tolerance, opset=fp32_art.info.get("opset", 17),
-                              seed=ctx.cfg.train.seed)
-        res = build_int8(fp32, w.path("int8.onnx"), ctx.splits, scheme, int8_cfg, student=student, teacher=teacher, qat_cfg=ctx.cfg.qat,
-                         loss=ctx.cfg.train.loss, work=ctx.run_dir / ".work" / f"qat-{key[:12]}", progress=ctx.progress)
-        w.info["quantization"] = res["info"]
-        w.metrics.update(res["metrics"])
-        lat = None
-        if not prof.is_tensorrt:
-            from kdtoolkit.backends.ort import OrtRunner
-            from kdtoolkit.latency.timing import measure
-
-            m = ctx.cfg.measure
-            # every batch the run measures inside the profile's range, and always the opt batch, which decides
-            bs = sorted({b for b in m.batches if prof.batch.min <= b <= prof.batch.max} | {prof.batch.opt})
-            log(f"[quantize] timing FP32 and INT8 interleaved at batch {bs} (ONNX Runtime)", enabled=ctx.progress)
-            threads = prof.onnxruntime.intra_op_threads
-            with OrtRunner(fp32, name="fp32", threads=threads) as a, OrtRunner(w.path("int8.onnx"), name="int8", threads=threads) as b:
-                res_t = measure([a, b], bs, warmup=m.warmup, iters=m.iters)
-            lat = {n: {str(bb): {k: v for k, v in st.items() if k != "samples_ms"} for bb, st in per.items()} for n, per in res_t.items()}
-            w.metrics["precision_latency_ms"] = lat
-            w.metrics["int8_speedup"] = {str(bb): lat["fp32"][str(bb)]["p50"] / lat["int8"][str(bb)]["p50"] for bb in bs}
-        opt = str(prof.batch.opt)
-        precision, reason = pick_precision(
-            prof.precision, fp32_ms=lat["fp32"][opt]["p50"] if lat else None, int8_ms=lat["int8"][opt]["p50"] if lat else None,
-            fp32_acc=res["metrics"]["accuracy_fp32"], int8_acc=res["metrics"]["accuracy_int8"],
-            tolerance_points=prof.accuracy_tolerance, batch=prof.batch.opt, tensorrt=prof.is_tensorrt,
-            by_batch={int(bb): (lat["fp32"][bb]["p50"], lat["int8"][bb]["p50"]) for bb in lat["fp32"]} if lat else None)
-        w.metrics["precision_decided_at_batch"] = prof.batch.opt
-        shutil.copyfile(w.path("int8.onnx") if precision == "int8" else fp32, w.path("model.onnx"))
-        w.info["precision"] = precision
-        w.metrics.update({"precision": precision, "precision_reason": reason,
-                          "accuracy_runtime": "onnxruntime-cpu" + (" (proxy for TensorRT)" if prof.is_tensorrt else "")})
-        w.metrics["stage_wall_s"] = round(time.perf_counter() - t0, 1)
-        log(f"[quantize] shipping {precision}: {reason}", enabled=ctx.progress)
-    return w.artifact
+    qat = q.method == "qat" and prof.precision not in ("fp32", "fp16")
+    int8_cfg = Int8Config(method=q.method, calib_method=q.calib_method, calib_size=min(q.calib_size, len(ctx.splits.train)),
+                          percentile=q.percentile, tolerance_points=prof.accuracy_tolerance, opset=fp32_art.info.get("opset", 17),
+                          seed=ctx.cfg.train.seed)
+    return write_quantized(
+        out_dir, fp32_art.file("model.onnx"), ctx.splits, prof, int8_cfg, config=config, measure=ctx.cfg.measure,
+        parents=[fp32_art, student_art], input_key=key, info=fp32_art.info,
+        metrics={k: fp32_art.metrics.get(k) for k in ("params", "macs", "parity") if k in fp32_art.metrics},
+        student=_load(student_art).module if qat else None, teacher=_load(teacher_art).module if qat else None,
+        qat_cfg=ctx.cfg.qat, loss=ctx.cfg.train.loss, work=ctx.run_dir / ".work" / f"qat-{key[:12]}", progress=ctx.progress)
 
 
 def optimize_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:

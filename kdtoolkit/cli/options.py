@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -18,6 +18,72 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")
 Set = Annotated[Optional[list[str]], typer.Option(
     "--set", help="set any config field by its dotted name, e.g. --set train.lr=0.01 (repeatable; value read as YAML; "
                   "validated against the config models, applied after the other options)")]
+
+
+# --- options derived from the configs (kdtoolkit.config) ----------------------------------------
+# An option that sets a config field takes its help text (the Field description), its type and its
+# default from the pydantic model, and sits in the --help panel named after that model. The option's
+# name stays the command's own (user-facing names do not change); ``note`` adds what only the flag
+# means (e.g. "0 = off"). Everything else is reachable with --set KEY=VALUE.
+PANELS = {"StudentConfig": "Student", "TrainConfig": "Training", "LossConfig": "Training", "QatConfig": "Quantization",
+          "Int8Config": "Quantization", "DataConfig": "Data", "MeasureConfig": "Measurement"}
+
+
+def _field(model: type, name: str):
+    try:
+        return model.model_fields[name]
+    except KeyError:
+        raise KeyError(f"{model.__name__} has no field {name!r}") from None
+
+
+def config_help(model: type, name: str, note: str | None = None) -> str:
+    """The help text of the option that sets ``model.name``: the field's description (+ ``note``)."""
+    from typing import Literal, get_args, get_origin
+
+    f = _field(model, name)
+    desc = f.description or name.replace("_", " ")
+    if get_origin(f.annotation) is Literal and not note:
+        *head, last = (str(a) for a in get_args(f.annotation))
+        note = f"{', '.join(head)} or {last}" if head else last
+    return f"{desc} ({note})" if note else desc
+
+
+def config_panel(model: type) -> str:
+    """The --help panel of the options that set fields of ``model`` (Student, Training, ...)."""
+    return PANELS.get(model.__name__, model.__name__.removesuffix("Config") or model.__name__)
+
+
+def config_type(model: type, name: str, optional: bool = False) -> Any:
+    """The Python type typer parses the option as, from the field's annotation: a Literal is a str (the config
+    validates it, in one line), ``X | None`` stays optional; ``optional=True`` makes it optional (no default
+    on the command: unset means 'keep the config's')."""
+    import types
+    from typing import Literal, Union, get_args, get_origin
+
+    ann = _field(model, name).annotation
+    args = get_args(ann)
+    if get_origin(ann) in (Union, types.UnionType) and type(None) in args:
+        optional, ann = True, next(a for a in args if a is not type(None))
+    if get_origin(ann) is Literal:
+        ann = type(get_args(ann)[0])
+    if ann not in (int, float, bool, str):
+        raise TypeError(f"{model.__name__}.{name} ({ann}) is not a plain option type; set it with --set")
+    return Optional[ann] if optional else ann
+
+
+def config_default(model: type, name: str) -> Any:
+    """The field's default: the command's default, so a flag left out means what the config means."""
+    return _field(model, name).get_default(call_default_factory=True)
+
+
+def config_option(model: type, name: str, *flags: str, note: str | None = None, optional: bool = False,
+                  panel: str | None = None, **kw: Any) -> Any:
+    """``Annotated[type, typer.Option(*flags, help=..., rich_help_panel=...)]`` for field ``name`` of the
+    pydantic config ``model``; ``flags`` default to ``--field-name``. Type, help and panel come from the model,
+    so a changed description or type shows in every command's --help."""
+    flags = flags or ("--" + name.replace("_", "-"),)
+    return Annotated[config_type(model, name, optional), typer.Option(
+        *flags, help=config_help(model, name, note), rich_help_panel=panel or config_panel(model), **kw)]
 
 
 def parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:

@@ -7,7 +7,22 @@ from typing import Annotated, Optional
 import typer
 
 from kdtoolkit.cli import app
-from kdtoolkit.cli.options import Arch, Channels, Data, InputShape, JsonOut, Mean, ModelArg, Out, Profile, Std, TrustPickle
+from kdtoolkit.cli.options import (
+    Arch,
+    Channels,
+    Data,
+    InputShape,
+    JsonOut,
+    Mean,
+    ModelArg,
+    Out,
+    Profile,
+    Std,
+    TrustPickle,
+    config_option,
+    config_panel,
+)
+from kdtoolkit.config import Int8Config
 
 
 @app.command("quantize")
@@ -16,10 +31,11 @@ def quantize_cmd(
     out: Out,
     data: Data = None,
     profile: Profile = "ort-cpu",
-    calib_method: Annotated[Optional[str], typer.Option("--calib-method", help="minmax, entropy, percentile or mse (default: the profile's)")] = None,
-    calib_size: Annotated[Optional[int], typer.Option("--calib-size", help="calibration samples from the training split (default: the profile's)")] = None,
-    percentile: Annotated[Optional[float], typer.Option("--percentile", help="for --calib-method percentile")] = None,
-    reduce_range: Annotated[Optional[bool], typer.Option("--reduce-range/--no-reduce-range", help="7-bit weights (default: the profile's; auto = no VNNI)")] = None,
+    calib_method: config_option(Int8Config, "calib_method", note="minmax, entropy, percentile or mse; default: the profile's", optional=True) = None,
+    calib_size: config_option(Int8Config, "calib_size", note="default: the profile's", optional=True) = None,
+    percentile: config_option(Int8Config, "percentile", optional=True) = None,
+    reduce_range: Annotated[Optional[bool], typer.Option("--reduce-range/--no-reduce-range", help="7-bit weights (default: the profile's; auto = no VNNI)",
+                                                         rich_help_panel=config_panel(Int8Config))] = None,
     arch: Arch = None,
     trust_pickle: TrustPickle = False,
     input_shape: InputShape = None,
@@ -36,11 +52,10 @@ def quantize_cmd(
     from pathlib import Path
 
     from kdtoolkit import fsutil
-    from kdtoolkit.artifact import ArtifactWriter
     from kdtoolkit.cli.options import parse_input_flags
-    from kdtoolkit.config import Int8Config
     from kdtoolkit.errors import InputError
-    from kdtoolkit.quant.ptq import CALIB_METHODS, build_int8, model_input
+    from kdtoolkit.quant.artifact import write_quantized
+    from kdtoolkit.quant.ptq import CALIB_METHODS, model_input
     from kdtoolkit.quant.schemes import scheme_for
 
     flags = parse_input_flags(input_shape, channels, mean, std)
@@ -76,19 +91,14 @@ def quantize_cmd(
             export_onnx(module.module, (1, *spec.require_shape()), raw, opset=min(prof.max_opset, 17))
             simplify(raw, Path(tmp) / "fp32.onnx")
             fp32 = Path(tmp) / "fp32.onnx"
-        _, dims = model_input(fp32)
         cfg = {"model": str(model), "profile": prof.name, "scheme": scheme.name, "calib_method": method, "calib_size": n,
                "reduce_range": scheme.reduce_range, "data": data, "input": {k: v for k, v in spec.to_meta().items() if k != "classes"}}
-        with ArtifactWriter(out, kind="onnx", stage="quantize", config=cfg) as w:
-            res = build_int8(fp32, w.path("model.onnx"), sp, scheme, Int8Config(
-                method="ptq", calib_method=method, calib_size=n, percentile=percentile or prof.quant.percentile,
-                tolerance_points=prof.accuracy_tolerance))
-            # the INT8 model was calibrated with these statistics: record them, measured or not, with their source
-            w.info.update({"model": {**meta, **sp.spec.to_dict(), **spec.to_meta()}, "precision": "int8", "quantization": res["info"],
-                           "input": {"name": model_input(w.path("model.onnx"))[0], "shape": dims, "dtype": "float32"}})
-            w.metrics.update({**res["metrics"], "precision": "int8",
-                              "accuracy_runtime": "onnxruntime-cpu" + (" (proxy for TensorRT)" if prof.is_tensorrt else "")})
-    m = w.artifact.metrics
+        # the INT8 model was calibrated with these statistics: record them, measured or not, with their source
+        art = write_quantized(out, fp32, sp, prof, Int8Config(
+            method="ptq", calib_method=method, calib_size=n, percentile=percentile or prof.quant.percentile,
+            tolerance_points=prof.accuracy_tolerance), config=cfg, scheme=scheme, policy="int8", asked_by="kdtoolkit quantize",
+            info={"model": {**meta, **sp.spec.to_dict(), **spec.to_meta()}})
+    m = art.metrics
     if json_out:
         fsutil.write_json(json_out, {"onnx": str(out / "model.onnx"), **m, "scheme": scheme.name, "calib_method": method})
     typer.echo(f"wrote {out / 'model.onnx'} (INT8 QDQ, scheme {scheme.name}, {method} calibration on {n} training samples)")
