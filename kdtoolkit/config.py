@@ -78,6 +78,8 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, description="seed for order, augmentation and init")
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps")
     cache_teacher: bool = Field(True, description="cache teacher logits on disk when augmentation is off")
+    augment_views: int = Field(0, ge=0, description="with --augment: teacher logits for this many fixed augmented views per image, "
+                                                   "computed once (ONNX Runtime) and reused every epoch, as FKD does; 0 = live teacher")
     sync_bn: bool = Field(True, description="SyncBatchNorm under DDP so N processes match one")
     lr_scales: dict[str, float] = Field(default_factory=dict, description="lr multiplier per parameter-name prefix (longest match wins; '' = all)")
     freeze: list[str] = Field(default_factory=list, description="module-name prefixes frozen at the start (in model order)")

@@ -351,12 +351,20 @@ def augment_batch(x, generator, mode: str = "crop_flip", pad: int = 4):
     The random draws are the same for every mode, so skipping batches on resume stays aligned.
     """
     import torch
-    import torch.nn.functional as F
 
-    n, _, h, w = x.shape
+    n = x.shape[0]
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     flip = torch.rand(n, generator=generator) < 0.5
+    return apply_augment(x, dy, dx, flip, mode, pad)
+
+
+def apply_augment(x, dy, dx, flip, mode: str = "crop_flip", pad: int = 4):
+    """Crop offsets ``dy, dx`` (in the reflect-padded image) and flips given per sample: the same draw, replayed."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = x.shape[2:]
     if mode in ("crop", "crop_flip"):
         x = _crop(F.pad(x, (pad, pad, pad, pad), mode="reflect"), dy, dx, h, w)
     if mode in ("flip", "crop_flip"):

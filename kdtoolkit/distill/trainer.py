@@ -56,6 +56,79 @@ class TeacherCache:
         return torch.from_numpy(np.ascontiguousarray(self.logits[idx.numpy()]))
 
 
+class ViewBank:
+    """Teacher logits for ``views`` fixed augmented views of every training image (FKD, Shen & Xing 2022).
+
+    Augmentation needs the teacher live, which on a CPU costs most of a step; with the bank the teacher runs
+    once over views x images (through ONNX Runtime when it is a torch module, faster than eager on a CPU) and
+    every epoch trains on one of the stored views per image, its crop and flip replayed exactly. View ``v`` of
+    image ``i`` is a pure function of (seed, v, i); the view an epoch uses is a pure function of (epoch, i).
+    """
+
+    def __init__(self, teacher: Any, data: ArrayData, spec: DataSpec, path: Path, *, views: int, mode: str, seed: int,
+                 pad: int = 4, batch_size: int = 256, progress: bool = False) -> None:
+        n = len(data)
+        self.views, self.mode, self.pad = views, mode, pad
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + v) for v in range(views)]
+        self.dy = torch.stack([torch.randint(0, 2 * pad + 1, (n,), generator=g) for g in gens])
+        self.dx = torch.stack([torch.randint(0, 2 * pad + 1, (n,), generator=g) for g in gens])
+        self.flip = torch.stack([torch.rand(n, generator=g) < 0.5 for g in gens])
+        if not path.exists():
+            self._fill(teacher, data, spec, path, batch_size, progress)
+        self.logits = np.load(path, mmap_mode="r")
+        if self.logits.shape[:2] != (views, n):
+            raise InputError(f"teacher view bank {path} has shape {self.logits.shape[:2]} for {views} views x {n} images; delete it")
+
+    def _fill(self, teacher: Any, data: ArrayData, spec: DataSpec, path: Path, batch_size: int, progress: bool) -> None:
+        import tempfile
+
+        from kdtoolkit.data.datasets import to_tensor
+        from kdtoolkit.evaluate import as_predictor
+
+        with tempfile.TemporaryDirectory(prefix="kdt-bank-") as tmp:
+            run = teacher
+            if isinstance(teacher, nn.Module):
+                from kdtoolkit.export.onnx_export import export_onnx
+
+                try:
+                    onnx = export_onnx(teacher, (1, spec.channels, *spec.input_size), Path(tmp) / "teacher.onnx")
+                    run = str(onnx)
+                except InputError:
+                    pass  # a teacher that does not export runs in torch
+            f = as_predictor(run)
+            n = len(data)
+            out = np.zeros((self.views, n, 0), np.float32)
+            t0 = time.perf_counter()
+            for v in range(self.views):
+                rows = []
+                for i in range(0, n, batch_size):
+                    idx = torch.arange(i, min(i + batch_size, n))
+                    x = self.augment(to_tensor(data.x[i:i + batch_size], spec), idx, v)
+                    rows.append(np.asarray(f(x.numpy()), np.float32))
+                view = np.concatenate(rows)
+                if out.shape[2] == 0:
+                    out = np.zeros((self.views, n, view.shape[1]), np.float32)
+                out[v] = view
+                log(f"[distill] teacher view bank: view {v + 1}/{self.views} ({time.perf_counter() - t0:.0f} s)", enabled=progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with fsutil.atomic_path(path, suffix=".npy") as tmp_path:
+            with open(tmp_path, "wb") as fh:
+                np.save(fh, out)
+
+    def view_of(self, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+        """The view each image trains on this epoch: every view once per ``views`` epochs, staggered across images."""
+        return (idx + epoch) % self.views
+
+    def augment(self, x: torch.Tensor, idx: torch.Tensor, view: int | torch.Tensor) -> torch.Tensor:
+        from kdtoolkit.data.datasets import apply_augment
+
+        v = view if isinstance(view, torch.Tensor) else torch.full_like(idx, view)
+        return apply_augment(x, self.dy[v, idx], self.dx[v, idx], self.flip[v, idx], self.mode, self.pad)
+
+    def __call__(self, idx: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.logits[view.numpy(), idx.numpy()]))
+
+
 def _mix(x: torch.Tensor, y: torch.Tensor, n_cls: int, cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup or cutmix (chosen at random when both are on); returns soft targets."""
     use = [m for m, a in (("mixup", cfg.mixup), ("cutmix", cfg.cutmix)) if a > 0]
@@ -289,6 +362,25 @@ class Trainer:
             dist.barrier()
         return [TeacherCache(t, train, spec, p) for t, p in zip(teachers, paths)]
 
+    def _view_bank(self, teachers: list[Any], train: ArrayData, spec: DataSpec, use_features: bool) -> ViewBank | None:
+        """The teacher view bank when augmentation is on and ``augment_views`` asks for one (one teacher, logits only)."""
+        cfg = self.cfg
+        if not cfg.augment_views or cfg.augment == "none" or not teachers:
+            return None
+        if len(teachers) > 1 or use_features or cfg.mixup or cfg.cutmix:
+            raise InputError("augment_views stores one teacher's logits for crop/flip views: it does not combine with several "
+                             "teachers, hint/attention losses, mixup or cutmix")
+        path = self.work_dir / f"teacher_views_{cfg.augment}_{cfg.augment_views}_s{cfg.seed}.npy"
+        make = lambda: ViewBank(teachers[0], train, spec, path, views=cfg.augment_views, mode=cfg.augment, seed=cfg.seed,  # noqa: E731
+                                progress=self.progress and self.is_main)
+        if self.world > 1:  # rank 0 fills the bank; the others wait and map the same file
+            import torch.distributed as dist
+
+            if self.is_main:
+                make()
+            dist.barrier()
+        return make()
+
     # -- training -----------------------------------------------------------------------------
     def fit(self, student: nn.Module, splits: Splits, teacher: Any = None) -> dict[str, Any]:
         """Train; ``teacher`` is None, one model, or a list of models (multi-teacher KD)."""
@@ -319,6 +411,7 @@ class Trainer:
         if cfg.max_steps:
             total = min(total, cfg.max_steps)
         caches = self._teacher_caches(teachers, train, spec, use_features)
+        bank = self._view_bank(teachers, train, spec, use_features)
 
         state = self._load()
         step, epoch, batch_in_epoch = 0, 0, 0
@@ -370,7 +463,7 @@ class Trainer:
             for t in teachers:
                 if isinstance(t, nn.Module):
                     t.eval()
-            it = batches(train, spec, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, augment=cfg.augment,
+            it = batches(train, spec, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, augment="none" if bank else cfg.augment,
                          drop_last=True, rank=self.rank, world_size=self.world, with_index=True, start_batch=batch_in_epoch)
             run_loss, run_n, t_epoch, cpu_epoch = 0.0, 0, time.perf_counter(), time.process_time()
             n_epoch_steps = 0
@@ -380,6 +473,9 @@ class Trainer:
                 for x, y, idx in it:
                     if step >= total:
                         break
+                    if bank is not None:  # this epoch's stored view of each image, its crop and flip replayed
+                        views = bank.view_of(idx, epoch)
+                        x = bank.augment(x, idx, views)
                     x, y = x.to(device, non_blocking=True, memory_format=fmt if x.dim() == 4 else torch.preserve_format), y.to(device)
                     progress_t = step / max(1, total)
                     alpha = cfg.loss.alpha.at(progress_t)
@@ -387,7 +483,9 @@ class Trainer:
                     xm, target = _mix(x, y, len(spec.classes), cfg, mix_gen) if (cfg.mixup or cfg.cutmix) else (x, y)
                     t_logits = None
                     if teachers and (alpha > 0 or use_features):
-                        if caches:
+                        if bank is not None:
+                            outs = [bank(idx, views).to(device)]
+                        elif caches:
                             outs = [c(idx).to(device) for c in caches]
                         else:
                             with torch.no_grad():
