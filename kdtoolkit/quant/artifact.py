@@ -68,7 +68,7 @@ def write_quantized(
             reason = f"{'profile' if asked_by is None else asked_by} precision is {policy}; no INT8 made" + \
                 (" (FP16 conversion happens at the engine build)" if policy == "fp16" else "")
             w.metrics["precision_reason"] = reason  # no "precision" metric: an FP16 target's precision is the engine build's
-            w.info.update(_io_info(w.path("model.onnx")))
+            _describe_io(w.info, w.path("model.onnx"))
             return w.commit()
         scheme = scheme or scheme_for(prof)
         res = build_int8(fp32, w.path("int8.onnx"), splits, scheme, int8_cfg, student=student, teacher=teacher, qat_cfg=qat_cfg,
@@ -91,7 +91,7 @@ def write_quantized(
             reason = reason.replace(f"profile precision is {policy}", f"{asked_by} asks for {policy}", 1)
         shutil.copyfile(w.path("int8.onnx") if precision == "int8" else fp32, w.path("model.onnx"))
         w.info["precision"] = precision
-        w.info.update(_io_info(w.path("model.onnx")))
+        _describe_io(w.info, w.path("model.onnx"))
         w.metrics.update({"precision": precision, "precision_reason": reason, "precision_decided_at_batch": batch,
                           "accuracy_runtime": "onnxruntime-cpu" + (" (proxy for TensorRT)" if prof.is_tensorrt else "")})
         w.metrics["stage_wall_s"] = round(time.perf_counter() - t0, 1)
@@ -115,6 +115,12 @@ def _time_fp32_int8(fp32: Path, int8: Path, prof: Any, m: Any, *, progress: bool
         res = measure([a, b], bs, warmup=m.warmup, iters=m.iters)
     lat = {n: {str(bb): {k: v for k, v in st.items() if k != "samples_ms"} for bb, st in per.items()} for n, per in res.items()}
     return lat, prof.batch.opt if prof.batch.opt in bs else bs[0]
+
+
+def _describe_io(info: dict[str, Any], path: Path) -> None:
+    """opset, input and output of the shipped file, unless the caller carried them in (the stage carries the export's)."""
+    for k, v in _io_info(path).items():
+        info.setdefault(k, v)
 
 
 def _io_info(path: Path) -> dict[str, Any]:
