@@ -15,32 +15,49 @@ from typing import Annotated, Any, Optional
 import typer
 
 from kdtoolkit.cli import app
-from kdtoolkit.cli.options import Arch, Channels, Data, InputShape, JsonOut, Mean, ModelArg, Out, Quiet, Set, Std, TrustPickle, parse_floats
+from kdtoolkit.cli.options import (
+    Arch,
+    Channels,
+    Data,
+    InputShape,
+    JsonOut,
+    Mean,
+    ModelArg,
+    Out,
+    Quiet,
+    Set,
+    Std,
+    TrustPickle,
+    config_default,
+    config_option,
+    parse_floats,
+)
+from kdtoolkit.config import DataConfig, LossConfig, TrainConfig
 
-Optim = Annotated[str, typer.Option("--optimizer", help="sgd (Nesterov momentum) or adamw")]
-Epochs = Annotated[int, typer.Option("--epochs", help="passes over the training split")]
-MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="stop after this many optimiser steps")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="batch size per process")]
-Lr = Annotated[float, typer.Option("--lr", help="peak learning rate")]
-Wd = Annotated[float, typer.Option("--weight-decay", help="weight decay")]
-Warmup = Annotated[int, typer.Option("--warmup", help="linear warm-up steps")]
-Sched = Annotated[str, typer.Option("--schedule", help="lr decay after warm-up: cosine, linear or constant")]
-Clip = Annotated[float, typer.Option("--grad-clip", help="max gradient norm (0 = off)")]
-Ema = Annotated[Optional[float], typer.Option("--ema", help="EMA decay of the weights, e.g. 0.999 (evaluated and saved)")]
-Patience = Annotated[Optional[int], typer.Option("--patience", help="early stopping: epochs without validation improvement")]
-Augment = Annotated[str, typer.Option("--augment", help="none, crop, flip or crop_flip (none keeps the teacher cache)")]
-Mixup = Annotated[float, typer.Option("--mixup", help="mixup Beta(a, a), 0 = off")]
-Cutmix = Annotated[float, typer.Option("--cutmix", help="cutmix Beta(a, a), 0 = off")]
-Seed = Annotated[int, typer.Option("--seed", help="seed for split, order, augmentation and init")]
-CkptEvery = Annotated[Optional[int], typer.Option("--checkpoint-every", help="also checkpoint every N steps (always every epoch)")]
-Smooth = Annotated[float, typer.Option("--label-smoothing", help="label smoothing of the hard-label term")]
-TrainLimit = Annotated[Optional[int], typer.Option("--train-limit", help="seeded subset of the training split")]
-TestLimit = Annotated[Optional[int], typer.Option("--test-limit", help="seeded subset of the test split")]
-BadImage = Annotated[str, typer.Option("--on-bad-image", help="fail (naming the file) or skip unreadable images")]
+Optim = config_option(TrainConfig, "optimizer", note="sgd (Nesterov momentum) or adamw")
+Epochs = config_option(TrainConfig, "epochs")
+MaxSteps = config_option(TrainConfig, "max_steps")
+BatchSize = config_option(TrainConfig, "batch_size")
+Lr = config_option(TrainConfig, "lr")
+Wd = config_option(TrainConfig, "weight_decay")
+Warmup = config_option(TrainConfig, "warmup_steps", "--warmup")
+Sched = config_option(TrainConfig, "schedule")
+Clip = config_option(TrainConfig, "grad_clip", note="here 0 = off")
+Ema = config_option(TrainConfig, "ema_decay", "--ema", note="e.g. 0.999; the EMA weights are saved")
+Patience = config_option(TrainConfig, "patience")
+Augment = config_option(TrainConfig, "augment", note="none, crop, flip or crop_flip; none keeps the teacher cache")
+Mixup = config_option(TrainConfig, "mixup")
+Cutmix = config_option(TrainConfig, "cutmix")
+Seed = config_option(TrainConfig, "seed", note="also the data split")
+CkptEvery = config_option(TrainConfig, "checkpoint_every", note="always every epoch")
+Smooth = config_option(LossConfig, "label_smoothing")
+TrainLimit = config_option(DataConfig, "train_limit")
+TestLimit = config_option(DataConfig, "test_limit")
+BadImage = config_option(DataConfig, "on_bad_image", note="fail names the file")
 Tensorboard = Annotated[Optional[Path], typer.Option("--tensorboard", help="also write TensorBoard scalars here (needs tensorboard)")]
 NoCache = Annotated[bool, typer.Option("--no-teacher-cache", help="run the teacher every step even when augmentation is off")]
-Amp = Annotated[bool, typer.Option("--amp", help="mixed precision (CUDA only)")]
-ValFraction = Annotated[float, typer.Option("--val-fraction", help="share of the training split held out for validation")]
+Amp = config_option(TrainConfig, "amp")
+ValFraction = config_option(DataConfig, "val_fraction")
 
 
 def _splits(data: str | None, loaded, arch: str | None, *, seed: int, on_bad_image: str, train_limit: int | None,
@@ -120,21 +137,21 @@ def distill_cmd(
     student_width: Annotated[Optional[float], typer.Option("--student-width", help="width multiplier for --student-arch (zoo archs)")] = None,
     extra_teacher: Annotated[Optional[list[str]], typer.Option("--extra-teacher", help="another teacher (repeat): multi-teacher KD")] = None,
     teacher_weights: Annotated[Optional[str], typer.Option("--teacher-weights", help="fixed teacher weights, comma-separated")] = None,
-    teacher_weighting: Annotated[str, typer.Option("--teacher-weighting", help="fixed, confidence (max softmax) or ce (per sample)")] = "fixed",
-    optimizer: Optim = "sgd",
-    epochs: Epochs = 3,
+    teacher_weighting: config_option(LossConfig, "teacher_weighting") = config_default(LossConfig, "teacher_weighting"),
+    optimizer: Optim = config_default(TrainConfig, "optimizer"),
+    epochs: Epochs = config_default(TrainConfig, "epochs"),
     max_steps: MaxSteps = None,
-    batch_size: BatchSize = 128,
-    lr: Lr = 0.05,
-    weight_decay: Wd = 5e-4,
-    warmup: Warmup = 0,
-    schedule: Sched = "cosine",
-    grad_clip: Clip = 5.0,
+    batch_size: BatchSize = config_default(TrainConfig, "batch_size"),
+    lr: Lr = config_default(TrainConfig, "lr"),
+    weight_decay: Wd = config_default(TrainConfig, "weight_decay"),
+    warmup: Warmup = config_default(TrainConfig, "warmup_steps"),
+    schedule: Sched = config_default(TrainConfig, "schedule"),
+    grad_clip: Clip = config_default(TrainConfig, "grad_clip"),
     ema: Ema = None,
     patience: Patience = None,
-    augment: Augment = "none",
-    mixup: Mixup = 0.0,
-    cutmix: Cutmix = 0.0,
+    augment: Augment = config_default(TrainConfig, "augment"),
+    mixup: Mixup = config_default(TrainConfig, "mixup"),
+    cutmix: Cutmix = config_default(TrainConfig, "cutmix"),
     seed: Seed = 0,
     checkpoint_every: CkptEvery = None,
     alpha: Annotated[float, typer.Option("--alpha", help="weight of the soft-target term")] = 0.9,
@@ -142,17 +159,17 @@ def distill_cmd(
     temperature: Annotated[float, typer.Option("--temperature", "-T", help="KD temperature")] = 4.0,
     temperature_end: Annotated[Optional[float], typer.Option("--temperature-end", help="T at the end of training (schedule)")] = None,
     schedule_kind: Annotated[str, typer.Option("--kd-schedule", help="shape of the alpha/T schedules: linear or cosine")] = "linear",
-    label_smoothing: Smooth = 0.0,
-    hint_weight: Annotated[float, typer.Option("--hint-weight", help="FitNets hint loss weight (0 = off)")] = 0.0,
+    label_smoothing: Smooth = config_default(LossConfig, "label_smoothing"),
+    hint_weight: config_option(LossConfig, "hint_weight") = config_default(LossConfig, "hint_weight"),
     hints: Annotated[Optional[str], typer.Option("--hints", help="hint pairs student[:teacher],...; default: pair stages by spatial size")] = None,
-    at_weight: Annotated[float, typer.Option("--at-weight", help="attention-transfer loss weight (0 = off; the paper uses 1000)")] = 0.0,
+    at_weight: config_option(LossConfig, "at_weight") = config_default(LossConfig, "at_weight"),
     at_layers: Annotated[Optional[str], typer.Option("--at-layers", help="AT pairs student[:teacher],...; default: automatic")] = None,
     no_teacher_cache: NoCache = False,
     amp: Amp = False,
     train_limit: TrainLimit = None,
     test_limit: TestLimit = None,
-    val_fraction: ValFraction = 0.1,
-    on_bad_image: BadImage = "fail",
+    val_fraction: ValFraction = config_default(DataConfig, "val_fraction"),
+    on_bad_image: BadImage = config_default(DataConfig, "on_bad_image"),
     mean: Mean = None,
     std: Std = None,
     input_shape: InputShape = None,
