@@ -54,6 +54,7 @@ class Context:
         self.skipped: list[str] = []
         self.summary: dict[str, Any] = {}
         self.rundir = RunDir(run_dir)
+        self.outputs: list[str] | None = None  # names of the outputs when they are not class logits (--no-student only)
 
     @property
     def teacher(self):
@@ -228,7 +229,10 @@ def compress(cfg: CompressConfig, run_dir: str | os.PathLike[str], *, progress: 
     if ctx.profile.name != cfg.profile and not str(cfg.profile).endswith((".yaml", ".yml")):
         log(f"profile: {cfg.profile} -> {ctx.profile.name}", enabled=progress)
     # preflight: bad input fails here, in one line, before anything is written
-    check_outputs(ctx.teacher.module, ctx.splits.spec)
+    ctx.outputs = check_outputs(ctx.teacher.module, ctx.splits.spec, allow_raw=cfg.no_student)
+    if ctx.outputs is not None:
+        log(f"outputs {', '.join(ctx.outputs)} are not class logits: no top-1; exported, quantized and checked output by output",
+            enabled=progress)
     run_dir.mkdir(parents=True, exist_ok=True)
     with fsutil.run_lock(run_dir, wait=wait, on_wait=lambda who: log(f"waiting for {who}", enabled=progress)):
         return _compress_locked(ctx, cfg, run_dir, progress)

@@ -234,6 +234,18 @@ def plot_latency(samples: dict[str, dict[str, list[float]]], path: Path) -> Path
 
 # --- documents --------------------------------------------------------------------------------------
 
+def _pct(v: Any) -> str:
+    """A top-1 fraction as a percentage; "n/a" where it was not measured (outputs that are not class logits)."""
+    return f"{100 * v:.2f} %" if isinstance(v, (int, float)) else "n/a"
+
+
+def _drop_text(s: dict[str, Any]) -> str:
+    d = s.get("accuracy_drop_points")
+    if not isinstance(d, (int, float)):
+        return "Accuracy change: n/a (the outputs are not class logits: no top-1)."
+    return f"Accuracy change: {-d:+.2f} points."
+
+
 def _model_rows(s: dict[str, Any], pts: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     bs = sorted(pts[0]["latency"], key=int)
     head = ["model", "top-1 (test)", "params", "size"] + [f"p50 b{b} (ms)" for b in bs]
@@ -242,7 +254,7 @@ def _model_rows(s: dict[str, Any], pts: list[dict[str, Any]]) -> tuple[list[str]
         r = s.get(p["name"]) if p["name"] in ("teacher", "student") else s.get("int8") or {}
         params = r.get("params") if isinstance(r, dict) else None
         size = r.get("size_bytes") if isinstance(r, dict) else None
-        rows.append([p["label"], f"{100 * p['accuracy']:.2f} %", f"{params:,}" if isinstance(params, int) else "-",
+        rows.append([p["label"], _pct(p["accuracy"]), f"{params:,}" if isinstance(params, int) else "-",
                      f"{size / 1e6:.2f} MB" if isinstance(size, (int, float)) else "-",
                      *[f"{p['latency'][b]:.3f}" if b in p["latency"] else "-" for b in bs]])
     return head, rows
@@ -256,7 +268,12 @@ def render_markdown(s: dict[str, Any], pts: list[dict[str, Any]], stages: list[d
              "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "Speedup (teacher p50 / student p50): " + ", ".join(f"{k}: {v:.2f}x" for k, v in s["speedup"].items()),
-              f"Accuracy change: {-s['accuracy_drop_points']:+.2f} points."]
+              _drop_text(s)]
+    fid = (s.get("student") or {}).get("output_fidelity")
+    if fid:
+        from kdtoolkit.evaluate import fidelity_text
+
+        lines.append(f"Outputs {', '.join(fid)} (not class logits), INT8 against FP32 on the test split: {fidelity_text(fid)}.")
     if any(p["session"] == "quantize" for p in pts):
         lines.append("INT8 latency was measured in the quantize stage's own interleaved session (against the FP32 student), "
                      "not in the profile session.")
@@ -284,7 +301,7 @@ def render_html(s: dict[str, Any], pts: list[dict[str, Any]], stages: list[dict[
              f"<p>Latency measured with {e(s['latency_runtime'])}, candidates interleaved in one process; CPU: {e(cpu)}.</p>",
              table(head, rows),
              "<p>Speedup (teacher p50 / student p50): " + e(", ".join(f"{k}: {v:.2f}x" for k, v in s["speedup"].items()))
-             + f". Accuracy change: {-s['accuracy_drop_points']:+.2f} points.</p>"]
+             + ". " + e(_drop_text(s)) + "</p>"]
     if plots.get("pareto"):
         parts.append(f"<h2>Accuracy against latency</h2><img src=\"{e(plots['pareto'])}\" alt=\"accuracy vs latency\">")
     if plots.get("latency"):
@@ -309,10 +326,11 @@ def write_reports(run_dir: str | Path, summary: dict[str, Any]) -> list[Path]:
     stages = stage_rows(run_dir, summary)
     plots: dict[str, str] = {}
     written: list[Path] = []
-    with fsutil.atomic_path(run_dir / PARETO_PNG, suffix=".png") as tmp:
-        plot_pareto(pts, tmp, summary.get("latency_runtime", "?"))
-    plots["pareto"] = PARETO_PNG
-    written.append(run_dir / PARETO_PNG)
+    if all(isinstance(p["accuracy"], (int, float)) for p in pts):  # no accuracy axis for outputs that are not logits
+        with fsutil.atomic_path(run_dir / PARETO_PNG, suffix=".png") as tmp:
+            plot_pareto(pts, tmp, summary.get("latency_runtime", "?"))
+        plots["pareto"] = PARETO_PNG
+        written.append(run_dir / PARETO_PNG)
     if samples:
         with fsutil.atomic_path(run_dir / LATENCY_PNG, suffix=".png") as tmp:
             plot_latency(samples, tmp)

@@ -140,7 +140,8 @@ class LatencyPoint(_Open):
 class ModelRow(_Open):
     """One model's figures: the teacher, or the deployed student (or the teacher itself with --no-student)."""
 
-    accuracy: float = Field(description="top-1 on the test split, a fraction in [0, 1]")
+    accuracy: float | None = Field(description="top-1 on the test split, a fraction in [0, 1]; null when not measurable "
+                                               "(outputs that are not class logits)")
     params: int | None = Field(None, description="parameter count")
     macs: int | None = Field(None, description="multiply-accumulates at batch 1")
     size_bytes: int = Field(description="size of the ONNX file")
@@ -150,6 +151,8 @@ class ModelRow(_Open):
     teacher_agreement: float | None = Field(None, description="student: top-1 agreement with the teacher")
     precision: str | None = Field(None, description="student: shipped precision")
     precision_reason: str | None = Field(None, description="student: why that precision")
+    outputs: list[str] | None = Field(None, description="names of the outputs when they are not class logits")
+    output_fidelity: dict[str, Any] | None = Field(None, description="INT8 against FP32 per output (outputs that are not logits)")
 
 
 class RunSummary(_Open):
@@ -161,7 +164,7 @@ class RunSummary(_Open):
     teacher: ModelRow
     student: ModelRow
     speedup: dict[str, float] = Field(description="'b<batch>' -> teacher p50 / student p50")
-    accuracy_drop_points: float = Field(description="teacher minus student top-1, in percentage points")
+    accuracy_drop_points: float | None = Field(description="teacher minus student top-1, in percentage points; null when not measured")
     latency_runtime: str = Field(description="where latency was measured")
     stages: dict[str, str] = Field(default_factory=dict, description="stage name -> artifact folder")
     skipped: list[str] = Field(default_factory=list, description="stages that were up to date")

@@ -28,7 +28,7 @@ def teacher_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) 
 
     t = ctx.teacher
     spec = ctx.splits.spec
-    check_outputs(t.module, spec)
+    outputs = check_outputs(t.module, spec, allow_raw=ctx.cfg.no_student)
     with ArtifactWriter(out_dir, kind="torch", stage="teacher", config=config, input_key=key) as w:
         meta = {**t.meta, **spec.to_dict()}
         if t.form in ("torchscript", "exported"):
@@ -37,14 +37,18 @@ def teacher_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) 
         else:
             # a full pickle is stored as a torch.export program: no later stage unpickles the user's file again
             name = save_model(w.dir, t.module, t.recipe, meta, ctx.input_shape)
-        log("[teacher] evaluating on the test split", enabled=ctx.progress)
-        r = evaluate(t.module, ctx.splits.test, spec)
+        if outputs is None:
+            log("[teacher] evaluating on the test split", enabled=ctx.progress)
+            r = evaluate(t.module, ctx.splits.test, spec)
+        else:  # outputs that are not class logits: nothing to compare with the labels
+            r = {"accuracy": None, "n": int(len(ctx.splits.test))}
         w.metrics.update({"accuracy": r["accuracy"], "n_test": r["n"], "params": count_params(t.module) if hasattr(t.module, "parameters") else None})
         try:
             w.metrics["macs"] = count_macs(t.module, ctx.input_shape) if t.rewritable else None
         except Exception:
             w.metrics["macs"] = None
-        w.info.update({"model": meta, "model_file": name, "form": t.form, "arch": t.arch, "recipe": t.recipe})
+        w.info.update({"model": meta, "model_file": name, "form": t.form, "arch": t.arch, "recipe": t.recipe,
+                       "outputs": {"kind": "logits"} if outputs is None else {"kind": "raw", "names": outputs}})
         fsutil.write_json(w.path("test_logits_summary.json"), {"accuracy": r["accuracy"], "n": r["n"]})
     return w.artifact
 
@@ -223,7 +227,7 @@ def export_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) -
         dynamic_batch=prof.static_input_shape is None, parents=[src], input_key=key,
         trt_min_version=prof.tensorrt.min_version if ctx.cfg.opset is None and prof.tensorrt is not None else None,
         test=ctx.splits.test, spec=ctx.splits.spec, carry_metrics={k: src.metrics.get(k) for k in ("params", "macs") if k in src.metrics},
-        log=lambda m: log(f"[export] {m}", enabled=ctx.progress))
+        log=lambda m: log(f"[export] {m}", enabled=ctx.progress), output_names=ctx.outputs)
 
 
 def quantize_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
@@ -269,10 +273,13 @@ def optimize_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any])
             from kdtoolkit.backends.check import record_tensorrt_check  # check.json, counts, build_on_device.sh
 
             record_tensorrt_check(w, prof, calib_data=ctx.cfg.data.source)
-        sess = make_session(w.path("model.onnx"))
-        r = evaluate(sess, ctx.splits.test, ctx.splits.spec)
+        if (src.info.get("outputs") or {}).get("kind") == "raw":
+            r = {"accuracy": None}  # outputs that are not class logits: no top-1 (the quantize stage's fidelity is carried)
+        else:
+            r = evaluate(make_session(w.path("model.onnx")), ctx.splits.test, ctx.splits.spec)
         w.metrics.update({"accuracy": r["accuracy"], "accuracy_runtime": label, "precision": src.info.get("precision", "fp32")})
-        w.metrics.update({k: src.metrics.get(k) for k in ("params", "macs", "parity", "precision_reason", "kept_in_float") if k in src.metrics})
+        w.metrics.update({k: src.metrics.get(k) for k in ("params", "macs", "parity", "precision_reason", "kept_in_float", "output_fidelity")
+                          if k in src.metrics})
     return w.artifact
 
 
@@ -338,6 +345,11 @@ def write_summary(ctx, *, teacher: Artifact, student: Artifact, deploy: Artifact
     if deploy.metrics.get("kept_in_float"):
         s_row["kept_in_float"] = deploy.metrics["kept_in_float"]
     t_row = row("teacher", teacher, t_onnx, teacher.metrics["accuracy"])
+    raw = (teacher.info.get("outputs") or {}).get("kind") == "raw"
+    if raw:  # outputs that are not class logits: accuracy n/a; INT8 against FP32 output by output instead
+        s_row["outputs"] = teacher.info["outputs"]["names"]
+        if deploy.metrics.get("output_fidelity"):
+            s_row["output_fidelity"] = deploy.metrics["output_fidelity"]
     speed = {f"b{b}": lat["teacher"][b]["p50"] / lat["student"][b]["p50"] for b in lat["teacher"]}
     summary = {
         "profile": ctx.profile.name,
@@ -346,7 +358,7 @@ def write_summary(ctx, *, teacher: Artifact, student: Artifact, deploy: Artifact
         "teacher": t_row,
         "student": s_row,
         "speedup": speed,
-        "accuracy_drop_points": 100 * (t_row["accuracy"] - s_row["accuracy"]),
+        "accuracy_drop_points": None if t_row["accuracy"] is None or s_row["accuracy"] is None else 100 * (t_row["accuracy"] - s_row["accuracy"]),
         "latency_runtime": "onnxruntime-cpu" + ((" (proxy for a TensorRT target: not measured on the device"
                                                  + ("; student timed in FP32" if profile.info.get("student_timed") else "") + ")")
                                                 if ctx.profile.is_tensorrt else ""),

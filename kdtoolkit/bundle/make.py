@@ -120,7 +120,14 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
 
     x_ref = to_tensor(sub.x, spec).numpy().astype(np.float32)
     batch = static_batch or max(1, min(len(sub), profile.batch.max))
-    expected = predict(make_session(onnx_src), sub, spec, batch_size=batch).astype(np.float32)
+    raw = (deploy.info.get("outputs") or {}).get("kind") == "raw"  # outputs that are not class logits
+    if raw and test_subset > 0:
+        raise InputError("--test-subset measures top-1 on the device; the model's outputs are not class logits")
+    if raw:
+        expected_all = [o.astype(np.float32) for o in predict(make_session(onnx_src), sub, spec, batch_size=batch, all_outputs=True)]
+        expected = expected_all[0]
+    else:
+        expected = predict(make_session(onnx_src), sub, spec, batch_size=batch).astype(np.float32)
 
     for d_ in inputs:
         d_["layout"] = spec.layout
@@ -168,9 +175,15 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
             calib_file, stripped_file = "model/calibration.cache", "model/model_noqdq.onnx"
             put(calib_file, deploy.file("calibration.cache"))
             put(stripped_file, deploy.file("model_noqdq.onnx"))
-        put("labels.txt", "\n".join(spec.classes) + "\n")
+        if not raw:
+            put("labels.txt", "\n".join(spec.classes) + "\n")
         np.save(put("reference/input.npy"), x_ref)
         np.save(put("reference/expected.npy"), expected)
+        expected_outputs = None
+        if raw:
+            expected_outputs = {o["name"]: f"reference/expected_{i}_{_safe(o['name'])}.npy" for i, o in enumerate(outputs)}
+            for rel, arr in zip(expected_outputs.values(), expected_all):
+                np.save(put(rel), arr)
         np.save(put("reference/labels.npy"), sub.y.astype(np.int64))
         testset = None
         if test_subset > 0:
@@ -198,8 +211,9 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
         platform = "tensorrt_plan" if profile.is_tensorrt else "onnxruntime_onnx"
         gpu = profile.is_tensorrt or any("CUDA" in p or "Tensorrt" in p for p in profile.onnxruntime.execution_providers)
         put(f"triton/{model_name}/config.pbtxt", _triton_config(model_name, platform, inputs, outputs, profile.batch.model_dump(),
-                                                               profile.static_input_shape is not None, gpu))
-        put(f"triton/{model_name}/labels.txt", "\n".join(spec.classes) + "\n")
+                                                               profile.static_input_shape is not None, gpu, labels=not raw))
+        if not raw:
+            put(f"triton/{model_name}/labels.txt", "\n".join(spec.classes) + "\n")
         if platform == "onnxruntime_onnx":
             put(f"triton/{model_name}/1/model.onnx", onnx_src)
         elif engine is not None:
@@ -257,8 +271,10 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
                               "color": "L" if spec.channels == 1 else "RGB", "resize": "bilinear", "scale": 1 / 255,
                               "mean": list(spec.mean), "std": list(spec.std), "layout": spec.layout, "dtype": "float32",
                               "formula": "x = (pixel / 255 - mean[c]) / std[c], HWC -> CHW, batch first"},
-            "postprocessing": {"output": outputs[0]["name"], "kind": "logits", "scores": "softmax", "labels_file": "labels.txt"},
-            "classes": list(spec.classes),
+            "postprocessing": ({"output": outputs[0]["name"], "kind": "raw", "outputs": [o["name"] for o in outputs], "scores": None,
+                                "labels_file": None} if raw else
+                               {"output": outputs[0]["name"], "kind": "logits", "scores": "softmax", "labels_file": "labels.txt"}),
+            "classes": [] if raw else list(spec.classes),
             "metrics": {
                 "accuracy": {"value": st.get("accuracy"), "runtime": deploy.metrics.get("accuracy_runtime", "onnxruntime"),
                              "n_test": _n_test(run_dir),
@@ -277,6 +293,7 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
                           "build_script": "build_on_device.sh" if (tmp / "build_on_device.sh").exists() else None,
                           **({"build": device_build} if device_build else {})},
             "reference": {"input": "reference/input.npy", "expected": "reference/expected.npy", "labels": "reference/labels.npy",
+                          **({"expected_outputs": expected_outputs} if expected_outputs else {}),
                           "images": images, "runtime": "onnxruntime", "count": len(idx),
                           "tolerance": dict(TOLERANCE.get(precision, TOLERANCE["fp32"])),
                           **({"tolerance_engine": dict(TOLERANCE.get(str(engine.info.get("precision")), TOLERANCE["int8"]))}

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_ID = "https://kdtoolkit.dev/schemas/bundle-manifest/1.json"
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "schemas" / "bundle-manifest.schema.json"
@@ -80,9 +80,11 @@ class Preprocessing(_Open):
 
 class Postprocessing(_Open):
     output: str
-    kind: Literal["logits"]
+    kind: Literal["logits", "raw"] = Field(description="logits: class scores over `classes`; raw: outputs that are not class "
+                                                       "logits (a detector's, a segmenter's), handed over as the model computes them")
+    outputs: list[str] | None = Field(None, description="raw: the names of every output, in order")
     scores: str | None = None
-    labels_file: str
+    labels_file: str | None = Field(None, description="labels.txt for logits; null for raw outputs")
 
 
 class Percentiles(_Open):
@@ -140,7 +142,9 @@ class Tolerance(_Open):
 
 class Reference(_Open):
     input: str = Field(description=".npy, float32, normalised, model layout")
-    expected: str = Field(description=".npy, float32 logits from kdtoolkit's ONNX Runtime evaluation")
+    expected: str = Field(description=".npy, float32 logits from kdtoolkit's ONNX Runtime evaluation (raw outputs: the first output)")
+    expected_outputs: dict[str, str] | None = Field(None, description="raw outputs: output name -> .npy of its expected values, "
+                                                                       "for every output")
     labels: str
     images: list[str] = Field(description="the same test images as PNG, in batch order")
     runtime: Literal["onnxruntime", "tensorrt"]
@@ -202,7 +206,7 @@ class BundleManifest(_Open):
     outputs: list[Tensor] = Field(min_length=1)
     preprocessing: Preprocessing
     postprocessing: Postprocessing
-    classes: list[str] = Field(min_length=1)
+    classes: list[str] = Field(description="class names in logit order; empty when postprocessing.kind is raw")
     metrics: Metrics
     built_on: Environment
     measured_on: Environment
@@ -216,6 +220,12 @@ class BundleManifest(_Open):
                                                                  "sha256 and size")
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _logits_have_classes(self) -> BundleManifest:
+        if self.postprocessing.kind == "logits" and (not self.classes or not self.postprocessing.labels_file):
+            raise ValueError("a logits bundle needs its classes and a labels_file")
+        return self
 
 
 def json_schema() -> dict[str, Any]:

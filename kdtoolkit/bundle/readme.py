@@ -84,9 +84,14 @@ def _readme(m: dict[str, Any]) -> str:
              f"- input `{inp['name']}` {inp['dtype']} shape {inp['shape']} layout {pre['layout']}",
              f"- image: {pre['color']} {pre['input_size'][0]}x{pre['input_size'][1]} (resize {pre['resize']}), "
              f"x = (pixel / 255 - mean) / std with mean {pre['mean']} std {pre['std']}",
-             f"- output `{out['name']}` {out['dtype']} shape {out['shape']}: logits over {len(m['classes'])} classes (labels.txt, in order)", "",
+             *([f"- output `{out['name']}` {out['dtype']} shape {out['shape']}: logits over {len(m['classes'])} classes (labels.txt, in order)"]
+               if m["postprocessing"]["kind"] == "logits" else
+               [f"- output `{o['name']}` {o['dtype']} shape {o['shape']} (raw: not class logits, no postprocessing applied)"
+                for o in m["outputs"]]), "",
              "## Measured", "",
-             f"- top-1 accuracy {100 * acc['value']:.2f} % on {acc.get('n_test', '?')} test images ({acc['runtime']})"]
+             f"- top-1 accuracy {100 * acc['value']:.2f} % on {acc.get('n_test', '?')} test images ({acc['runtime']})"
+             if acc.get("value") is not None else
+             "- top-1 accuracy: n/a (the outputs are not class logits); the reference outputs are checked output by output"]
     for b, v in sorted(lat["by_batch"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"- latency batch {b}: p50 {v['p50']:.3f} ms, p90 {v['p90']:.3f} ms ({lat['runtime']})")
     lines += ["", "## Needs the device", "", m["on_device"]["statement"], ""]

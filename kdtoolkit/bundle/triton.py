@@ -6,7 +6,7 @@ from typing import Any
 
 
 def _triton_config(name: str, platform: str, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]],
-                   batch: dict[str, int], static: bool, gpu: bool) -> str:
+                   batch: dict[str, int], static: bool, gpu: bool, labels: bool = True) -> str:
     """A Triton model configuration (protobuf text format, ModelConfig) for the bundle's model."""
     tmap = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int8": "TYPE_INT8", "int32": "TYPE_INT32",
             "int64": "TYPE_INT64", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
@@ -21,7 +21,7 @@ def _triton_config(name: str, platform: str, inputs: list[dict[str, Any]], outpu
     for key, items in (("input", inputs), ("output", outputs)):
         lines.append(f"{key} [")
         for i, d in enumerate(items):
-            extra = '\n    label_filename: "labels.txt"' if key == "output" and i == 0 else ""
+            extra = '\n    label_filename: "labels.txt"' if key == "output" and i == 0 and labels else ""
             lines.append(f'  {{\n    name: "{d["name"]}"\n    data_type: {tmap[d["dtype"]]}\n    dims: [ {dims(d)} ]{extra}\n  }}'
                          + ("," if i < len(items) - 1 else ""))
         lines.append("]")

@@ -160,7 +160,11 @@ def _check_model(root: Path, m: dict[str, Any], runtime: str, check: Any) -> Non
         want_out = [o["name"] for o in m.get("outputs", [])]
         check(names_in == want_in and names_out == want_out, "input/output names",
               "" if names_in == want_in and names_out == want_out else f"model has {names_in} -> {names_out}, manifest says {want_in} -> {want_out}")
-        got = sess.run(None, {names_in[0]: x.astype(np.float32)})[0]
+        outs = sess.run(None, {names_in[0]: x.astype(np.float32)})
+        got = outs[0]
+        if (m.get("postprocessing") or {}).get("kind") == "raw":  # not class logits: every output within tolerance, no top-1
+            _check_outputs(root, ref, dict(zip(names_out, outs)), tol, len(x), runtime, check)
+            return
     if got.shape != want.shape:
         check(False, "reference outputs", f"shape {got.shape} differs from the expected {want.shape}")
         return
@@ -170,6 +174,33 @@ def _check_model(root: Path, m: dict[str, Any], runtime: str, check: Any) -> Non
     check(close, f"reference outputs ({len(x)} images, {runtime})",
           f"max |diff| {diff:.3g} (atol {tol['atol']}, rtol {tol['rtol']}), top-1 {agree}/{len(x)} agree")
     check(agree == len(x), "reference top-1", f"{agree}/{len(x)} agree with the expected classes")
+
+def _check_outputs(root: Path, ref: dict[str, Any], got: dict[str, Any], tol: dict[str, float], n: int, runtime: str,
+                   check: Any) -> None:
+    """Raw outputs (not class logits): each output against its expected values within the tolerance; top-1 is skipped."""
+    import numpy as np
+
+    expected = ref.get("expected_outputs") or {}
+    if not expected:
+        check(False, "reference outputs", "the manifest lists no expected_outputs for its raw outputs")
+        return
+    for name, rel in expected.items():
+        if name not in got:
+            check(False, f"reference output {name}", "the model has no such output")
+            continue
+        try:
+            want = np.load(root / rel, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            check(False, f"reference output {name}", f"cannot read {rel} ({exc})")
+            continue
+        g = np.asarray(got[name])
+        if g.shape != want.shape:
+            check(False, f"reference output {name}", f"shape {g.shape} differs from the expected {want.shape}")
+            continue
+        diff = float(np.max(np.abs(g - want))) if g.size else 0.0
+        check(bool(np.allclose(g, want, atol=tol["atol"], rtol=tol["rtol"])), f"reference output {name} ({n} images, {runtime})",
+              f"max |diff| {diff:.3g} (atol {tol['atol']}, rtol {tol['rtol']})")
+    check(True, "reference top-1", "skipped: the outputs are not class logits")
 
 def _run_tensorrt(plan: Path, m: dict[str, Any], x: Any) -> Any:
     """Run the engine on the reference batch with the engine module's runner (named tensors, execute_async_v3)."""

@@ -37,9 +37,11 @@ def print_summary(summary: dict, run_dir: Path) -> None:
         table.add_column(col, justify="right" if col != "model" else "left")
     deployed = "teacher, no student" if summary.get("no_student") else "student"
     for name, r in (("teacher", t), (f"{deployed} ({s.get('precision', 'fp32')})", s)):
-        table.add_row(name, f"{100 * r['accuracy']:.2f} %", f"{r['params']:,}", f"{r['size_bytes'] / 1e6:.2f} MB",
+        table.add_row(name, f"{100 * r['accuracy']:.2f} %" if r.get("accuracy") is not None else "n/a",
+                      f"{r['params']:,}" if r.get("params") is not None else "-", f"{r['size_bytes'] / 1e6:.2f} MB",
                       *[f"{r['latency_by_batch'][b]['p50']:.3f} / {r['latency_by_batch'][b]['p90']:.3f}" for b in bs])
-    table.add_row("speedup", f"{-summary['accuracy_drop_points']:+.2f} pts", "", "", *[f"{summary['speedup']['b' + b]:.2f}x" for b in bs])
+    drop = summary.get("accuracy_drop_points")
+    table.add_row("speedup", f"{-drop:+.2f} pts" if drop is not None else "n/a", "", "", *[f"{summary['speedup']['b' + b]:.2f}x" for b in bs])
     Console().print(table)
     if s.get("precision_reason"):
         typer.echo(f"precision: {s.get('precision')} ({s['precision_reason']})")

@@ -59,21 +59,26 @@ def export_onnx(
     dynamic_batch: bool = True,
     input_name: str = INPUT_NAME,
     output_name: str = OUTPUT_NAME,
+    output_names: list[str] | None = None,
 ) -> Path:
-    """Write ``module`` as ONNX (atomically) and run the ONNX checker and shape inference on it."""
+    """Write ``module`` as ONNX (atomically) and run the ONNX checker and shape inference on it.
+
+    ``output_names``: the names of a model whose outputs are not class logits (a dict's keys, output0..); every
+    output gets its name and, with ``dynamic_batch``, a dynamic batch axis."""
     import torch
 
     from kdtoolkit import fsutil
 
     module = module.eval() if hasattr(module, "eval") else module
     example = torch.zeros(*input_shape)
-    dyn = {input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
+    outs = list(output_names or [output_name])
+    dyn = {input_name: {0: "batch"}, **{o: {0: "batch"} for o in outs}} if dynamic_batch else None
     with fsutil.atomic_path(path, suffix=".onnx") as tmp:
         try:
             with torch.no_grad():
                 torch.onnx.export(
                     module, (example,), str(tmp), dynamo=False, opset_version=opset,
-                    input_names=[input_name], output_names=[output_name], dynamic_axes=dyn, do_constant_folding=True,
+                    input_names=[input_name], output_names=outs, dynamic_axes=dyn, do_constant_folding=True,
                 )
         except Exception as exc:
             raise InputError(f"ONNX export failed: {_export_error(exc)}") from None
@@ -122,13 +127,21 @@ def opset_of(path_or_model: Any) -> int:
     return max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
-def parity(module: Any, onnx_path: str | os.PathLike[str], data: Any, spec: Any, *, limit: int | None = 2000) -> dict[str, Any]:
-    """Compare PyTorch and ONNX Runtime logits on real inputs: max abs difference and top-1 agreement."""
+def parity(module: Any, onnx_path: str | os.PathLike[str], data: Any, spec: Any, *, limit: int | None = 2000,
+           output_names: list[str] | None = None) -> dict[str, Any]:
+    """Compare PyTorch and ONNX Runtime logits on real inputs: max abs difference and top-1 agreement.
+
+    With ``output_names`` (outputs that are not class logits): max |diff| per output, no top-1 agreement."""
     from kdtoolkit.backends.ort import make_session
-    from kdtoolkit.evaluate import predict
+    from kdtoolkit.evaluate import output_fidelity, predict
 
     if limit is not None and len(data) > limit:
         data = data.subset(np.arange(limit))
+    if output_names is not None:
+        fid = output_fidelity(predict(module, data, spec, all_outputs=True), predict(make_session(onnx_path), data, spec, all_outputs=True),
+                              output_names)
+        return {"n": int(len(data)), "max_abs_diff": max((f["max_abs_diff"] for f in fid.values()), default=0.0),
+                "top1_agreement": None, "by_output": {n: f["max_abs_diff"] for n, f in fid.items()}}
     ref = predict(module, data, spec)
     got = predict(make_session(onnx_path), data, spec)
     return {
@@ -141,7 +154,7 @@ def parity(module: Any, onnx_path: str | os.PathLike[str], data: Any, spec: Any,
 def export_artifact(module: Any, input_shape: tuple[int, ...], out_dir: str | os.PathLike[str], *, opset: int, config: dict[str, Any],
                     model_meta: dict[str, Any], dynamic_batch: bool = True, parents: list[Any] | None = None, input_key: str = "",
                     trt_min_version: str | None = None, test: Any = None, spec: Any = None, carry_metrics: dict[str, Any] | None = None,
-                    log: Any = None) -> Any:
+                    log: Any = None, output_names: list[str] | None = None) -> Any:
     """The export stage's artifact, used by ``compress`` (stages 03/04) and ``kdtoolkit export`` alike: ONNX
     exported (re-exported at a lower opset where ``trt_min_version``'s parser needs it), checked, simplified,
     compared against the torch model on ``test`` when given, and described (opset, input, output, model meta)."""
@@ -150,25 +163,28 @@ def export_artifact(module: Any, input_shape: tuple[int, ...], out_dir: str | os
     say = log or (lambda msg: None)
     with ArtifactWriter(out_dir, kind="onnx", stage="export", config=config, parents=parents or [], input_key=input_key) as w:
         raw = w.dir / ".raw.onnx"
-        export_onnx(module, input_shape, raw, opset=opset, dynamic_batch=dynamic_batch)
+        export_onnx(module, input_shape, raw, opset=opset, dynamic_batch=dynamic_batch, output_names=output_names)
         if trt_min_version is not None:
             lower, why = opset_for_target(raw, opset, trt_min_version)
             if why:
                 say(why)
-                export_onnx(module, input_shape, raw, opset=lower, dynamic_batch=dynamic_batch)
+                export_onnx(module, input_shape, raw, opset=lower, dynamic_batch=dynamic_batch, output_names=output_names)
                 w.info["opset_note"] = why
         w.info["simplify"] = simplify(raw, w.path("model.onnx"))
         raw.unlink()
         if test is not None:
-            w.metrics["parity"] = parity(module, w.path("model.onnx"), test, spec)
+            w.metrics["parity"] = parity(module, w.path("model.onnx"), test, spec, output_names=output_names)
         import onnx
 
         m = onnx.load(str(w.path("model.onnx")), load_external_data=False)
         init = {t.name for t in m.graph.initializer}
         dims = [[d.dim_value if d.dim_value > 0 else (d.dim_param or "batch") for d in v.type.tensor_type.shape.dim]
-                for v in [next(i for i in m.graph.input if i.name not in init), m.graph.output[0]]]
+                for v in [next(i for i in m.graph.input if i.name not in init), *m.graph.output]]
         w.info.update({"model": model_meta, "opset": opset_of(m), "precision": "fp32",
                        "input": {"name": INPUT_NAME, "shape": dims[0], "dtype": "float32"},
-                       "output": {"name": OUTPUT_NAME, "shape": dims[1], "dtype": "float32"}})
+                       "output": {"name": m.graph.output[0].name, "shape": dims[1], "dtype": "float32"}})
+        if output_names is not None:  # not class logits: every output described, and the kind said
+            w.info["outputs"] = {"kind": "raw", "names": [o.name for o in m.graph.output],
+                                 "tensors": [{"name": o.name, "shape": d, "dtype": "float32"} for o, d in zip(m.graph.output, dims[1:])]}
         w.metrics.update(carry_metrics or {})
     return w.artifact

@@ -71,8 +71,10 @@ def write_quantized(
             _describe_io(w.info, w.path("model.onnx"))
             return w.commit()
         scheme = scheme or scheme_for(prof)
+        outs = (info or {}).get("outputs") or {}
+        names = outs.get("names") if outs.get("kind") == "raw" else None  # not class logits: fidelity, no top-1
         res = build_int8(fp32, w.path("int8.onnx"), splits, scheme, int8_cfg, student=student, teacher=teacher, qat_cfg=qat_cfg,
-                         loss=loss, work=work, progress=progress)
+                         loss=loss, work=work, progress=progress, output_names=names)
         w.info["quantization"] = res["info"]
         w.metrics.update(res["metrics"])
         lat, batch = None, prof.batch.opt
@@ -86,7 +88,8 @@ def write_quantized(
             policy, fp32_ms=lat["fp32"][b]["p50"] if lat else None, int8_ms=lat["int8"][b]["p50"] if lat else None,
             fp32_acc=res["metrics"]["accuracy_fp32"], int8_acc=res["metrics"]["accuracy_int8"],
             tolerance_points=prof.accuracy_tolerance, batch=batch, tensorrt=prof.is_tensorrt,
-            by_batch={int(bb): (lat["fp32"][bb]["p50"], lat["int8"][bb]["p50"]) for bb in lat["fp32"]} if lat else None)
+            by_batch={int(bb): (lat["fp32"][bb]["p50"], lat["int8"][bb]["p50"]) for bb in lat["fp32"]} if lat else None,
+            fidelity=res["metrics"].get("output_fidelity_text"))
         if asked_by is not None and policy != prof.precision:
             reason = reason.replace(f"profile precision is {policy}", f"{asked_by} asks for {policy}", 1)
         shutil.copyfile(w.path("int8.onnx") if precision == "int8" else fp32, w.path("model.onnx"))

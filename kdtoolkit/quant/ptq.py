@@ -205,7 +205,9 @@ def entropy_ranges(fp32: Path, calib: np.ndarray, scheme: Scheme, tensors: list[
                                 augmented_model_path=str(Path(d) / "augmented.onnx"), calibrate_method=CalibrationMethod.Entropy,
                                 extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANT_BINS, "symmetric": symmetric})
         try:
-            cal.collect_data(_Reader(name, calib))
+            # ORT's histogram collector stacks the batches into one array: they must all be the same size (230 samples
+            # in batches of 32 fail with "inhomogeneous shape"), so read in the largest batch up to 32 that divides them
+            cal.collect_data(_Reader(name, calib, batch=max(b for b in range(1, 33) if len(calib) % b == 0)))
             data = cal.compute_data().data
         finally:
             del cal
@@ -311,6 +313,7 @@ def build_int8(
     loss: Any = None,
     work: Path | None = None,
     progress: bool = False,
+    output_names: list[str] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Make the INT8 QDQ model of ``fp32`` at ``out`` (QAT when ``config.method='qat'`` and a torch student is
@@ -318,7 +321,10 @@ def build_int8(
     float for the most sensitive layers if INT8 misses the tolerance. Returns info and metrics.
 
     ``config`` is a :class:`kdtoolkit.config.Int8Config`; its fields may also be given as keywords
-    (``calib_size=64``), which override it."""
+    (``calib_size=64``), which override it.
+
+    ``output_names`` (outputs that are not class logits): no top-1; the INT8 outputs are compared with the FP32
+    outputs on the test split instead (``output_fidelity``), and the sensitivity fallback (it needs accuracy) is skipped."""
     cfg = (config or Int8Config()).model_copy(update=settings) if settings else (config or Int8Config())
     if settings:
         cfg = Int8Config.model_validate(cfg.model_dump())  # unknown or bad keywords fail here, by name
@@ -329,8 +335,12 @@ def build_int8(
     float_ops = (info.get("qat") or info.get("ptq") or {}).get("float_ops", [])
     if float_ops:
         log(f"[quantize] note: the {scheme.name} scheme does not quantize {', '.join(float_ops)}; they stay in float", enabled=progress)
-    metrics = _measure_int8(fp32, out, splits)
-    if metrics["accuracy_drop_points"] > cfg.tolerance_points and len(splits.val):
+    metrics = _measure_int8(fp32, out, splits, output_names)
+    if output_names is not None:
+        info["fallback"] = {"skipped": "the outputs are not class logits: no accuracy to choose layers by; nothing kept in float"}
+        log(f"[quantize] INT8 vs FP32 outputs on {metrics['n_test']} test images: {metrics['output_fidelity_text']}; "
+            "the accuracy fallback is skipped (no accuracy for these outputs)", enabled=progress)
+    elif metrics["accuracy_drop_points"] > cfg.tolerance_points and len(splits.val):
         info["fallback"] = _fallback(fp32, out, splits, cfg, metrics, progress=progress)
     metrics["kept_in_float"] = (info.get("fallback") or {}).get("kept_in_float", [])
     if scheme.name == "tensorrt":
@@ -363,12 +373,19 @@ def _make_int8(fp32: Path, out: Path, splits: Any, scheme: Scheme, cfg: Int8Conf
                                                   progress=progress)}
 
 
-def _measure_int8(fp32: Path, out: Path, splits: Any) -> dict[str, Any]:
-    """Step 2: FP32 and INT8 top-1 on the test split, on real ONNX Runtime sessions (never fake-quant)."""
+def _measure_int8(fp32: Path, out: Path, splits: Any, output_names: list[str] | None = None) -> dict[str, Any]:
+    """Step 2: FP32 and INT8 top-1 on the test split, on real ONNX Runtime sessions (never fake-quant); for outputs
+    that are not class logits, INT8 against FP32 output by output (max and mean |diff|, also relative to the range)."""
     from kdtoolkit.backends.ort import make_session
-    from kdtoolkit.evaluate import evaluate
+    from kdtoolkit.evaluate import evaluate, fidelity_text, output_fidelity, predict
 
     test = splits.test
+    if output_names is not None:
+        fid = output_fidelity(predict(make_session(fp32), test, splits.spec, all_outputs=True),
+                              predict(make_session(out), test, splits.spec, all_outputs=True), output_names)
+        return {"accuracy_fp32": None, "accuracy_int8": None, "n_test": len(test), "accuracy_drop_points": None,
+                "accuracy_note": "not measured: the outputs are not class logits (no labels for them)",
+                "output_fidelity": fid, "output_fidelity_text": fidelity_text(fid)}
     fp32_acc = evaluate(make_session(fp32), test, splits.spec)["accuracy"]
     int8_acc = evaluate(make_session(out), test, splits.spec)["accuracy"]
     return {"accuracy_fp32": fp32_acc, "accuracy_int8": int8_acc, "n_test": len(test), "accuracy_drop_points": 100 * (fp32_acc - int8_acc)}

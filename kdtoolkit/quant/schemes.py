@@ -126,12 +126,13 @@ def pick_precision(
     *,
     fp32_ms: float | None,
     int8_ms: float | None,
-    fp32_acc: float,
+    fp32_acc: float | None,
     int8_acc: float | None,
     tolerance_points: float,
     batch: int,
     tensorrt: bool = False,
     by_batch: dict[int, tuple[float, float]] | None = None,
+    fidelity: str | None = None,
 ) -> tuple[str, str]:
     """(precision, reason) from measured numbers: the faster one that meets the accuracy tolerance.
 
@@ -140,9 +141,12 @@ def pick_precision(
     choice that wins at the opt batch but loses at another is visible, not hidden.
     ``policy`` int8 ships INT8 even when it is slower, but the reason then says so; fp32/fp16 are
     taken as asked. For TensorRT targets off the device the speed is TensorRT's to decide: INT8
-    QDQ is shipped when it meets the tolerance (accuracy from ORT CPU, a proxy)."""
+    QDQ is shipped when it meets the tolerance (accuracy from ORT CPU, a proxy).
+
+    ``fp32_acc`` None: the outputs are not class logits, so no accuracy can be measured; the decision is then by
+    speed alone (``auto``), the reason says so and quotes ``fidelity`` (INT8 vs FP32 outputs) when given."""
     prec, why = _pick(policy, fp32_ms=fp32_ms, int8_ms=int8_ms, fp32_acc=fp32_acc, int8_acc=int8_acc,
-                      tolerance_points=tolerance_points, batch=batch, tensorrt=tensorrt)
+                      tolerance_points=tolerance_points, batch=batch, tensorrt=tensorrt, fidelity=fidelity)
     others = {b: v for b, v in (by_batch or {}).items() if b != batch and v[0] and v[1]}
     if others and not tensorrt and policy not in ("fp32", "fp16"):
         why += "; decided at the profile's opt batch " + str(batch) + "; INT8/FP32 speed at the other batches: " + \
@@ -155,20 +159,26 @@ def _pick(
     *,
     fp32_ms: float | None,
     int8_ms: float | None,
-    fp32_acc: float,
+    fp32_acc: float | None,
     int8_acc: float | None,
     tolerance_points: float,
     batch: int,
     tensorrt: bool = False,
+    fidelity: str | None = None,
 ) -> tuple[str, str]:
     """The decision at one batch size (see :func:`pick_precision`)."""
     if policy in ("fp32", "fp16"):
         return policy, f"profile precision is {policy}"
-    if int8_acc is None:
+    if fp32_acc is None:  # outputs that are not class logits: no labels, so no accuracy; speed decides
+        fits = True
+        acc_txt = ("accuracy could not be measured (the outputs are not class logits: no labels for them)"
+                   + (f"; INT8 vs FP32 outputs: {fidelity}" if fidelity else ""))
+    elif int8_acc is None:
         return "fp32", "no INT8 model could be made"
-    drop = 100 * (fp32_acc - int8_acc)
-    fits = drop <= tolerance_points
-    acc_txt = f"INT8 top-1 {100 * int8_acc:.2f} % vs FP32 {100 * fp32_acc:.2f} % ({-drop:+.2f} points, tolerance {tolerance_points})"
+    else:
+        drop = 100 * (fp32_acc - int8_acc)
+        fits = drop <= tolerance_points
+        acc_txt = f"INT8 top-1 {100 * int8_acc:.2f} % vs FP32 {100 * fp32_acc:.2f} % ({-drop:+.2f} points, tolerance {tolerance_points})"
     if tensorrt:
         if policy == "int8" or fits:
             return "int8", (f"TensorRT target: INT8 QDQ shipped, speed is decided by TensorRT on the device (not measured here); "
