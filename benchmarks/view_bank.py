@@ -26,8 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data"
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import r56_teaches_separable_r20  # noqa: E402
 
 
 def main() -> None:
@@ -41,26 +41,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "view_bank.json"))
     a = ap.parse_args()
 
-    import torch
 
-    from kdtoolkit.config import StudentConfig, TrainConfig
-    from kdtoolkit.data import batches, load_data
+    from kdtoolkit.config import TrainConfig
     from kdtoolkit.distill.trainer import Trainer, ViewBank
     from kdtoolkit.envinfo import environment
-    from kdtoolkit.models.loading import load_model
-    from kdtoolkit.student.build import make_student
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    splits = load_data(str(DATA / "cifar10-jpeg.tar.gz"), mean=MEAN, std=STD, train_limit=a.train_limit, test_limit=256,
-                       val_fraction=0.05, seed=a.seed)
-    splits.val = splits.val.subset(list(range(min(64, len(splits.val)))))
-    teacher = load_model(DATA / "weights" / "resnet56-cifar10-jpeg-ft.th", arch="cifar_resnet56").module.eval()
-    r20 = load_model(DATA / "weights" / "resnet20-cifar10.th", arch="cifar_resnet20")
-    torch.manual_seed(a.seed)
-    student, _, _ = make_student(r20, StudentConfig(separable=True), input_shape=(1, 3, 32, 32), num_classes=10,
-                                 calib_batches=batches(splits.train, splits.spec, 64, shuffle=True, seed=a.seed))
-    init = copy.deepcopy(student.state_dict())
+    splits, teacher, student, init = r56_teaches_separable_r20(a.train_limit, a.seed)
 
     name = f"teacher_views_crop_flip_{a.views}_s{a.seed}.npy"
     bank_file = work / "bank_build" / name
