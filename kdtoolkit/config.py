@@ -60,6 +60,9 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     epochs: int = Field(3, ge=0, description="passes over the training split")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (a budget)")
+    time_budget_min: float | None = Field(None, gt=0, description="size the schedule to end within this many minutes of training: "
+                                                               "the step count is fitted from the first steps' measured time "
+                                                               "(validation included) and replaces epochs")
     batch_size: int = Field(128, ge=1, description="per-process batch size")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="optimiser")
     lr: float = Field(0.05, gt=0, description="peak learning rate")

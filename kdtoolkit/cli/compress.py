@@ -72,6 +72,7 @@ def compress_cmd(
     student_init: config_option(StudentConfig, "init", "--student-init", optional=True) = None,
     epochs: config_option(TrainConfig, "epochs", note="distillation", optional=True) = None,
     max_steps: config_option(TrainConfig, "max_steps", optional=True) = None,
+    time_budget: config_option(TrainConfig, "time_budget_min", "--time-budget", optional=True) = None,
     qat_steps: config_option(QatConfig, "max_steps", "--qat-steps", note="QAT, when the profile quantizes with QAT", optional=True) = None,
     batch_size: config_option(TrainConfig, "batch_size", optional=True) = None,
     lr: config_option(TrainConfig, "lr", optional=True) = None,
@@ -125,7 +126,7 @@ def compress_cmd(
     st, tr = cfg.student, cfg.train
     for obj, key, val in ((st, "arch", student_arch), (st, "depth", depth), (st, "width", width), (st, "latency_budget_ms", latency_budget),
                           (st, "speedup", speedup), (st, "init", student_init), (tr, "epochs", epochs),
-                          (tr, "max_steps", max_steps), (tr, "batch_size", batch_size), (tr, "lr", lr), (tr, "augment", augment),
+                          (tr, "max_steps", max_steps), (tr, "time_budget_min", time_budget), (tr, "batch_size", batch_size), (tr, "lr", lr), (tr, "augment", augment),
                           (cfg.measure, "iters", iters), (cfg.qat, "max_steps", qat_steps)):
         if val is not None:
             setattr(obj, key, val)

@@ -129,6 +129,14 @@ class ViewBank:
         return torch.from_numpy(np.ascontiguousarray(self.logits[view.numpy(), idx.numpy()]))
 
 
+def _clock(seconds: float) -> str:
+    """'ETA 12 min (09:58 UTC)': when training should end at the pace so far."""
+    import datetime as dt
+
+    end = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)
+    return f"ETA {seconds / 60:.0f} min ({end:%H:%M} UTC)" if seconds >= 60 else f"ETA {seconds:.0f} s"
+
+
 def _mix(x: torch.Tensor, y: torch.Tensor, n_cls: int, cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup or cutmix (chosen at random when both are on); returns soft targets."""
     use = [m for m, a in (("mixup", cfg.mixup), ("cutmix", cfg.cutmix)) if a > 0]
@@ -381,6 +389,26 @@ class Trainer:
             dist.barrier()
         return make()
 
+    def _fit_to_budget(self, step: int, elapsed: float, probed: int, n_val: int, steps_per_epoch: int, cap: int) -> int:
+        """The step count that ends training within ``time_budget_min``, from the probed steps' time.
+
+        Validation runs once per epoch; it is costed as a forward pass per validation image at a third of a
+        training step's time per image (no backward), a deliberate overestimate."""
+        cfg = self.cfg
+        per_step = elapsed / max(probed, 1)
+        val_per_epoch = per_step / 3 * n_val / max(cfg.batch_size, 1)
+        per_step_all = per_step + val_per_epoch / max(steps_per_epoch, 1)
+        fitted = max(step + 1, int(cfg.time_budget_min * 60 / per_step_all))
+        fitted = min(fitted, cap)
+        log(f"time budget {cfg.time_budget_min:g} min: {per_step:.3f} s a step measured over {probed} steps -> {fitted} steps "
+            f"(~{fitted / max(steps_per_epoch, 1):.1f} epochs)", enabled=self.progress and self.is_main)
+        return fitted
+
+    @staticmethod
+    def _eta(elapsed: float, done: int, left: int) -> float | None:
+        """Seconds left at this run's pace so far (training and validation together)."""
+        return elapsed / done * left if done > 0 and left > 0 else None
+
     # -- training -----------------------------------------------------------------------------
     def fit(self, student: nn.Module, splits: Splits, teacher: Any = None) -> dict[str, Any]:
         """Train; ``teacher`` is None, one model, or a list of models (multi-teacher KD)."""
@@ -413,7 +441,13 @@ class Trainer:
         caches = self._teacher_caches(teachers, train, spec, use_features)
         bank = self._view_bank(teachers, train, spec, use_features)
 
+        budget_probe = 0  # with time_budget_min: steps timed before the schedule is fitted to the budget
+        if cfg.time_budget_min:
+            total = 10**9 if not cfg.max_steps else cfg.max_steps  # the budget, not the epoch count, ends the run
+            budget_probe = min(20, max(2, steps_per_epoch // 4))
         state = self._load()
+        if state is not None and state.get("total"):
+            total, budget_probe = state["total"], 0  # a resumed run keeps the schedule it fitted
         step, epoch, batch_in_epoch = 0, 0, 0
         history: list[dict[str, Any]] = []
         best = {"val_accuracy": -1.0, "epoch": -1}
@@ -438,7 +472,7 @@ class Trainer:
                 "adapters": adapters.state_dict() if adapters is not None else None,
                 "step": step, "epoch": epoch + (1 if done_epoch else 0), "batch_in_epoch": 0 if done_epoch else batch_in_epoch,
                 "history": history, "best": best, "bad_epochs": bad_epochs,
-                "torch_rng": torch.get_rng_state(), "mix_rng": mix_gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "mix_rng": mix_gen.get_state(), "total": total,
             }
 
         metrics_log = self.work_dir / "metrics.jsonl"
@@ -448,8 +482,9 @@ class Trainer:
         frozen_now: list[str] | None = None
         model = wrap() if not cfg.freeze else core
         stop = False
-        t_start = time.perf_counter()
-        while epoch < cfg.epochs and step < total and not stop:
+        t_start, step_start = time.perf_counter(), step
+        max_epochs = cfg.epochs if not cfg.time_budget_min else 10**9
+        while epoch < max_epochs and step < total and not stop:
             model.train()
             if cfg.freeze:
                 frozen = apply_freeze(raw, cfg, epoch)
@@ -467,7 +502,8 @@ class Trainer:
                          drop_last=True, rank=self.rank, world_size=self.world, with_index=True, start_batch=batch_in_epoch)
             run_loss, run_n, t_epoch, cpu_epoch = 0.0, 0, time.perf_counter(), time.process_time()
             n_epoch_steps = 0
-            with Progress(f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch, enabled=self.progress and self.is_main) as bar:
+            of = cfg.epochs if not cfg.time_budget_min else -(-total // max(steps_per_epoch, 1)) if total < 10**9 else "?"
+            with Progress(f"epoch {epoch + 1}/{of}", steps_per_epoch, enabled=self.progress and self.is_main) as bar:
                 if batch_in_epoch:
                     bar.advance(batch_in_epoch)
                 for x, y, idx in it:
@@ -542,6 +578,10 @@ class Trainer:
                     run_loss += loss.item() * len(y)
                     run_n += len(y)
                     bar.advance(1, loss=run_loss / run_n, lr=opt.param_groups[0]["lr"])
+                    if budget_probe and step - step_start == budget_probe:
+                        total = self._fit_to_budget(step, time.perf_counter() - t_start, budget_probe, len(splits.val),
+                                                    steps_per_epoch, total)
+                        budget_probe = 0
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                         self._save(snapshot(False))
             dt = time.perf_counter() - t_epoch  # training only: validation is timed apart
@@ -559,7 +599,9 @@ class Trainer:
                     for k in ("train_loss", "val_accuracy", "epoch_time_s"):
                         tb.add_scalar(k, rec[k], epoch + 1)
                     tb.flush()
-                log(f"epoch {epoch + 1}: train loss {rec['train_loss']:.4f}, val top-1 {100 * rec['val_accuracy']:.2f} %", enabled=self.progress)
+                rec["eta_s"] = self._eta(time.perf_counter() - t_start, step - step_start, total - step)
+                log(f"epoch {epoch + 1}: train loss {rec['train_loss']:.4f}, val top-1 {100 * rec['val_accuracy']:.2f} %"
+                    + (f", {_clock(rec['eta_s'])}" if rec["eta_s"] else ""), enabled=self.progress)
             improved = val["accuracy"] > best["val_accuracy"]
             if improved:
                 best = {"val_accuracy": val["accuracy"], "epoch": epoch + 1}
