@@ -162,3 +162,31 @@ def test_ptq_accuracy_equals_quantize_static_on_real_cifar(tmp_path):
     assert a_ref > 0.85
     assert a_ours >= a_ref - 0.001
     assert _ops(tmp_path / "ours.onnx")["QuantizeLinear"] == _ops(ref)["QuantizeLinear"] == 90
+
+
+def test_stem_padding_drops_recorded_shapes_of_the_padded_qdq(tmp_path):
+    """A QAT export may record value_info for the stem's Q/DQ outputs; after padding 1 -> 4 channels those
+    shapes are stale and shape inference refused the model (seen in CI on a 1-channel MNIST student)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kdtoolkit.quant.ptq import align_input_channels
+
+    def init(name, a):
+        return numpy_helper.from_array(a, name)
+
+    nodes = [helper.make_node("QuantizeLinear", ["input", "s", "z"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq"),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="dqw", axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    vi = [helper.make_tensor_value_info("xq", TensorProto.UINT8, ["N", 1, 8, 8]),
+          helper.make_tensor_value_info("xd", TensorProto.FLOAT, ["N", 1, 8, 8])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [init("w", np.ones((4, 1, 3, 3), np.int8)), init("s", np.array(0.1, np.float32)),
+                               init("z", np.array(0, np.uint8)), init("ws", np.full(4, 0.1, np.float32)), init("wz", np.zeros(4, np.int8))],
+                              value_info=vi)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert align_input_channels(path) == ["conv"]
+    onnx.checker.check_model(onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True))
