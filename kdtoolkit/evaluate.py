@@ -156,7 +156,6 @@ def output_names(model: Any, x: np.ndarray) -> list[str] | None:
     return [f"output{i}" for i in range(len(flatten_outputs(out)))]
 
 
-RAW = "raw"  # postprocessing kind of outputs that are not class logits (a detector's, a segmenter's)
 
 
 def check_outputs(model: Any, spec: DataSpec, *, allow_raw: bool = False) -> list[str] | None:

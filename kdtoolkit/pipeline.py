@@ -53,7 +53,6 @@ class Context:
         self.artifacts: dict[str, Artifact] = {}
         self.skipped: list[str] = []
         self.summary: dict[str, Any] = {}
-        self.rundir = RunDir(run_dir)
         self.outputs: list[str] | None = None  # names of the outputs when they are not class logits (--no-student only)
 
     @property
@@ -176,20 +175,13 @@ STAGES: tuple[Stage, ...] = (
     Stage(4, "export", ("distill",), _export_config, _stage("export_stage"), enabled=_has_student, alias="export-teacher"),
     Stage(5, "quantize", ("teacher", "distill", "export"), _quantize_config, _stage("quantize_stage")),
     Stage(6, "optimize", ("quantize",), lambda ctx: {"profile": ctx.profile.name, "target": _target(ctx)}, _stage("optimize_stage")),
-    Stage(7, "profile", ("export-teacher", "optimize"),
+    Stage(7, "profile", ("export-teacher", "optimize", "export"),
           lambda ctx: {**ctx.cfg.measure.model_dump(), "target": _target(ctx), "data": _data(ctx)}, _stage("profile_stage")),
     Stage(8, "build", ("optimize",), lambda ctx: {"profile": ctx.profile.name, "target": _target(ctx), "calib_data": ctx.cfg.data.source},
           _build, enabled=_wants_build),
     Stage(9, "report", ("teacher", "distill", "optimize", "profile"), lambda ctx: {}, _report, artifact=False),
     Stage(10, "bundle", ("optimize", "profile"), lambda ctx: {}, _bundle, artifact=False),
 )
-
-
-def stage_named(name: str) -> Stage:
-    for s in STAGES:
-        if s.name == name:
-            return s
-    raise InputError(f"unknown stage {name!r}; known: {', '.join(s.name for s in STAGES)}")
 
 
 def run_stage(ctx: Context, stage: Stage, inputs: list[Artifact]) -> Artifact:

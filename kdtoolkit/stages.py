@@ -22,13 +22,13 @@ def _load(art: Artifact):
 
 
 def teacher_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) -> Artifact:
-    from kdtoolkit.evaluate import check_outputs, evaluate
+    from kdtoolkit.evaluate import evaluate
     from kdtoolkit.models.loading import save_model
     from kdtoolkit.student.build import count_macs, count_params
 
     t = ctx.teacher
     spec = ctx.splits.spec
-    outputs = check_outputs(t.module, spec, allow_raw=ctx.cfg.no_student)
+    outputs = ctx.outputs  # the preflight's check_outputs (pipeline.compress): the teacher is not run again
     with ArtifactWriter(out_dir, kind="torch", stage="teacher", config=config, input_key=key) as w:
         meta = {**t.meta, **spec.to_dict()}
         if t.form in ("torchscript", "exported"):
@@ -287,14 +287,13 @@ def profile_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) 
     from kdtoolkit.backends.ort import OrtRunner
     from kdtoolkit.latency.timing import measure
 
-    teacher_onnx, student_onnx = inputs
+    teacher_onnx, student_onnx, fp32 = inputs  # fp32: the student's FP32 export (the teacher's with --no-student)
     m = ctx.cfg.measure
     threads = ctx.profile.onnxruntime.intra_op_threads
     batches = sorted({b for b in m.batches if ctx.profile.batch.min <= b <= ctx.profile.batch.max} or {ctx.profile.batch.opt})
     timed = student_onnx.file("model.onnx")
     proxy_note = None
-    fp32 = ctx.artifacts.get("export") or ctx.artifacts.get("export-teacher")
-    if ctx.profile.is_tensorrt and student_onnx.info.get("precision") == "int8" and fp32 is not None:
+    if ctx.profile.is_tensorrt and student_onnx.info.get("precision") == "int8":
         # ORT on a CPU has no fast path for TensorRT's symmetric s8 activations: timing that QDQ graph here says
         # nothing about the engine, so the CPU proxy times the same student in FP32
         timed = fp32.file("model.onnx")

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,8 +42,12 @@ def test_device_scripts_are_python_3_8_syntax_and_import_no_tensorrt_at_load(nam
 
 
 def test_device_report_imports_without_tensorrt():
-    assert "tensorrt" not in sys.modules or True  # importing the module above did not need it
-    assert dr.SCHEMA == "kdtoolkit.device-report/1"
+    # in a fresh interpreter: importing the device script must not load TensorRT or a CUDA binding
+    code = ("import sys; sys.path.insert(0, %r); import device_report; "
+            "bad = [m for m in ('tensorrt', 'pycuda', 'cuda') if m in sys.modules]; assert not bad, bad; print(device_report.SCHEMA)") % str(DEPLOY)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-1000:]
+    assert r.stdout.strip() == "kdtoolkit.device-report/1"
 
 
 def test_argument_parsing():

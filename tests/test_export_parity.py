@@ -169,28 +169,9 @@ def test_onnx_matches_torch_after_resnet18_width_shrink(tmp_path) -> None:
     _compare(m, (1, 3, 32, 32), tmp_path)
 
 
-class Odd(nn.Module):
-    """Grouped, dilated, biased convs and a squeeze-excitation block (as in tests/test_student_models.py)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
-        self.dilated = nn.Conv2d(16, 24, 3, padding=2, dilation=2, bias=True)
-        self.se_fc1 = nn.Conv2d(24, 6, 1)
-        self.se_fc2 = nn.Conv2d(6, 24, 1)
-        self.strided = nn.Conv2d(24, 32, 5, stride=2, padding=2, bias=True)
-        self.head = nn.Linear(32, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.grouped(torch.relu(self.stem(x))))
-        x = torch.relu(self.dilated(x))
-        s = torch.sigmoid(self.se_fc2(torch.relu(self.se_fc1(x.mean((2, 3), keepdim=True)))))
-        x = torch.relu(self.strided(x * s))
-        return self.head(x.mean((2, 3)))
-
-
 def test_onnx_matches_torch_for_a_separable_grouped_dilated_se_model(tmp_path) -> None:
+    from test_student_models import Odd
+
     from kdtoolkit.student.transforms import to_separable
 
     torch.manual_seed(0)

@@ -44,15 +44,6 @@ def make_session(path: str | os.PathLike[str], *, threads: int = 0, providers: l
         raise InputError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from None
 
 
-def session_for_profile(path: str | os.PathLike[str], profile: Any, *, spinning: bool = False) -> Any:
-    o = profile.onnxruntime
-    import onnxruntime as ort
-
-    avail = set(ort.get_available_providers())
-    providers = [p for p in o.execution_providers if p in avail] or ["CPUExecutionProvider"]
-    return make_session(path, threads=o.intra_op_threads, providers=providers, spinning=spinning)
-
-
 def optimize_for_ort(src: str | os.PathLike[str], dst: str | os.PathLike[str], level: str = "extended") -> None:
     """Save ORT's offline-optimised graph. 'extended' fusions are portable across x86 CPUs; 'all' adds
     layout (NCHWc) transforms tied to the building CPU, which ORT applies again at load time anyway."""
@@ -76,8 +67,6 @@ class OrtRunner:
     def __init__(self, path: str | os.PathLike[str], *, name: str | None = None, threads: int = 0,
                  providers: list[str] | None = None) -> None:
         import onnxruntime  # noqa: F401  (its import is not the model's memory)
-
-        from kdtoolkit.backends.ort import make_session
 
         self.path = Path(path)
         self.name = name or self.path.stem

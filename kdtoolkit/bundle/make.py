@@ -123,11 +123,12 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
     raw = (deploy.info.get("outputs") or {}).get("kind") == "raw"  # outputs that are not class logits
     if raw and test_subset > 0:
         raise InputError("--test-subset measures top-1 on the device; the model's outputs are not class logits")
+    session = make_session(onnx_src)  # one session for the reference batch and the test subset
     if raw:
-        expected_all = [o.astype(np.float32) for o in predict(make_session(onnx_src), sub, spec, batch_size=batch, all_outputs=True)]
+        expected_all = [o.astype(np.float32) for o in predict(session, sub, spec, batch_size=batch, all_outputs=True)]
         expected = expected_all[0]
     else:
-        expected = predict(make_session(onnx_src), sub, spec, batch_size=batch).astype(np.float32)
+        expected = predict(session, sub, spec, batch_size=batch).astype(np.float32)
 
     for d_ in inputs:
         d_["layout"] = spec.layout
@@ -190,7 +191,7 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
             n = min(test_subset, len(splits.test))
             pick = np.sort(np.random.default_rng(cfg.data.seed).permutation(len(splits.test))[:n])
             tsub = splits.test.subset(pick.astype(np.int64))
-            pred = predict(make_session(onnx_src), tsub, spec, batch_size=batch).argmax(1)
+            pred = predict(session, tsub, spec, batch_size=batch).argmax(1)
             np.savez_compressed(put("testset/test.npz"), x=np.asarray(tsub.x, np.uint8), y=tsub.y.astype(np.int64))
             testset = {"path": "testset/test.npz", "images": int(n), "seed": cfg.data.seed,
                        "onnxruntime_top1": float((pred == tsub.y).mean()), "runtime": "onnxruntime-cpu",

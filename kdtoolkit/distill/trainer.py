@@ -26,7 +26,7 @@ from kdtoolkit import fsutil
 from kdtoolkit.config import LossConfig, TrainConfig  # noqa: F401  (re-exported: configs live in kdtoolkit.config)
 from kdtoolkit.data.datasets import ArrayData, DataSpec, Splits, batches
 from kdtoolkit.distill.losses import LOSSES
-from kdtoolkit.distill.schedules import Schedule, lr_factor  # noqa: F401
+from kdtoolkit.distill.schedules import lr_factor
 from kdtoolkit.errors import InputError, TrainingDiverged
 from kdtoolkit.progress import Progress, log
 

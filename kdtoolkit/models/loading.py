@@ -39,11 +39,6 @@ class LoadedModel:
         A TorchScript teacher becomes rewritable through :meth:`as_graph_modules` (it needs the input shape)."""
         return self.form in ("eager", "pickle") or (self.form == "exported" and getattr(self.module, "_kdt_graph", False))
 
-    @property
-    def needs_graph_store(self) -> bool:
-        """True when the model has no recipe to rebuild it from: store it as a ``torch.export`` program."""
-        return self.recipe is None
-
 
 def as_graph_modules(loaded: LoadedModel, input_shape: tuple[int, ...]) -> LoadedModel:
     """A rewritable copy of a TorchScript or exported teacher: its graph rebuilt as a module tree (see models.graph)."""
