@@ -80,3 +80,25 @@ def test_view_bank_refuses_mixup(tmp_path):
     with pytest.raises(InputError, match="augment_views"):
         Trainer(cfg, tmp_path / "w", progress=False).fit(nn.Sequential(nn.Flatten(), nn.Linear(64, 5)), _splits(),
                                                          teacher=CountingTeacher().eval())
+
+
+@pytest.mark.parametrize("min_agreement", [0.0, 1.01])
+def test_view_bank_runs_the_teacher_in_the_precision_that_measured_faster_and_agrees(tmp_path, monkeypatch, min_agreement):
+    """The bank's teacher is its INT8 ONNX only where that measured faster here and agrees on top-1; the choice is recorded."""
+    import json
+
+    splits = _splits(96)
+    monkeypatch.setattr(ViewBank, "MIN_AGREEMENT", min_agreement)
+    path = tmp_path / "bank.npy"
+    bank = ViewBank(CountingTeacher().eval(), splits.train, splits.spec, path, views=2, mode="crop_flip", seed=0)
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["views"] == 2 and info["images"] == len(splits.train)
+    faster = info["int8_s_per_256"] < info["fp32_s_per_256"]
+    if min_agreement > 1:  # no INT8 teacher can agree on more than all images: FP32, and the run says why
+        assert info["runtime"] == "onnxruntime fp32" and "agrees on only" in info["why"]
+    else:
+        assert info["runtime"] == ("onnxruntime int8" if faster else "onnxruntime fp32"), info
+    with torch.no_grad():  # the stored logits are the chosen runtime's: exact for FP32, close for INT8
+        want = CountingTeacher().eval()(bank.augment(to_tensor(splits.train.x, splits.spec), torch.arange(len(splits.train)), 0)).numpy()
+    tol = 1e-4 if info["runtime"].endswith("fp32") else 0.5
+    np.testing.assert_allclose(bank.logits[0], want, atol=tol)
