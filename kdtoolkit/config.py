@@ -91,6 +91,34 @@ class TrainConfig(BaseModel):
     eval_batch_size: int = Field(512, ge=1, description="batch for validation")
 
 
+# ---- adapters (peft) ----
+
+ADAPTER_METHODS = ("lora", "loha")
+
+
+class AdapterConfig(BaseModel):
+    """Parameter-efficient fine-tuning through peft (kdtoolkit.adapters): which method, how big, on which layers."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str = Field("lora", description="peft method: lora (Hu et al. 2021) or loha (Hadamard-product LoRA, LyCORIS); "
+                                            "both adapt Linear and Conv2d layers and merge into them for export")
+    rank: int = Field(8, ge=1, description="adapter rank r; at most min(out, in x kernel area) of every targeted layer")
+    alpha: float | None = Field(None, gt=0, description="scaling numerator (update scaled by alpha / rank); default: the rank (scale 1)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter path (LoRA: lora_dropout; LoHa: rank_dropout)")
+    target_modules: list[str] = Field(default_factory=list, description="module-name patterns (fnmatch) of the Linear/Conv2d layers to adapt; "
+                                                                        "empty = every Linear and ungrouped Conv2d except the head")
+    train_norms: bool = Field(True, description="normalisation layers (BatchNorm, LayerNorm, GroupNorm) train alongside and are saved "
+                                                "with the adapter (peft modules_to_save)")
+    train_head: bool = Field(True, description="the classifier head trains alongside and is saved with the adapter (peft modules_to_save)")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in ADAPTER_METHODS:
+            raise ValueError(f"unknown adapter method {v!r}; known: {', '.join(ADAPTER_METHODS)}")
+        return v
+
+
 # ---- student ----
 
 class StudentConfig(BaseModel):
