@@ -38,6 +38,10 @@ class LossConfig(BaseModel):
     hints: list[str] = Field(default_factory=list, description="hint pairs 'student[:teacher]' module names; empty = pair stage outputs by spatial size")
     at_weight: float = Field(0.0, ge=0, description="weight of the attention-transfer loss (0 = off; the paper uses 1000)")
     at_layers: list[str] = Field(default_factory=list, description="attention-transfer pairs 'student[:teacher]'; empty = automatic")
+    hidden_weight: float | None = Field(None, ge=0, description="transformer student: weight of the hidden-state MSE "
+                                                                 "(TinyBERT layer map; None = 1 for a transformer pair, else off)")
+    attn_weight: float | None = Field(None, ge=0, description="transformer student: weight of the attention-map KL "
+                                                               "(MiniLM; None = 1 for a transformer pair, else off)")
     teacher_weights: list[float] | None = Field(None, description="fixed weights of several teachers (None = equal)")
     teacher_weighting: Literal["fixed", "confidence", "ce"] = Field(
         "fixed", description="multi-teacher: fixed weights, or per sample by teacher max-softmax confidence or by CE on the label")
@@ -51,7 +55,13 @@ class LossConfig(BaseModel):
 
     @property
     def uses_features(self) -> bool:
-        return self.hint_weight > 0 or self.at_weight > 0
+        """Feature losses asked for explicitly (the transformer ones also switch on by themselves: ``transformer_weights``)."""
+        return self.hint_weight > 0 or self.at_weight > 0 or bool(self.hidden_weight) or bool(self.attn_weight)
+
+    def transformer_weights(self, pair: bool) -> tuple[float, float]:
+        """(hidden, attention) weights: unset ones are 1 when teacher and student are both transformers, else 0."""
+        return (self.hidden_weight if self.hidden_weight is not None else float(pair),
+                self.attn_weight if self.attn_weight is not None else float(pair))
 
 
 class TrainConfig(BaseModel):
@@ -136,6 +146,12 @@ class StudentConfig(BaseModel):
     channel_multiple: int | None = Field(None, ge=1, description="round channel counts to this; default: the profile's")
     latency_budget_ms: float | None = Field(None, gt=0, description="search depth/width for the most capable student within this p50 at the profile's opt batch")
     speedup: float | None = Field(None, gt=1, description="search depth/width for the most capable student at least this many times faster than the teacher at the profile's opt batch; default: 2x when the plain separable student is not")
+    blocks: int | None = Field(None, ge=1, description="transformer teacher: blocks the student keeps (default: from --depth)")
+    heads: int | None = Field(None, ge=1, description="transformer teacher: attention heads per block (default: from --width)")
+    mlp_hidden: int | None = Field(None, ge=1, description="transformer teacher: MLP hidden units per block (default: from --width)")
+    block_select: Literal["uniform", "cosine"] = Field(
+        "uniform", description="transformer teacher: keep evenly spaced blocks (TinyBERT's mapping) or those that change "
+                               "their input most on a calibration batch (1 - cosine of block input and output)")
     init: Literal["svd", "random"] = Field("svd", description="teacher-initialised rank-1 weights, or fresh init")
     bn_recalib_batches: int = Field(20, ge=0, description="batches to re-estimate BatchNorm statistics after surgery")
 

@@ -171,3 +171,33 @@ class SmallCNN(nn.Module):
 def small_cnn(num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> SmallCNN:
     """Four conv/BN/ReLU layers and a linear head."""
     return SmallCNN(num_classes, in_channels, width)
+
+
+def cifar_vit(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, *, img_size: int = 32, patch_size: int = 4,
+              embed_dim: int = 192, depth: int = 6, num_heads: int = 3, mlp_ratio: float = 2.0,
+              class_token: bool = True, distilled: bool = False) -> nn.Module:
+    """A small ViT for 32x32 images (patch 4: 64 tokens + class token), built on timm's VisionTransformer.
+
+    Why timm's class: one transformer code path (block selection, head pruning, attention taps, export)
+    serves timm teachers and the zoo's own. ``width`` scales the embedding (kept a multiple of the heads);
+    ``distilled`` adds DeiT's distillation token and head (the two heads are averaged at inference)."""
+    from kdtoolkit.errors import InputError, lazy_import
+
+    lazy_import("timm", extra="vit", purpose="the cifar_vit architecture")
+    from timm.models.vision_transformer import VisionTransformer
+
+    dim = max(num_heads, int(round(embed_dim * width / num_heads)) * num_heads)
+    if img_size % patch_size:
+        raise InputError(f"cifar_vit: patch size {patch_size} does not divide image size {img_size}")
+    kw = dict(img_size=img_size, patch_size=patch_size, in_chans=in_channels, num_classes=num_classes, embed_dim=dim,
+              depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_token=class_token,
+              global_pool="token" if class_token else "avg", qkv_bias=True)
+    if distilled:
+        from timm.models.deit import VisionTransformerDistilled
+
+        return VisionTransformerDistilled(**kw)
+    return VisionTransformer(**kw)
+
+
+ARCHS.register("cifar_vit")(cifar_vit)
+ARCH_INPUTS["cifar_vit"] = {"channels": 3, "input_size": (32, 32)}
