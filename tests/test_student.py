@@ -85,3 +85,21 @@ def test_student_command_table_json_and_search(tmp_path):
     assert r.returncode == 0, r.stderr
     found = json.loads((tmp_path / "s3.json").read_text())["search"]
     assert found["chosen"] == "d1-w1" and len(found["candidates"]) == 15  # 3 depths x 5 widths
+
+
+@pytest.mark.parametrize("separable", [True, False])
+def test_student_of_a_frozen_teacher_trains_every_parameter(separable):
+    """A teacher frozen by an earlier distillation in the same process (the trainer freezes teachers) must not hand
+    its frozen parameters to the student: a standard-conv student of it had nothing to train (seen in a benchmark)."""
+    from kdtoolkit.models.loading import LoadedModel
+    from kdtoolkit.student.build import StudentConfig, make_student
+
+    net = build_arch("cifar_resnet20", num_classes=10)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    teacher = LoadedModel(net, "eager", "test", arch="cifar_resnet20", recipe={"arch": "cifar_resnet20", "arch_kwargs": {"num_classes": 10},
+                                                                              "transforms": []})
+    s, _, _ = make_student(teacher, StudentConfig(depth=0.34, separable=separable, bn_recalib_batches=0), input_shape=(1, 3, 32, 32),
+                           num_classes=10)
+    assert all(p.requires_grad for p in s.parameters())
+    assert not any(p.requires_grad for p in net.parameters())  # the teacher stays frozen

@@ -102,3 +102,17 @@ def test_view_bank_runs_the_teacher_in_the_precision_that_measured_faster_and_ag
         want = CountingTeacher().eval()(bank.augment(to_tensor(splits.train.x, splits.spec), torch.arange(len(splits.train)), 0)).numpy()
     tol = 1e-4 if info["runtime"].endswith("fp32") else 0.5
     np.testing.assert_allclose(bank.logits[0], want, atol=tol)
+
+
+def test_labels_alone_never_runs_the_teacher_it_was_handed(tmp_path):
+    """loss ce (the student-alone row of the headline) with a teacher and a view bank asked: no bank, no teacher call."""
+    from kdtoolkit.config import LossConfig
+
+    splits = _splits()
+    teacher = CountingTeacher().eval()
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.01, augment="crop_flip", augment_views=3, seed=0, channels_last=False,
+                      loss=LossConfig(name="ce"))
+    Trainer(cfg, tmp_path / "work", progress=False).fit(student, splits, teacher=teacher)
+    assert teacher.batch_sizes == []
+    assert not list((tmp_path / "work").glob("teacher_*.npy"))

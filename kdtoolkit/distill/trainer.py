@@ -466,6 +466,8 @@ class Trainer:
         spec = splits.spec
         train = splits.train
         teachers: list[Any] = [] if teacher is None else list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+        if cfg.loss.name == "ce" and not cfg.loss.uses_features:
+            teachers = []  # labels alone: a teacher handed in is never run (no logit cache, no view bank)
         use_features = self._check_inputs(student, teachers, splits)
         loss_fn = self._loss_fn(teachers)
         self.work_dir.mkdir(parents=True, exist_ok=True)

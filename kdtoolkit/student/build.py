@@ -84,11 +84,24 @@ def make_student(teacher: Any, cfg: StudentConfig, *, input_shape: tuple[int, ..
                 "name a student architecture with --student-arch NAME (e.g. cifar_resnet20, torchvision:mobilenet_v2)"
             )
         model = copy.deepcopy(teacher.module).cpu()
+        for p in model.parameters():  # a teacher frozen by an earlier run in this process must not freeze its student
+            p.requires_grad_(True)
         # no recipe (full pickle, TorchScript, torch.export): the student is stored as a torch.export program
         recipe = copy.deepcopy(teacher.recipe) if teacher.recipe is not None else None
         base_init = "teacher"
     model.eval()
     example = torch.zeros(1, *input_shape[1:])
+    from kdtoolkit.student.transformer import is_transformer
+
+    if not cfg.arch and is_transformer(model):  # a ViT teacher: blocks, heads and MLP width, not conv surgery
+        from kdtoolkit.student.transformer import make_transformer_student
+
+        info["init"] = "teacher"
+        t_info, transforms = make_transformer_student(model, cfg, input_shape=input_shape, calib_batches=calib_batches)
+        info.update(t_info)
+        for t in transforms:
+            _record(recipe, t)
+        return model, recipe, info
     if cfg.depth < 1.0:
         plan = T.plan_depth(model, example, cfg.depth)
         if not plan:
@@ -111,7 +124,9 @@ def make_student(teacher: Any, cfg: StudentConfig, *, input_shape: tuple[int, ..
             _record(recipe, {"op": "separable", **sel})
         else:
             info["converted"] = []  # already separable (MobileNet, EfficientNet, RegNet): depth and width make the student
-    if cfg.init == "random" or base_init == "random":
+    if cfg.arch and is_transformer(model):
+        info["init"] = "random (the architecture's own init)"  # kaiming suits convs, not a ViT's truncated-normal init
+    elif cfg.init == "random" or base_init == "random":
         model = _reinit(model)
         info["init"] = "random"
     else:
