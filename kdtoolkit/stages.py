@@ -179,9 +179,10 @@ def distill_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any]) 
 def write_trained(out_dir: Path, stage: str, result: dict[str, Any], recipe: dict[str, Any] | None, splits, work: Path, *,
                   config: dict[str, Any], input_shape: tuple[int, ...] | None = None, parents: list[Artifact] | None = None,
                   input_key: str = "", teacher_logits=None, extra_metrics: dict[str, Any] | None = None,
-                  extra_info: dict[str, Any] | None = None) -> Artifact:
+                  extra_info: dict[str, Any] | None = None, write_extra=None) -> Artifact:
     """The artifact of a training run (stage 02-distill, ``kdtoolkit distill`` and ``finetune``): the model evaluated
     on the test split (agreement with the teacher when its logits are given), its history and metrics log.
+    ``write_extra(folder)`` adds files of the caller's own (finetune --adapter: the adapter) before the manifest hashes them.
 
     With ``input_shape`` the model is stored for later stages (recipe + weights, or a torch.export program when the
     recipe needs the user's code); without it, as a kdtoolkit checkpoint ``model.pt``."""
@@ -202,6 +203,8 @@ def write_trained(out_dir: Path, stage: str, result: dict[str, Any], recipe: dic
         fsutil.write_json(w.path("history.json"), result["history"])
         if (work / "metrics.jsonl").exists():
             shutil.copyfile(work / "metrics.jsonl", w.path("metrics.jsonl"))
+        if write_extra is not None:
+            write_extra(w.dir)
         w.metrics.update({"accuracy": r["accuracy"], "n_test": r["n"], "params": count_params(model),
                           "best_val_accuracy": result["best"]["val_accuracy"], "best_epoch": result["best"]["epoch"],
                           "steps": result["steps"], "train_time_s": result["train_time_s"], **(extra_metrics or {})})

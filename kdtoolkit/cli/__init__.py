@@ -43,7 +43,7 @@ def _register() -> None:
     for name in ("bundle", "compress", "info", "stages",  # bundle, verify, compress, demo, info, student, export
                  "quantize", "engine",  # quantize; check, build
                  "gate", "profile", "report",  # profiling, CI gate, reports
-                 "train"):  # distill, finetune
+                 "train", "adapter"):  # distill, finetune; adapter merge
         importlib.import_module(f"kdtoolkit.cli.{name}")
 
 

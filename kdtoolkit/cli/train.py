@@ -9,6 +9,7 @@ resumes. Under ``torchrun --nproc_per_node N -m kdtoolkit distill ...`` every pr
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -32,7 +33,7 @@ from kdtoolkit.cli.options import (
     config_option,
     parse_floats,
 )
-from kdtoolkit.config import DataConfig, LossConfig, TrainConfig
+from kdtoolkit.config import AdapterConfig, DataConfig, LossConfig, TrainConfig
 
 Optim = config_option(TrainConfig, "optimizer", note="sgd (Nesterov momentum) or adamw")
 Epochs = config_option(TrainConfig, "epochs")
@@ -58,6 +59,18 @@ Tensorboard = Annotated[Optional[Path], typer.Option("--tensorboard", help="also
 NoCache = Annotated[bool, typer.Option("--no-teacher-cache", help="run the teacher every step even when augmentation is off")]
 Amp = config_option(TrainConfig, "amp")
 ValFraction = config_option(DataConfig, "val_fraction")
+AdapterMethod = config_option(AdapterConfig, "method", "--adapter", optional=True,
+                              note="lora or loha; default: full fine-tuning. Trains peft adapters on the Linear/Conv2d layers, "
+                                   "with the head and normalisation layers trained alongside (peft modules_to_save)")
+Rank = config_option(AdapterConfig, "rank", optional=True, note="default 8")
+AdapterAlpha = config_option(AdapterConfig, "alpha", "--adapter-alpha")
+AdapterDropout = config_option(AdapterConfig, "dropout", "--adapter-dropout")
+TargetModules = Annotated[Optional[str], typer.Option(
+    "--target-modules", help=AdapterConfig.model_fields["target_modules"].description + " (comma-separated)", rich_help_panel="Adapter")]
+AdapterNorms = config_option(AdapterConfig, "train_norms", "--adapter-norms/--no-adapter-norms")
+AdapterPath = Annotated[Optional[Path], typer.Option(
+    "--adapter-path", help="continue training a saved adapter (a finetune --adapter output or its adapter/ folder) on MODEL, "
+                           "which must be the base it was trained on (sha256 checked)", rich_help_panel="Adapter")]
 
 
 def _splits(data: str | None, loaded, arch: str | None, *, seed: int, on_bad_image: str, train_limit: int | None,
@@ -107,12 +120,12 @@ def _work_dir(out: Path, key: dict[str, Any]) -> Path:
 
 
 def _write(out: Path, stage: str, cfg, model, recipe: dict[str, Any], splits, result: dict[str, Any], work: Path,
-           extra_metrics: dict[str, Any], extra_info: dict[str, Any], teacher_logits=None) -> dict[str, Any]:
+           extra_metrics: dict[str, Any], extra_info: dict[str, Any], teacher_logits=None, write_extra=None) -> dict[str, Any]:
     """The distill stage's own artifact writer (kdtoolkit.stages.write_trained): the same manifest as compress's 02-distill."""
     from kdtoolkit.stages import write_trained
 
     art = write_trained(out, stage, {**result, "model": model}, recipe, splits, work, config=cfg.model_dump(mode="json"),
-                        teacher_logits=teacher_logits, extra_metrics=extra_metrics, extra_info=extra_info)
+                        teacher_logits=teacher_logits, extra_metrics=extra_metrics, extra_info=extra_info, write_extra=write_extra)
     return dict(art.metrics)
 
 
@@ -281,18 +294,36 @@ def finetune_cmd(
     tensorboard: Tensorboard = None,
     quiet: Quiet = False,
     json_out: JsonOut = None,
+    adapter: AdapterMethod = None,
+    rank: Rank = None,
+    adapter_alpha: AdapterAlpha = None,
+    adapter_dropout: AdapterDropout = config_default(AdapterConfig, "dropout"),
+    target_modules: TargetModules = None,
+    adapter_norms: AdapterNorms = config_default(AdapterConfig, "train_norms"),
+    adapter_path: AdapterPath = None,
 ) -> None:
-    """Fine-tune MODEL on new data: new head, frozen or gradually unfrozen stages, lower lr for pretrained layers."""
+    """Fine-tune MODEL on new data: new head, frozen or gradually unfrozen stages, lower lr for pretrained layers.
+
+    With --adapter lora|loha only peft adapters (plus the head and, unless --no-adapter-norms, the normalisation
+    layers) train; OUT gets the merged model (model.pt, what compress takes) and the adapter alone in OUT/adapter."""
     from kdtoolkit.distill.finetune import replace_head, stage_names
     from kdtoolkit.distill.trainer import Trainer, dist_info
     from kdtoolkit.errors import InputError
     from kdtoolkit.evaluate import evaluate
     from kdtoolkit.models.loading import load_model
 
-    rank = dist_info()[0]
-    m = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    rank_ = dist_info()[0]
+    acfg, ref = _adapter_setup(model, adapter, rank, adapter_alpha, adapter_dropout, target_modules, adapter_norms, adapter_path,
+                               freeze_backbone=freeze_backbone, freeze_stages=freeze_stages, unfreeze_every=unfreeze_every,
+                               backbone_lr_scale=backbone_lr_scale)
+    m = load_model(model, arch=arch or (ref["base"]["arch"] if ref else None), trust_pickle=trust_pickle)
     if not m.rewritable:
         raise InputError(f"{model}: a {m.form} model cannot be fine-tuned here; give a state dict with --arch or a kdtoolkit checkpoint")
+    if acfg is not None and ref is None:
+        from kdtoolkit.adapters import plan
+        from kdtoolkit.distill.finetune import find_head
+
+        plan(m.module, acfg, find_head(m.module))  # rank, targets: refused before the data loads
     splits = _splits(data, m, arch, seed=seed, on_bad_image=on_bad_image, train_limit=train_limit, test_limit=test_limit,
                      mean=mean, std=std, input_shape=input_shape, channels=channels, val_fraction=val_fraction,
                      model_classes=False)
@@ -301,6 +332,9 @@ def finetune_cmd(
         raise InputError(f"--num-classes {k} but the data has {len(splits.spec.classes)} classes")
     recipe = dict(m.recipe or {"arch": arch, "arch_kwargs": {}, "transforms": []})
     recipe["arch_kwargs"] = dict(recipe.get("arch_kwargs", {}))
+    base_recipe = copy.deepcopy(recipe)
+    if ref is not None and k != int(ref["base"]["num_classes"]):
+        raise InputError(f"the adapter at {adapter_path} has a {ref['base']['num_classes']}-class head but the data has {k} classes")
     before = None
     try:
         before = evaluate(m.module, splits.test, splits.spec)["accuracy"]
@@ -313,6 +347,15 @@ def finetune_cmd(
         raise InputError(f"--freeze-stages {n_freeze} but the model has {len(stages)} stages: {', '.join(stages)}")
     if unfreeze_every and not n_freeze:
         raise InputError("--unfreeze-every needs --freeze-backbone or --freeze-stages N")
+    trainee, adapter_plan = m.module, None
+    if acfg is not None:
+        from kdtoolkit import adapters
+
+        if ref is not None:
+            trainee = adapters.apply_adapter(m.module, ref, trainable_=True)
+            adapter_plan = {"targets": ref["targets"], "modules_to_save": ref["modules_to_save"]}
+        else:
+            trainee, adapter_plan = adapters.attach(m.module, acfg, head, seed=seed)
     scales = {"": backbone_lr_scale, head: 1.0} if backbone_lr_scale != 1.0 else {}
     cfg = _train_config(
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
@@ -323,15 +366,106 @@ def finetune_cmd(
     key = {"cmd": "finetune", "cfg": cfg.model_dump(mode="json"), "model": str(Path(model).resolve()), "k": k, "reset": reset_head,
            "data": [data, train_limit, test_limit, on_bad_image, mean, std, input_shape, val_fraction]
                  + ([channels] if channels is not None else [])}
+    if acfg is not None:  # a different adapter (or a different saved one to continue) is a different run
+        key["adapter"] = {**acfg.model_dump(mode="json"), "from": ref["base"]["sha256"] + ":" + str(Path(ref["dir"]).resolve()) if ref else None}
     work = _work_dir(out, key)
-    if rank == 0 and not quiet:
+    if rank_ == 0 and not quiet:
         typer.echo(f"head {head} ({'new, ' if replaced else 'kept, '}{k} classes); stages {', '.join(stages)}; "
                    f"frozen at start: {', '.join(stages[:n_freeze]) or 'none'}", err=True)
-    result = Trainer(cfg, work, progress=not quiet, tensorboard=tensorboard).fit(m.module.train(), splits)
-    if rank != 0:
+        if acfg is not None:
+            from kdtoolkit.adapters import trainable
+
+            t = trainable(trainee)
+            typer.echo(f"{acfg.method} rank {acfg.rank} on {len(adapter_plan['targets'])} layers; trained alongside: "
+                       f"{len(adapter_plan['modules_to_save'])} head/norm modules; {t['trainable_params']:,} trainable parameters", err=True)
+    result = Trainer(cfg, work, progress=not quiet, tensorboard=tensorboard).fit(trainee.train(), splits)
+    if rank_ != 0:
         return
-    metrics = _write(out, "finetune", cfg, result["model"], recipe, splits, result, work,
-                     {"accuracy_before": before, "head_replaced": replaced}, {"head": head, "stages": stages, "source": str(model)})
+    extra_metrics: dict[str, Any] = {"accuracy_before": before, "head_replaced": replaced}
+    extra_info: dict[str, Any] = {"head": head, "stages": stages, "source": str(model)}
+    final, write_extra = result["model"], None
+    if acfg is not None:
+        final, write_extra, am, ai = _adapter_outputs(result["model"], acfg, adapter_plan, splits, work, model=model, arch=m.arch or arch,
+                                                      base_recipe=base_recipe, head=head, k=k, replaced=replaced or bool(ref and ref["base"]["head_replaced"]))
+        extra_metrics.update(am)
+        extra_info.update(ai)
+    metrics = _write(out, "finetune", cfg, final, recipe, splits, {**result, "model": final}, work, extra_metrics, extra_info,
+                     write_extra=write_extra)
     if before is not None and not quiet:
         typer.echo(f"test top-1 before fine-tuning: {100 * before:.2f} %")
+    if acfg is not None and not quiet:
+        typer.echo(f"adapter ({metrics['adapter_bytes']:,} bytes, {metrics['trainable_params']:,} trained parameters) in {out / 'adapter'}; "
+                   f"merged model: max |logit diff| {metrics['merge_max_abs_diff']:.2e} against the adapted one")
     _report(out, metrics, json_out)
+
+
+def _adapter_setup(model: str, method: str | None, rank: int | None, alpha: float | None, dropout: float, target_modules: str | None,
+                   norms: bool, adapter_path: Path | None, **full_ft: Any) -> tuple[AdapterConfig | None, dict[str, Any] | None]:
+    """The adapter settings, validated before any model loads (one-line errors): a new adapter, or a saved one to continue.
+
+    A saved adapter brings its own settings and must have been trained on MODEL (sha256)."""
+    from pydantic import ValidationError
+
+    from kdtoolkit.errors import InputError
+
+    new = {"method": method, "rank": rank, "alpha": alpha, "target_modules": target_modules}
+    if adapter_path is None and method is None:
+        given = [f"--{k.replace('_', '-')}" for k, v in new.items() if v is not None and k != "method"]
+        if given:
+            raise InputError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --adapter lora|loha (or --adapter-path DIR)")
+        return None, None
+    if full_ft["freeze_backbone"] or full_ft["freeze_stages"] or full_ft["unfreeze_every"] or full_ft["backbone_lr_scale"] != 1.0:
+        raise InputError("--adapter trains only adapters, head and norms: it does not combine with --freeze-backbone, "
+                         "--freeze-stages, --unfreeze-every or --backbone-lr-scale")
+    ref = None
+    if adapter_path is not None:
+        from kdtoolkit import adapters
+
+        ref = adapters.read_adapter(adapter_path)
+        adapters.check_base(ref, model)
+        saved = AdapterConfig.model_validate(ref["config"])
+        clash = [f"{flag} {v}" for flag, v, s in (("--adapter", method, saved.method), ("--rank", rank, saved.rank),
+                                                   ("--adapter-alpha", alpha, saved.alpha)) if v is not None and v != s]
+        if clash or target_modules is not None:
+            raise InputError(f"--adapter-path continues the saved adapter ({saved.method}, rank {saved.rank}); "
+                             f"drop {', '.join(clash) or '--target-modules'}")
+        return saved, ref
+    try:
+        cfg = AdapterConfig.model_validate({
+            "method": method, "rank": rank if rank is not None else AdapterConfig.model_fields["rank"].default, "alpha": alpha,
+            "dropout": dropout, "train_norms": norms,
+            "target_modules": [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else []})
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        raise InputError(f"invalid adapter option {'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}") from None
+    return cfg, None
+
+
+def _adapter_outputs(adapted, cfg: AdapterConfig, adapter_plan: dict[str, Any], splits, work: Path, *, model: str, arch: str | None,
+                     base_recipe: dict[str, Any], head: str, k: int, replaced: bool):
+    """Merge the trained adapter (the merged model is the artifact's model.pt) and write the adapter alone beside it.
+
+    The merge is checked on real test images: the max |logit diff| between adapted and merged goes in the metrics."""
+    import torch
+
+    from kdtoolkit import adapters
+    from kdtoolkit.data.datasets import to_tensor
+
+    merged = adapters.merge(adapted)
+    n = min(64, len(splits.test))
+    x = to_tensor(splits.test.x[:n], splits.spec)
+    with torch.no_grad():
+        diff = float((adapted.eval()(x) - merged(x)).abs().max()) if n else 0.0
+    base = adapters.base_reference(model, arch=arch, recipe=base_recipe, head=head, num_classes=k, head_replaced=replaced)
+    staged = adapters.save_adapter(adapted, work / "adapter", base=base, cfg=cfg, adapter_plan=adapter_plan, meta=splits.spec.to_dict())
+    metrics = {"adapter": cfg.method, "rank": cfg.rank, **adapters.trainable(adapted), "merge_max_abs_diff": diff,
+               "adapter_bytes": (staged / "adapter_model.safetensors").stat().st_size}
+    info = {"adapter": {"dir": "adapter", "config": cfg.model_dump(mode="json"), "targets": adapter_plan["targets"],
+                        "modules_to_save": adapter_plan["modules_to_save"], "base_sha256": base["sha256"]}}
+
+    def writer(folder: Path) -> None:
+        import shutil
+
+        shutil.copytree(staged, folder / "adapter")
+
+    return merged, writer, metrics, info
