@@ -83,6 +83,9 @@ def test_torchscript_teacher_with_a_named_student_arch(tmp_path):
     (["compress", "{sd}", "--arch", "resnet9000", "--data", "mnist-mini", "--out", "o"], "known: "),
     (["compress", "{teacher}", "--data", "{cifar10}", "--out", "o"], "10 outputs (classes in its metadata) but the data has 3 classes"),
     (["profiles", "show", "nope"], "unknown profile"),
+    (["compress", "{teacher}", "--data", "mnist-mini", "--augment", "bogus", "--out", "o"], "train.augment='bogus': Input should be"),
+    (["compress", "{teacher}", "--data", "mnist-mini", "--loss", "bogus", "--out", "o"], "unknown loss 'bogus'; known: ce, dist, dkd"),
+    (["compress", "{teacher}", "--data", "mnist-mini", "--depth", "2", "--out", "o"], "student.depth=2.0: Input should be less than"),
 ])
 def test_bad_input_gets_one_line_and_exit_2(tmp_path, tiny_teacher, args, needle):
     import numpy as np

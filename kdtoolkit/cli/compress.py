@@ -23,7 +23,7 @@ from kdtoolkit.cli.options import (
     config_panel,
     parse_input_flags,
 )
-from kdtoolkit.config import DataConfig, MeasureConfig, QatConfig, StudentConfig, TrainConfig
+from kdtoolkit.config import DataConfig, LossConfig, MeasureConfig, QatConfig, StudentConfig, TrainConfig
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:
@@ -77,6 +77,8 @@ def compress_cmd(
     batch_size: config_option(TrainConfig, "batch_size", optional=True) = None,
     lr: config_option(TrainConfig, "lr", optional=True) = None,
     augment: config_option(TrainConfig, "augment", optional=True) = None,
+    augment_views: config_option(TrainConfig, "augment_views", optional=True) = None,
+    loss: config_option(LossConfig, "name", "--loss", optional=True) = None,
     alpha: Annotated[Optional[float], typer.Option("--alpha", help="KD weight of the soft targets", rich_help_panel=config_panel(TrainConfig))] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="KD temperature", rich_help_panel=config_panel(TrainConfig))] = None,
     train_limit: config_option(DataConfig, "train_limit") = None,
@@ -127,6 +129,7 @@ def compress_cmd(
     for obj, key, val in ((st, "arch", student_arch), (st, "depth", depth), (st, "width", width), (st, "latency_budget_ms", latency_budget),
                           (st, "speedup", speedup), (st, "init", student_init), (tr, "epochs", epochs),
                           (tr, "max_steps", max_steps), (tr, "time_budget_min", time_budget), (tr, "batch_size", batch_size), (tr, "lr", lr), (tr, "augment", augment),
+                          (tr, "augment_views", augment_views), (tr.loss, "name", loss),
                           (cfg.measure, "iters", iters), (cfg.qat, "max_steps", qat_steps)):
         if val is not None:
             setattr(obj, key, val)
@@ -138,7 +141,13 @@ def compress_cmd(
         tr.loss.alpha.start = alpha
     if temperature is not None:
         tr.loss.temperature.start = temperature
-    cfg = CompressConfig.model_validate(cfg.model_dump())  # re-validate values set from flags
+    from pydantic import ValidationError
+
+    try:
+        cfg = CompressConfig.model_validate(cfg.model_dump())  # re-validate values set from flags
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        raise InputError(f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}") from None
     cfg = apply_overrides(cfg, sets)  # --set train.lr=0.01 ...
     summary = compress(cfg, run_dir, progress=not quiet, wait=wait)
     if json_out:
