@@ -103,8 +103,15 @@ def _target(ctx: Context) -> dict[str, Any]:
 
 def _teacher_config(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
-    return {"model": cfg.model, "model_sha": cfg.model_sha256 or Artifact.load(cfg.model).fingerprint(), "arch": cfg.arch,
+    return {"model": cfg.model, "model_sha": cfg.model_sha256 or _folder_fingerprint(Path(cfg.model)), "arch": cfg.arch,
             "data": _data(ctx)}
+
+
+def _folder_fingerprint(path: Path) -> str:
+    """A model given as a folder: a kdtoolkit artifact, or a timm / transformers save_pretrained folder."""
+    from kdtoolkit.models.vit import folder_fingerprint, is_pretrained_folder
+
+    return folder_fingerprint(path) if is_pretrained_folder(path) else Artifact.load(path).fingerprint()
 
 
 def _export_config(ctx: Context) -> dict[str, Any]:
@@ -221,6 +228,9 @@ def compress(cfg: CompressConfig, run_dir: str | os.PathLike[str], *, progress: 
     if ctx.profile.name != cfg.profile and not str(cfg.profile).endswith((".yaml", ".yml")):
         log(f"profile: {cfg.profile} -> {ctx.profile.name}", enabled=progress)
     # preflight: bad input fails here, in one line, before anything is written
+    from kdtoolkit.models.vit import check_input
+
+    check_input(ctx.teacher.module, ctx.splits.spec.input_size)  # a ViT's patch grid: before the model runs
     ctx.outputs = check_outputs(ctx.teacher.module, ctx.splits.spec, allow_raw=cfg.no_student)
     if ctx.outputs is not None:
         log(f"outputs {', '.join(ctx.outputs)} are not class logits: no top-1; exported, quantized and checked output by output",

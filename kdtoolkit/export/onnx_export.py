@@ -68,8 +68,10 @@ def export_onnx(
     import torch
 
     from kdtoolkit import fsutil
+    from kdtoolkit.models.vit import check_input
 
     module = module.eval() if hasattr(module, "eval") else module
+    check_input(module, tuple(input_shape[2:]))  # a ViT's patch grid, in one line rather than an exporter trace
     example = torch.zeros(*input_shape)
     outs = list(output_names or [output_name])
     dyn = {input_name: {0: "batch"}, **{o: {0: "batch"} for o in outs}} if dynamic_batch else None

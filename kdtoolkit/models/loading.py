@@ -61,7 +61,8 @@ def known_archs() -> list[str]:
 
 
 def build_arch(name: str, **kwargs: Any):
-    """Build an architecture: built-in zoo name, ``torchvision:NAME``, ``timm:NAME`` or ``module:callable``."""
+    """Build an architecture: built-in zoo name, ``torchvision:NAME``, ``timm:NAME``, ``module:callable``, or
+    ``hf:CLASS`` with ``config=`` (a transformers classifier rebuilt from its recorded config, see models.vit)."""
     from kdtoolkit.models.zoo import ARCHS
 
     if name in ARCHS:
@@ -76,12 +77,13 @@ def build_arch(name: str, **kwargs: Any):
         except ValueError:
             raise InputError(f"unknown torchvision model {rest!r}; known: {', '.join(tvm.list_models())}") from None
     if prefix == "timm" and rest:
-        from kdtoolkit.errors import lazy_import
+        from kdtoolkit.models.vit import build_timm
 
-        timm = lazy_import("timm", purpose=f"architecture {name}")
-        if not timm.is_model(rest):
-            raise InputError(f"unknown timm model {rest!r}")
-        return timm.create_model(rest, pretrained=False, **kwargs)
+        return build_timm(rest, **kwargs)[0]
+    if prefix == "hf" and rest:
+        from kdtoolkit.models.vit import build_hf
+
+        return build_hf(rest, **kwargs)
     if ":" in name and rest:
         import importlib
 
@@ -201,9 +203,10 @@ def save_model(dir_path: str | os.PathLike[str], model: Any, recipe: dict[str, A
 
 
 def _portable(recipe: dict[str, Any]) -> bool:
-    """Whether a recipe rebuilds without the user's code: the zoo, torchvision and timm do; ``module:callable`` does not."""
+    """Whether a recipe rebuilds without the user's code: the zoo, torchvision, timm and ``hf:`` (config in the recipe) do;
+    ``module:callable`` does not."""
     name = str(recipe.get("arch", ""))
-    return ":" not in name or name.split(":", 1)[0] in ("torchvision", "timm")
+    return ":" not in name or name.split(":", 1)[0] in ("torchvision", "timm", "hf")
 
 
 def build_from_recipe(recipe: dict[str, Any], state: dict[str, Any] | None = None, source: str = "recipe"):
@@ -234,6 +237,10 @@ def load_model(
         raise InputError(f"model file not found: {path}")
     if path.is_dir():
         from kdtoolkit.artifact import Artifact
+        from kdtoolkit.models.vit import is_pretrained_folder, load_pretrained_folder
+
+        if is_pretrained_folder(path):  # a timm or transformers save_pretrained folder: config.json + weights
+            return load_pretrained_folder(path)
 
         art = Artifact.load(path)
         if art.kind != "torch":
@@ -300,9 +307,21 @@ def _from_state_dict(obj: Any, path: Path, arch: str | None, num_classes: int | 
     if arch is None:
         raise InputError(f"{path} holds only weights (a state dict); name its architecture with --arch NAME (known: {', '.join(known_archs())})")
     kwargs = _arch_kwargs(arch, num_classes if num_classes is not None else _infer_classes(state), in_channels)
-    model = build_arch(arch, **kwargs)
-    load_weights(model, state, str(path))
     meta = {k: v for k, v in obj.items() if k not in _STATE_KEYS and isinstance(v, (int, float, str))} if isinstance(obj, dict) else {}
+    if arch.startswith("timm:"):
+        # a ViT's img_size/patch/channels come from its weights (position embedding, patch projection), so they load as they are
+        from kdtoolkit.models.vit import build_timm, geometry
+
+        if in_channels is not None:
+            kwargs["in_chans"] = kwargs.pop("in_channels", in_channels)
+        model, kwargs = build_timm(arch.split(":", 1)[1], state, **kwargs)
+        kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+        g = geometry(model)
+        if g is not None and g["size"] is not None:
+            meta["input_size"] = list(g["size"])
+    else:
+        model = build_arch(arch, **kwargs)
+    load_weights(model, state, str(path))
     recipe = {"arch": arch, "arch_kwargs": kwargs, "transforms": []}
     return LoadedModel(model.eval(), "eager", str(path), arch=arch, recipe=recipe, meta=meta)
 
