@@ -181,6 +181,10 @@ class Int8Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: Literal["ptq", "qat"] = Field("ptq", description="QAT (needs the torch student) or PTQ")
     calib_method: Literal["minmax", "entropy", "percentile", "mse"] = Field("minmax", description="PTQ calibration")
+    mode: Literal["static", "dynamic"] = Field(
+        "static", description="static: QDQ with calibrated activation ranges (every backend); dynamic: ONNX Runtime's "
+        "quantize_dynamic, int8 MatMul/Gemm weights and activation ranges computed at run time (ORT CPU only, no calibration; "
+        "measured faster for ViTs on ORT CPU, see benchmarks/results/vit_int8.json)")
     calib_size: int = Field(512, ge=1, description="calibration samples from the training split")
     percentile: float = Field(99.99, gt=50, le=100, description="for calib_method=percentile")
     tolerance_points: float = Field(1.0, ge=0, description="INT8 may lose this many top-1 points before layers fall back to float")

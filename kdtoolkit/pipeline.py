@@ -225,6 +225,9 @@ def compress(cfg: CompressConfig, run_dir: str | os.PathLike[str], *, progress: 
     if cfg.no_student:
         cfg = cfg.model_copy(update={"profile_overrides": {**cfg.profile_overrides, "quant.method": "ptq"}})
     ctx = Context(cfg, run_dir, progress=progress)
+    if ctx.profile.quant.mode == "dynamic" and ctx.profile.is_tensorrt:
+        raise InputError(f"dynamic INT8 is for ONNX Runtime CPU targets; {ctx.profile.name} is a TensorRT profile, which needs static Q/DQ "
+                         "(drop --int8-mode dynamic)")
     if ctx.profile.name != cfg.profile and not str(cfg.profile).endswith((".yaml", ".yml")):
         log(f"profile: {cfg.profile} -> {ctx.profile.name}", enabled=progress)
     # preflight: bad input fails here, in one line, before anything is written

@@ -132,7 +132,7 @@ def resolve_student_config(cfg, profile, teacher, input_shape, num_classes: int,
 
     best_effort = False
     if budget is None and speedup is None:
-        if cfg.depth < 1.0 or cfg.width < 1.0:
+        if cfg.depth < 1.0 or cfg.width < 1.0 or cfg.blocks or cfg.heads or cfg.mlp_hidden:
             return cfg, None  # the user chose the shape
         try:
             model, _, info = make_student(teacher, cfg, input_shape=input_shape, num_classes=num_classes)
@@ -244,8 +244,8 @@ def quantize_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any])
     teacher_art, student_art, fp32_art = inputs
     prof = ctx.profile
     q = prof.quant
-    qat = q.method == "qat" and prof.precision not in ("fp32", "fp16")
-    int8_cfg = Int8Config(method=q.method, calib_method=q.calib_method, calib_size=min(q.calib_size, len(ctx.splits.train)),
+    qat = q.method == "qat" and prof.precision not in ("fp32", "fp16") and q.mode == "static"  # dynamic INT8 has no scales to train
+    int8_cfg = Int8Config(method="qat" if qat else "ptq", mode=q.mode, calib_method=q.calib_method, calib_size=min(q.calib_size, len(ctx.splits.train)),
                           percentile=q.percentile, tolerance_points=prof.accuracy_tolerance, opset=fp32_art.info.get("opset", 17),
                           seed=ctx.cfg.train.seed)
     return write_quantized(

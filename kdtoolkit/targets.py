@@ -44,6 +44,8 @@ class QuantSettings(_Strict):
     )
     method: Literal["qat", "ptq"] = Field("qat", description="default INT8 path: QAT under distillation, or PTQ")
     calib_method: Literal["minmax", "entropy", "percentile", "mse"] = Field("minmax", description="PTQ calibration")
+    mode: Literal["static", "dynamic"] = Field(
+        "static", description="static QDQ (calibrated), or dynamic (ORT CPU only: int8 MatMul/Gemm weights, activation ranges at run time)")
     calib_size: int = Field(512, ge=1, description="calibration samples, drawn from the training split")
     percentile: float = Field(99.99, gt=50, le=100, description="for calib_method=percentile")
 

@@ -20,6 +20,7 @@ Sources, kept next to the tables they fed:
   0..7, stride 1..16; leaky ReLU too; concatenation along channels; LRN window 3, 5, 7 or 9. TensorRT
   before 11 takes DLA INT8 from a calibrator (implicit), not from Q/DQ nodes. Layers outside these
   fall back to the GPU (GPU_FALLBACK) or fail the build.
+- Transformer blocks (LayerNorm, GELU, Softmax, INT8 MatMul, MHA fusion, FP16 overflow): kdtoolkit.backends.transformer_check.
 """
 
 from __future__ import annotations
@@ -223,6 +224,9 @@ def check_model(model: Any, profile: Any, *, source: str = "<model>", tensorrt_v
         return rep
     f.extend(_op_findings(model, version or "8.5"))
     f.extend(qdq_findings(model, "tensorrt"))
+    from kdtoolkit.backends.transformer_check import transformer_findings
+
+    f.extend(transformer_findings(model, profile, version or "8.5"))  # LayerNorm/GELU/Softmax/INT8 MatMul/MHA per release
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:

@@ -92,6 +92,8 @@ def compress_cmd(
     seed: Annotated[Optional[int], typer.Option("--seed", help="seed for splits, order and init")] = None,
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: the profile's, at most 17)")] = None,
     iters: config_option(MeasureConfig, "iters", optional=True) = None,
+    int8_mode: Annotated[Optional[str], typer.Option("--int8-mode", help="static (QDQ, calibrated) or dynamic (ORT CPU: int8 MatMul/Gemm "
+                                                     "weights, ranges at run time); sets the profile's quant.mode")] = None,
     json_out: JsonOut = None,
     quiet: Quiet = False,
     sets: Set = None,
@@ -137,6 +139,8 @@ def compress_cmd(
         st.separable = False
     if no_student:
         cfg.no_student = True
+    if int8_mode is not None:
+        cfg.profile_overrides = {**cfg.profile_overrides, "quant.mode": int8_mode}
     if alpha is not None:
         tr.loss.alpha.start = alpha
     if temperature is not None:

@@ -225,6 +225,83 @@ def entropy_ranges(fp32: Path, calib: np.ndarray, scheme: Scheme, tensors: list[
     return out
 
 
+# LayerNormalization/InstanceNormalization are in ORT's QDQ registry (float kernels between a DQ and a Q); on a
+# transformer they are left out, as are Softmax and the GELU's Erf (never in the registry): ORT has no integer kernels
+# for them, so a Q/DQ pair around each only adds rounding error and two ops per block (benchmarks/vit_int8.py).
+_FLOAT_IN_TRANSFORMERS = ("LayerNormalization", "InstanceNormalization", "BatchNormalization")
+
+
+def is_transformer_graph(path_or_model: Any) -> bool:
+    """Whether an ONNX graph holds transformer blocks: a LayerNormalization (or its opset-16 decomposition: ReduceMean
+    feeding a Sub), or a Softmax fed by a MatMul of two activations (attention scores)."""
+    import onnx
+
+    m = onnx.load(str(path_or_model), load_external_data=False) if not hasattr(path_or_model, "graph") else path_or_model
+    inits = {i.name for i in m.graph.initializer}
+    consts = {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
+    prod = {o: n for n in m.graph.node for o in n.output}
+    for n in m.graph.node:
+        if n.op_type == "LayerNormalization":
+            return True
+        if n.op_type == "Softmax":
+            src = prod.get(n.input[0])
+            while src is not None and src.op_type in ("Div", "Mul", "Add", "Cast"):
+                src = prod.get(src.input[0])
+            if src is not None and src.op_type == "MatMul" and not any(i in inits or i in consts for i in src.input):
+                return True
+    return False
+
+
+def transformer_op_types() -> list[str]:
+    """ORT's QDQ registry minus the normalisations: MatMul (both inputs: attention's Q.K^T and P.V run as int8),
+    Gemm/Conv weights and the shape ops between them quantized; LayerNorm, Softmax, GELU (Erf) stay float."""
+    from onnxruntime.quantization.registry import QDQRegistry
+
+    return [op for op in QDQRegistry if op not in _FLOAT_IN_TRANSFORMERS]
+
+
+DYNAMIC_OPS = ("MatMul", "Gemm")
+
+
+def quantize_dynamic_onnx(fp32: str | os.PathLike[str], out: str | os.PathLike[str], scheme: Scheme) -> dict[str, Any]:
+    """ONNX Runtime's ``quantize_dynamic``: int8 weights for MatMul/Gemm (per output channel), activations quantized at
+    run time from each batch's own range (DynamicQuantizeLinear -> MatMulInteger), so there is nothing to calibrate.
+
+    Why offer it: on ORT CPU a transformer is mostly MatMul/Gemm with weights, and the static QDQ graph adds Q/DQ on
+    every activation; see benchmarks/results/vit_int8.json for the measured comparison. ORT-only: TensorRT does not
+    parse MatMulInteger/DynamicQuantizeLinear."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from kdtoolkit import fsutil
+    from kdtoolkit.export.onnx_export import check_onnx
+
+    if scheme.name == "tensorrt":
+        raise InputError("dynamic INT8 is for ONNX Runtime CPU targets; TensorRT needs static Q/DQ (drop --int8-mode dynamic)")
+    fp32 = Path(fp32)
+    check_onnx(fp32)
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    with fsutil.atomic_path(out, suffix=".onnx") as tmp:
+        try:
+            quantize_dynamic(str(fp32), str(tmp), op_types_to_quantize=list(DYNAMIC_OPS), per_channel=scheme.weight_per_channel,
+                             reduce_range=scheme.reduce_range, weight_type=QuantType.QInt8)
+        except Exception as exc:
+            raise InputError(f"onnxruntime quantize_dynamic failed on {fp32}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+        finally:
+            root.setLevel(level)
+        check_onnx(tmp)
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node}
+    return {"mode": "dynamic", "op_types": list(DYNAMIC_OPS), "per_channel": scheme.weight_per_channel,
+            "reduce_range": scheme.reduce_range, "weights": "int8", "activations": "uint8, range computed per batch at run time",
+            "integer_ops": sorted(ops & {"MatMulInteger", "DynamicQuantizeLinear", "ConvInteger", "DynamicQuantizeMatMul"}),
+            "calib_samples": 0}
+
+
 def quantize_onnx(
     fp32: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -250,12 +327,18 @@ def quantize_onnx(
     name, _ = model_input(fp32)
     kw = scheme.ort_kwargs()
     extra = dict(kw.pop("extra_options"))
+    transformer = kw["op_types_to_quantize"] is None and is_transformer_graph(fp32)
+    if transformer:
+        kw["op_types_to_quantize"] = transformer_op_types()
     cm = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
           "percentile": CalibrationMethod.Percentile, "mse": CalibrationMethod.MinMax}[method]
     if method == "percentile":
         extra["CalibPercentile"] = percentile
     info: dict[str, Any] = {"calib_method": method, "calib_samples": int(len(calib)), "scheme": scheme.to_manifest(),
                             "float_ops": unquantizable_ops(fp32, scheme), "nodes_in_float": list(nodes_to_exclude or [])}
+    if transformer:
+        info["op_types"] = {"list": "ORT's QDQ registry minus normalisations (transformer graph)",
+                            "float": [*_FLOAT_IN_TRANSFORMERS, "Softmax", "Erf (GELU)"]}
     if method == "entropy":
         # ORT's quantize_static builds its entropy calibrator with 128 histogram bins and 128 quantized bins and
         # no option reaches them: the KL search then has one candidate, the full range, and "entropy" equals
@@ -338,7 +421,7 @@ def build_int8(
     info: dict[str, Any] = {"scheme": scheme.to_manifest()}
     info.update(_make_int8(fp32, out, splits, scheme, cfg, student=student, teacher=teacher, qat_cfg=qat_cfg, loss=loss,
                            work=work, progress=progress))
-    float_ops = (info.get("qat") or info.get("ptq") or {}).get("float_ops", [])
+    float_ops = (info.get("qat") or info.get("ptq") or {}).get("float_ops", [])  # dynamic: everything but MatMul/Gemm, by design
     if float_ops:
         log(f"[quantize] note: the {scheme.name} scheme does not quantize {', '.join(float_ops)}; they stay in float", enabled=progress)
     metrics = _measure_int8(fp32, out, splits, output_names)
@@ -346,6 +429,8 @@ def build_int8(
         info["fallback"] = {"skipped": "the outputs are not class logits: no accuracy to choose layers by; nothing kept in float"}
         log(f"[quantize] INT8 vs FP32 outputs on {metrics['n_test']} test images: {metrics['output_fidelity_text']}; "
             "the accuracy fallback is skipped (no accuracy for these outputs)", enabled=progress)
+    elif cfg.mode == "dynamic" and metrics["accuracy_drop_points"] > cfg.tolerance_points:
+        info["fallback"] = {"skipped": "dynamic INT8 has no Q/DQ layers to keep in float; the tolerance decides FP32 vs INT8"}
     elif metrics["accuracy_drop_points"] > cfg.tolerance_points and len(splits.val):
         info["fallback"] = _fallback(fp32, out, splits, cfg, metrics, progress=progress)
     metrics["kept_in_float"] = (info.get("fallback") or {}).get("kept_in_float", [])
@@ -361,6 +446,11 @@ def _make_int8(fp32: Path, out: Path, splits: Any, scheme: Scheme, cfg: Int8Conf
 
     sample = tuple(to_tensor(splits.train.x[:1], splits.spec).shape[1:])
     check_calib_shape(fp32, sample)
+    if cfg.mode == "dynamic":
+        if cfg.method == "qat":
+            raise InputError("QAT trains static Q/DQ scales; dynamic INT8 has none (use --int8-mode static with QAT)")
+        log("[quantize] dynamic INT8 (ORT quantize_dynamic: int8 MatMul/Gemm weights, activation ranges at run time)", enabled=progress)
+        return {"method": "dynamic", "dynamic": quantize_dynamic_onnx(fp32, out, scheme)}
     if cfg.method == "qat" and student is not None:
         from kdtoolkit.quant.qat import QatConfig, export_qdq, run_qat
 

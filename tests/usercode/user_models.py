@@ -75,3 +75,25 @@ class Detector(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         y = self.conv(x)
         return {"boxes": y[:, :4].mean((2, 3)), "scores": y.amax((1, 2, 3))}
+
+
+class TinyViT(nn.Module):
+    """A user's own small vision transformer (patchify conv, class token, learned position embedding, pre-norm blocks
+    with nn.MultiheadAttention): for 1x28x28 inputs with patch 4 (a 7x7 grid)."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: int = 28, patch: int = 4, dim: int = 32,
+                 depth: int = 2, heads: int = 2) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(in_chans, dim, patch, patch)
+        n = (img_size // patch) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch_embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], 1) + self.pos_embed
+        return self.head(self.norm(self.blocks(t))[:, 0])
