@@ -85,6 +85,10 @@ def student_cmd(
     init: Annotated[str, typer.Option("--init", help="svd (teacher-initialised rank-1) or random")] = "svd",
     latency_budget: Annotated[Optional[float], typer.Option("--latency-budget", help="ms at the profile's opt batch: search depth x width")] = None,
     speedup: Annotated[Optional[float], typer.Option("--speedup", help="search depth x width for the most capable student at least X times faster than the teacher (default: 2x when the separable student is not)")] = None,
+    blocks: Annotated[Optional[int], typer.Option("--blocks", help="transformer teacher: blocks the student keeps (default: from --depth)")] = None,
+    heads: Annotated[Optional[int], typer.Option("--heads", help="transformer teacher: attention heads per block (default: from --width)")] = None,
+    mlp_hidden: Annotated[Optional[int], typer.Option("--mlp-hidden", help="transformer teacher: MLP hidden units per block (default: from --width)")] = None,
+    block_select: Annotated[str, typer.Option("--block-select", help="transformer teacher: uniform (TinyBERT's spacing) or cosine (needs --data)")] = "uniform",
     data: Annotated[Optional[str], typer.Option("--data", help="a few batches to re-estimate BatchNorm after surgery")] = None,
     input_shape: InputShape = None,
     channels: Channels = None,
@@ -132,7 +136,8 @@ def student_cmd(
         n_cls = int(teacher.module(torch.zeros(full_shape)).shape[-1])
     cfg = StudentConfig(arch=student_arch, separable=not no_separable, skip_stem=skip_stem, skip_first=skip_first,
                         skip=skip.split(",") if skip else [], only=only.split(",") if only else [], depth=depth, width=width,
-                        init=init, latency_budget_ms=latency_budget, speedup=speedup)
+                        init=init, latency_budget_ms=latency_budget, speedup=speedup, blocks=blocks, heads=heads,
+                        mlp_hidden=mlp_hidden, block_select=block_select)
     # the student stage's own functions: `kdtoolkit student` writes what stage 01-student writes
     teacher_mod, student, recipe, info, cfg, found = derive_student(teacher, cfg, prof, full_shape, n_cls, calib)
     bs = [int(b) for b in batches.split(",")]

@@ -376,3 +376,111 @@ class DistillWrapper(nn.Module):
         feats = self._taps.get()
         hinted = [a(f) for a, f in zip(self.adapters, feats[: self.n_hint])]
         return logits, hinted, feats[self.n_hint:]
+
+
+# -- transformer students: hidden states and attention maps -------------------------------------
+@FEATURE_LOSSES.register("hidden")
+def hidden_state_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor]) -> torch.Tensor:
+    """TinyBERT (Jiao et al. 2020) hidden-state loss: MSE between the (projected, when widths differ) student
+    block output and its mapped teacher block output, averaged over pairs."""
+    total = student_hidden[0].new_zeros(())
+    for s, t in zip(student_hidden, teacher_hidden):
+        total = total + F.mse_loss(s, t.detach())
+    return total / max(len(student_hidden), 1)
+
+
+def attention_log_probs(qkv: torch.Tensor, attn: nn.Module, relation_heads: int | None = None) -> torch.Tensor:
+    """Log attention probabilities (B, R, N, N) recomputed from a timm attention's fused qkv output.
+
+    timm runs attention through fused SDPA, which never materialises the map, so it is rebuilt from q and k
+    (after the module's q/k norms) with the module's own scale. With ``relation_heads`` R different from the
+    module's head count, the concatenated q and k are re-split into R heads (MiniLMv2's relation heads), so
+    a student with fewer heads can still be compared with its teacher."""
+    b, n, _ = qkv.shape
+    h, d = int(attn.num_heads), int(attn.head_dim)
+    q, k, _v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    r = relation_heads or h
+    if r != h:
+        q = q.transpose(1, 2).reshape(b, n, r, h * d // r).transpose(1, 2)
+        k = k.transpose(1, 2).reshape(b, n, r, h * d // r).transpose(1, 2)
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    return scores.float().log_softmax(-1)
+
+
+@FEATURE_LOSSES.register("attn")
+def attention_map_loss(student_logp: list[torch.Tensor], teacher_logp: list[torch.Tensor]) -> torch.Tensor:
+    """MiniLM (Wang et al. 2020) self-attention distribution transfer: KL(teacher || student) over the keys,
+    averaged over batch, heads and queries, then over pairs. Zero exactly when the maps are equal."""
+    total = student_logp[0].new_zeros(())
+    for s, t in zip(student_logp, teacher_logp):
+        t = t.detach()
+        total = total + (t.exp() * (t - s)).sum(-1).mean()
+    return total / max(len(student_logp), 1)
+
+
+class TransformerTaps:
+    """Hooks on chosen blocks of a ViT: each block's output and its attention's fused qkv output."""
+
+    def __init__(self, model: nn.Module, blocks: list[int]) -> None:
+        self.blocks = [model.blocks[i] for i in blocks]
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.qkv: dict[int, torch.Tensor] = {}
+        self._hooks = []
+        for j, b in enumerate(self.blocks):
+            self._hooks.append(b.register_forward_hook(lambda _m, _i, out, j=j: self.hidden.__setitem__(j, out)))
+            self._hooks.append(b.attn.qkv.register_forward_hook(lambda _m, _i, out, j=j: self.qkv.__setitem__(j, out)))
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+class TransformerKD(nn.Module):
+    """Hidden-state and attention-map distillation of a ViT student from a ViT teacher, on top of logit KD.
+
+    Student block i is paired with teacher block (i+1)*T/S - 1 (TinyBERT's uniform map). The projections
+    (a linear map per pair when the embedding widths differ) train with the student and are never part of it,
+    so they are gone at export."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, hidden_weight: float, attn_weight: float) -> None:
+        super().__init__()
+        from kdtoolkit.student.transformer import layer_map
+
+        s_n, t_n = len(student.blocks), len(teacher.blocks)
+        self.pairs = layer_map(s_n, t_n)
+        self.hidden_weight, self.attn_weight = hidden_weight, attn_weight
+        self.s = TransformerTaps(student, list(range(s_n)))
+        self.t = TransformerTaps(teacher, self.pairs)
+        self.proj = nn.ModuleList()
+        self.relation_heads = []
+        for sb, tb in zip(self.s.blocks, self.t.blocks):
+            ds, dt = sb.attn.qkv.in_features, tb.attn.qkv.in_features
+            self.proj.append(nn.Identity() if ds == dt else nn.Linear(ds, dt))
+            sh, th = int(sb.attn.num_heads), int(tb.attn.num_heads)
+            t_dim = th * int(tb.attn.head_dim)
+            s_dim = sh * int(sb.attn.head_dim)
+            import math
+
+            r = sh if (t_dim % sh == 0 and s_dim % sh == 0) else math.gcd(sh, th)
+            self.relation_heads.append(r if sh != th else None)
+
+    def loss(self) -> torch.Tensor:
+        """The weighted hidden + attention losses of the latest student and teacher forward calls."""
+        total: torch.Tensor | None = None
+        idx = range(len(self.pairs))
+        if self.hidden_weight:
+            hs = [self.proj[j](self.s.hidden[j]).float() for j in idx]
+            total = self.hidden_weight * FEATURE_LOSSES.get("hidden")(hs, [self.t.hidden[j].float() for j in idx])
+        if self.attn_weight:
+            sp = [attention_log_probs(self.s.qkv[j], self.s.blocks[j].attn, self.relation_heads[j]) for j in idx]
+            tp = [attention_log_probs(self.t.qkv[j], self.t.blocks[j].attn, self.relation_heads[j]) for j in idx]
+            a = self.attn_weight * FEATURE_LOSSES.get("attn")(sp, tp)
+            total = a if total is None else total + a
+        assert total is not None
+        return total
+
+    def remove(self) -> None:
+        self.s.remove()
+        self.t.remove()

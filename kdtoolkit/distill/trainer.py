@@ -329,10 +329,17 @@ class Trainer:
                     raise InputError(f"{who} has {n_t} outputs but the student has {n_s}: they must predict the same classes")
             if n_s != len(spec.classes):
                 raise InputError(f"the student and teacher have {n_s} outputs but the data has {len(spec.classes)} classes")
-        use_features = bool(teachers) and cfg.loss.uses_features
+        use_features = bool(teachers) and (cfg.loss.uses_features or any(self._transformer_weights(student, teachers)))
         if use_features and not isinstance(teachers[0], nn.Module):
             raise InputError("hint / attention-transfer losses need an eager PyTorch teacher (forward hooks)")
         return use_features
+
+    def _transformer_weights(self, student: nn.Module, teachers: list[Any]) -> tuple[float, float]:
+        """(hidden-state, attention-map) loss weights; unset ones are on when student and teacher are both ViTs."""
+        from kdtoolkit.student.transformer import is_transformer
+
+        pair = len(teachers) == 1 and isinstance(teachers[0], nn.Module) and is_transformer(student) and is_transformer(teachers[0])
+        return self.cfg.loss.transformer_weights(pair)
 
     def _loss_fn(self, teachers: list[Any]) -> Any:
         """The registered loss, or multi-teacher KD when several teachers are given."""
@@ -386,9 +393,21 @@ class Trainer:
         adapters = nn.ModuleList([HintAdapter(s_ch[s], t_ch[t]) for s, t in hint_pairs]).to(device)
         s_taps = FeatureTaps(raw, [s for s, _ in hint_pairs + at_pairs])
         t_taps = FeatureTaps(teachers[0], [t for _, t in hint_pairs + at_pairs])
-        log(f"feature distillation pairs (student -> teacher): hints {hint_pairs or '-'}, AT {at_pairs or '-'}",
-            enabled=self.progress and self.is_main)
-        return adapters, t_taps, len(hint_pairs), DistillWrapper(raw, s_taps, adapters, len(hint_pairs))
+        core = DistillWrapper(raw, s_taps, adapters, len(hint_pairs))
+        hidden_w, attn_w = self._transformer_weights(raw, teachers)
+        tkd = None
+        if hidden_w or attn_w:  # ViT pair: hidden states and attention maps, TinyBERT's layer map
+            from kdtoolkit.distill.losses import TransformerKD
+
+            tkd = TransformerKD(raw, teachers[0], hidden_w, attn_w).to(device)
+            adapters.extend(tkd.proj)  # trained and checkpointed with the hint adapters; never part of the student
+            log(f"transformer distillation: student blocks <- teacher blocks {tkd.pairs} (hidden x{hidden_w:g}, "
+                f"attention x{attn_w:g})", enabled=self.progress and self.is_main)
+        if hint_pairs or at_pairs:
+            log(f"feature distillation pairs (student -> teacher): hints {hint_pairs or '-'}, AT {at_pairs or '-'}",
+                enabled=self.progress and self.is_main)
+        core.transformer_kd = tkd  # type: ignore[assignment]
+        return adapters, t_taps, len(hint_pairs), core
 
     def _optimizer(self, raw: nn.Module, extra: list[nn.Parameter]) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
         """SGD (Nesterov) or AdamW over the parameter groups (per-prefix lr scales); returns it and the parameters."""
@@ -596,6 +615,8 @@ class Trainer:
                             if cfg.loss.at_weight > 0:
                                 loss = loss + cfg.loss.at_weight * FEATURE_LOSSES.get("at")(
                                     [f.float() for f in at_s], [f.float() for f in t_feats[n_hint:]])
+                            if core.transformer_kd is not None:  # type: ignore[union-attr]
+                                loss = loss + core.transformer_kd.loss()  # type: ignore[union-attr]
                         else:
                             out = model(xm)
                             loss = loss_fn(out.float(), t_logits, target, alpha=alpha, temperature=temp, label_smoothing=cfg.loss.label_smoothing)
@@ -673,6 +694,8 @@ class Trainer:
         if t_taps is not None:
             t_taps.remove()
             core._taps.remove()  # type: ignore[union-attr]
+            if core.transformer_kd is not None:  # type: ignore[union-attr]
+                core.transformer_kd.remove()  # type: ignore[union-attr]
         if cfg.freeze:
             for p in raw.parameters():
                 p.requires_grad_(True)

@@ -186,6 +186,8 @@ def cifar_vit(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, *
     lazy_import("timm", extra="vit", purpose="the cifar_vit architecture")
     from timm.models.vision_transformer import VisionTransformer
 
+    if embed_dim % num_heads:
+        raise InputError(f"cifar_vit: {num_heads} heads do not divide the embedding width {embed_dim}")
     dim = max(num_heads, int(round(embed_dim * width / num_heads)) * num_heads)
     if img_size % patch_size:
         raise InputError(f"cifar_vit: patch size {patch_size} does not divide image size {img_size}")

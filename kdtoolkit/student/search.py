@@ -18,6 +18,7 @@ from kdtoolkit.student.build import StudentConfig, count_macs, count_params, mak
 
 DEPTHS = (1.0, 0.67, 0.34)
 WIDTHS = (1.0, 0.75, 0.5, 0.35, 0.25)  # the narrow end is for teachers that are already separable
+VIT_DEPTHS = (1.0, 0.75, 0.5, 0.34, 0.25)  # a transformer's blocks are its main cost: finer steps than a CNN's stages
 
 
 def measure_models(models: dict[str, Any], input_shape: tuple[int, ...], batches: list[int], *, threads: int = 0,
@@ -65,9 +66,29 @@ def search(teacher: Any, base: StudentConfig, *, budget_ms: float | None = None,
     if budget_ms is None and speedup is None:
         raise InputError("the student search needs a latency budget (--latency-budget MS) or a speedup (--speedup X)")
     cands: dict[str, tuple[StudentConfig, Any]] = {}
+    from kdtoolkit.student.transformer import is_transformer, resolve_shape
+
+    vit = not base.arch and is_transformer(teacher.module)
+    if vit and depths == DEPTHS:
+        depths = VIT_DEPTHS
     for d in depths:
         for w in widths:
             cfg = base.model_copy(update={"depth": d, "width": w, "latency_budget_ms": None, "speedup": None})
+            if vit:  # a ViT: candidates are block x head x MLP counts; fractions that round to the same shape are one
+                try:
+                    shape = resolve_shape(teacher.module, cfg)
+                except InputError:
+                    continue
+                name = f"b{shape['blocks']}-h{shape['heads']}-m{shape['mlp_hidden']}"
+                if name in cands:
+                    continue
+                cfg = cfg.model_copy(update={"blocks": shape["blocks"], "heads": shape["heads"], "mlp_hidden": shape["mlp_hidden"]})
+                try:
+                    model, _, _ = make_student(teacher, cfg, input_shape=input_shape, num_classes=num_classes)
+                except InputError:
+                    continue  # the teacher's own shape
+                cands[name] = (cfg, model.eval())
+                continue
             try:
                 model, _, _ = make_student(teacher, cfg, input_shape=input_shape, num_classes=num_classes)
             except InputError:
@@ -85,6 +106,7 @@ def search(teacher: Any, base: StudentConfig, *, budget_ms: float | None = None,
     for name, (cfg, m) in cands.items():
         p50 = lat[name][batch]["p50"]
         rows.append({"name": name, "depth": cfg.depth, "width": cfg.width, "params": count_params(m),
+                     **({"blocks": cfg.blocks, "heads": cfg.heads, "mlp_hidden": cfg.mlp_hidden} if vit else {}),
                      "macs": count_macs(m, input_shape), "p50_ms": p50, "meets_budget": p50 <= budget_ms})
     ok = [r for r in rows if r["meets_budget"]]
     if not ok and best_effort:

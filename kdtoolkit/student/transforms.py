@@ -176,6 +176,10 @@ def apply_transforms(model: nn.Module, transforms: list[dict[str, Any]], *, init
             reduce_depth(model, t["keep"])
         elif op == "width":
             pass  # widths are fitted from the saved weights by fit_to_state_dict
+        elif op in ("blocks", "heads"):  # transformer students (kdtoolkit.student.transformer)
+            from kdtoolkit.student.transformer import apply_transform
+
+            apply_transform(model, t)
         else:
             raise InputError(f"unknown transform {op!r} in recipe")
     return model
