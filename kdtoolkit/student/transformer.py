@@ -84,8 +84,14 @@ def block_influence(model: nn.Module, x: torch.Tensor) -> list[float]:
     ins: dict[int, torch.Tensor] = {}
     outs: dict[int, torch.Tensor] = {}
     hooks = []
+    def keep(i: int):
+        def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:  # None: the output is unchanged
+            ins[i], outs[i] = inp[0], out
+
+        return hook
+
     for i, b in enumerate(model.blocks):
-        hooks.append(b.register_forward_hook(lambda _m, inp, out, i=i: (ins.__setitem__(i, inp[0]), outs.__setitem__(i, out))))
+        hooks.append(b.register_forward_hook(keep(i)))
     was = model.training
     model.eval()
     try:
