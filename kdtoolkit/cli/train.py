@@ -60,8 +60,8 @@ NoCache = Annotated[bool, typer.Option("--no-teacher-cache", help="run the teach
 Amp = config_option(TrainConfig, "amp")
 ValFraction = config_option(DataConfig, "val_fraction")
 AdapterMethod = config_option(AdapterConfig, "method", "--adapter", optional=True,
-                              note="lora or loha; default: full fine-tuning. Trains peft adapters on the Linear/Conv2d layers, "
-                                   "with the head and normalisation layers trained alongside (peft modules_to_save)")
+                              note="lora or loha; unset: full fine-tuning. The head and normalisation layers train "
+                                   "alongside (peft modules_to_save, saved with the adapter)")
 Rank = config_option(AdapterConfig, "rank", optional=True, note="default 8")
 AdapterAlpha = config_option(AdapterConfig, "alpha", "--adapter-alpha")
 AdapterDropout = config_option(AdapterConfig, "dropout", "--adapter-dropout")
