@@ -249,7 +249,8 @@ def test_compress_on_a_tiny_vit_teacher_picks_a_transformer_student_and_bundles(
 
     t = vit(embed_dim=64)
     kw = {**KW, "embed_dim": 64}
-    save_checkpoint(tmp_path / "vit.pt", t, {"arch": "cifar_vit", "arch_kwargs": kw, "transforms": []}, {})
+    meta = {"input_size": [16, 16], "channels": 3, "mean": [0.0] * 3, "std": [1.0] * 3}  # the model's input beats the zoo's 32x32
+    save_checkpoint(tmp_path / "vit.pt", t, {"arch": "cifar_vit", "arch_kwargs": kw, "transforms": []}, meta)
     sp = tiny_splits(160)
     np.savez(tmp_path / "d.npz", x_train=sp.train.x, y_train=sp.train.y, x_test=sp.test.x, y_test=sp.test.y)
     out = tmp_path / "run"
