@@ -9,10 +9,10 @@ not a good classifier). It is saved as a timm folder (config.json + model.safete
 through kdtoolkit's front door, exported with kdtoolkit's exporter (opset 17, dynamic batch) and then:
 
 - ``fp32``: the export;
-- ``static_ort_ops``: kdtoolkit PTQ for ort-cpu as it was before issue 17 (ORT's own QDQ op registry,
-  which also wraps LayerNormalization in Q/DQ);
-- ``static_transformer_ops``: kdtoolkit PTQ for ort-cpu as it is now for transformer graphs (MatMul/Gemm
-  /Conv and the shape ops between them quantized; LayerNormalization, Softmax and the GELU's Erf float);
+- ``static_ort_ops``: ORT's quantize_static with its own QDQ op registry (MatMul with Q/DQ on both inputs,
+  LayerNormalization between a DQ and a Q, Softmax and Erf float): what kdtoolkit's ort-cpu PTQ does;
+- ``static_transformer_ops``: the same without LayerNormalization in the op list (kdtoolkit.quant.ptq.
+  transformer_op_types), to see whether leaving LayerNorm out of Q/DQ pays;
 - ``dynamic``: ``onnxruntime.quantization.quantize_dynamic`` (int8 MatMul/Gemm weights, activation
   ranges computed at run time), what kdtoolkit's ``--int8-mode dynamic`` makes.
 
@@ -100,7 +100,7 @@ def run_rest(a: Any, work: Path, folder: Path, splits: Any, tinfo: dict[str, Any
     from kdtoolkit.export.onnx_export import export_onnx, simplify
     from kdtoolkit.latency.timing import measure
     from kdtoolkit.models.loading import load_model
-    from kdtoolkit.quant.ptq import _Reader, calib_array, model_input, quantize_dynamic_onnx, quantize_onnx
+    from kdtoolkit.quant.ptq import _Reader, calib_array, model_input, quantize_dynamic_onnx, transformer_op_types
     from kdtoolkit.quant.schemes import scheme_for
     from kdtoolkit.targets import load_profile
 
@@ -123,7 +123,12 @@ def run_rest(a: Any, work: Path, folder: Path, splits: Any, tinfo: dict[str, Any
         quantize_static(str(fp32), str(tmp), _Reader(model_input(fp32)[0], x_cal), extra_options=extra, **kw)
     build["static_ort_ops_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    build["static_transformer_ops"] = quantize_onnx(fp32, paths["static_transformer_ops"], x_cal, scheme, method="minmax")
+    kw2 = scheme.ort_kwargs()
+    extra2 = dict(kw2.pop("extra_options"))
+    kw2["op_types_to_quantize"] = transformer_op_types()
+    with fsutil.atomic_path(paths["static_transformer_ops"], suffix=".onnx") as tmp:
+        quantize_static(str(fp32), str(tmp), _Reader(model_input(fp32)[0], x_cal), extra_options=extra2, **kw2)
+    build["static_transformer_ops"] = {"op_types": kw2["op_types_to_quantize"]}
     build["static_transformer_ops_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     build["dynamic"] = quantize_dynamic_onnx(fp32, paths["dynamic"], scheme)
@@ -164,8 +169,8 @@ def run_rest(a: Any, work: Path, folder: Path, splits: Any, tinfo: dict[str, Any
                   "export": "kdtoolkit export_onnx, opset 17 (LayerNormalization native), dynamic batch, onnxslim"},
         "setup": {"data": "CIFAR-10 JPEG, CIFAR-10 mean/std", "test_images": len(splits.test),
                   "calibration": f"{a.calib_size} seeded training images (both static rows)", "scheme": scheme.to_manifest(),
-                  "rows": {"static_ort_ops": "quantize_static, ORT's QDQ registry (LayerNormalization wrapped in Q/DQ): kdtoolkit before issue 17",
-                           "static_transformer_ops": "kdtoolkit quantize_onnx now: registry minus normalisations on a transformer graph",
+                  "rows": {"static_ort_ops": "quantize_static, ORT's QDQ registry (LayerNormalization wrapped in Q/DQ): what kdtoolkit's ort-cpu PTQ does",
+                           "static_transformer_ops": "quantize_static, ORT's registry minus normalisations (LayerNorm left out of Q/DQ)",
                            "dynamic": "kdtoolkit quantize_dynamic_onnx: onnxruntime quantize_dynamic, MatMul/Gemm int8 weights per channel"},
                   "timing": f"p50 per candidate, {a.iters} interleaved rounds per batch, median of {a.repeats} repeats"},
         "rows": rows, "graphs_top_ops": graphs, "build": build, "p50_ms_per_repeat": per,

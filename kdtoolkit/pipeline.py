@@ -233,7 +233,8 @@ def compress(cfg: CompressConfig, run_dir: str | os.PathLike[str], *, progress: 
     # preflight: bad input fails here, in one line, before anything is written
     from kdtoolkit.models.vit import check_input
 
-    check_input(ctx.teacher.module, ctx.splits.spec.input_size)  # a ViT's patch grid: before the model runs
+    check_input(ctx.teacher.module, cfg.data.input_size)  # a ViT's patch grid: a flag's size before the data is read
+    check_input(ctx.teacher.module, ctx.splits.spec.input_size)  # and the resolved size before the model runs
     ctx.outputs = check_outputs(ctx.teacher.module, ctx.splits.spec, allow_raw=cfg.no_student)
     if ctx.outputs is not None:
         log(f"outputs {', '.join(ctx.outputs)} are not class logits: no top-1; exported, quantized and checked output by output",

@@ -233,6 +233,16 @@ def resolve_input(flags: InputFlags | None, meta: dict[str, Any] | None, arch: s
                 setattr(spec, k, tuple(v) if isinstance(v, (list, tuple)) and k != "classes" else v)
                 spec.source[k] = label
                 break
+    # an architecture's published mean/std are for its published channel count: a model built with other
+    # channels (a 1-channel timm ViT) falls back to the data's statistics rather than contradicting itself
+    for k in ("mean", "std"):
+        v = getattr(spec, k)
+        if zoo_label and spec.source.get(k) == zoo_label and spec.channels is not None and v is not None and len(v) != spec.channels:
+            dv = data_vals.get(k)
+            setattr(spec, k, tuple(dv) if dv is not None else None)
+            spec.source.pop(k)
+            if dv is not None:
+                spec.source[k] = "data"
     # a model whose weights take C channels cannot be fed another count
     if zoo.get("fallback_size"):
         spec.fallback_size, spec.fallback_source = tuple(zoo["fallback_size"]), zoo_label

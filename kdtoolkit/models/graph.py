@@ -173,7 +173,7 @@ def modules_from_program(ep: Any) -> Any:
         elif t in (aten.relu.default, aten.relu_.default):
             new = graph.call_function(torch.relu, (arg(a[0]),))
         elif t in (aten.add.Tensor, aten.add_.Tensor) and len(a) == 2 and not node.kwargs \
-                and all(isinstance(x, fx.Node) for x in a):
+                and all(isinstance(x, fx.Node) and x.name not in weights_by_node for x in a):  # a weight added (ViT pos_embed) is generic
             new = graph.call_function(operator.add, (arg(a[0]), arg(a[1])))
         else:
             args = fx.map_arg(tuple(a), lambda n: get_attr_for(n) if n.name in weights_by_node else env[n.name])

@@ -348,5 +348,7 @@ def _program_module(ep: Any, path: Path) -> Any:
 
         module = ep.module()
         # eval()/train() raise on an exported module unless told how to switch batch norm and dropout
-        torch.ao.quantization.allow_exported_model_train_eval(module)
+        allow = getattr(torch.ao.quantization, "allow_exported_model_train_eval", None)  # gone from newer torch (2.14)
+        if allow is not None:
+            allow(module)
         return module

@@ -166,9 +166,13 @@ def timm_accepts_geometry(name: str) -> bool:
 
 
 def _load_timm_folder(path: Path, cfg: dict[str, Any]) -> Any:
+    from kdtoolkit.errors import lazy_import
     from kdtoolkit.models.loading import LoadedModel, load_weights
 
     arch = str(cfg["architecture"])
+    timm = lazy_import("timm", extra="vit", purpose=f"{path} (a timm folder)")
+    if not timm.is_model(arch):  # before the weights are read: the architecture is what the user must fix
+        raise InputError(f"{path}: unknown timm model {arch!r} in config.json (timm {timm.__version__})")
     state = _read_weights(path)
     args = dict(cfg.get("model_args") or {})
     if cfg.get("num_classes") is not None:
