@@ -10,7 +10,7 @@ top-1 on the test split:
 Resumable: each training run is a `compress` run folder (finished stages are skipped, training
 resumes from its checkpoint); the final measurement is cheap and is always redone.
 
-    python benchmarks/reference.py --time-budget 45     # the README's run: two 45-minute trainings on 2 idle cores
+    python benchmarks/reference.py --time-budget 40     # the README's run: two 40-minute trainings on 2 idle cores
 
 The student is the shape benchmarks/student_shape.py picked on an AVX-512 VNNI CPU: standard convolutions,
 one block per stage (depth 0.12), whose INT8 meets the speed targets with 3x the parameters of the
