@@ -11,6 +11,16 @@ DATA = ROOT.parent / "shared" / "data"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the shared teachers' training normalisation
 
 
+def shared_teacher_data() -> tuple[Path, Path]:
+    """(CIFAR-10 JPEG archive, fine-tuned ResNet-56 weights) from the shared folder, or exit with one line."""
+    import sys
+
+    tar, weights = DATA / "cifar10-jpeg.tar.gz", DATA / "weights" / "resnet56-cifar10-jpeg-ft.th"
+    if not tar.exists() or not weights.exists():
+        sys.exit(f"error: needs {tar} and {weights} (the shared data folder beside the checkout)")
+    return tar, weights
+
+
 def r56_teaches_separable_r20(train_limit: int, seed: int) -> tuple[Any, Any, Any, dict[str, Any]]:
     """(splits, teacher, student, the student's initial state): the fine-tuned ResNet-56 and kdtoolkit's
     SVD-initialised separable conversion of the pretrained ResNet-20, on a seeded training subset."""

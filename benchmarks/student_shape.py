@@ -26,8 +26,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data"
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from common import MEAN, STD, shared_teacher_data  # noqa: E402  (benchmarks/ is on the path when a script runs)
 
 # name -> StudentConfig fields. ResNet-56 has 9 blocks per stage: depth 0.23 keeps 2, 0.34 keeps 3.
 CANDIDATES: dict[str, dict[str, Any]] = {
@@ -68,9 +67,7 @@ def main() -> None:
     t0 = time.perf_counter()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    tar, weights = DATA / "cifar10-jpeg.tar.gz", DATA / "weights" / "resnet56-cifar10-jpeg-ft.th"
-    if not tar.exists() or not weights.exists():
-        sys.exit(f"error: needs {tar} and {weights} (the shared data folder beside the checkout)")
+    tar, weights = shared_teacher_data()
     torch.manual_seed(0)
     splits = load_data(str(tar), mean=MEAN, std=STD, seed=0, train_limit=2000, test_limit=100)
     x_cal = calib_array(splits, 256, seed=0)
