@@ -84,7 +84,7 @@ def train(folder: Path, splits: Any, minutes: float, seed: int) -> dict[str, Any
             "optimizer": "AdamW lr 1e-3 (50-step warm-up, cosine over the estimated steps), wd 0.05, label smoothing 0.1, crop+flip"}
 
 
-def run_rest(a: Any, work: Path, folder: Path, splits: Any, tinfo: dict[str, Any], t_start: float) -> None:
+def run_rest(a: Any, work: Path, folder: Path, splits: Any, tinfo: dict[str, Any], t_start: float, what: str | None = None) -> None:
     """Export, quantize three ways, measure accuracy and interleaved latency, write the JSON."""
     import collections
     import logging
@@ -104,7 +104,7 @@ def run_rest(a: Any, work: Path, folder: Path, splits: Any, tinfo: dict[str, Any
     from kdtoolkit.quant.schemes import scheme_for
     from kdtoolkit.targets import load_profile
 
-    teacher = load_model(str(folder))  # through the front door: a timm folder (config.json + model.safetensors)
+    teacher = load_model(str(folder))  # through the front door: a timm folder (config.json + model.safetensors) or --teacher
     fp32 = work / "fp32.onnx"
     if not fp32.exists():
         export_onnx(teacher.module, (1, 3, 32, 32), work / "raw.onnx", opset=17)
@@ -163,9 +163,9 @@ def run_rest(a: Any, work: Path, folder: Path, splits: Any, tinfo: dict[str, Any
                     "threads": "ORT default (all cores), intra-op spinning off, candidates interleaved in one process",
                     "load_note": "the 2-core machine was shared with other training jobs during the run: absolute ms are noisy, the "
                                  "interleaved ratios are the figures"},
-        "model": {"what": "timm vit_tiny_patch16_224 rebuilt for CIFAR: " + json.dumps(VIT), "params": sum(p.numel() for p in teacher.module.parameters()),
-                  "training": {**tinfo, "note": "trained from scratch for a wall-clock budget only, to have realistic (not random) weights; "
-                                                "not a good classifier"},
+        "model": {"what": what or "timm vit_tiny_patch16_224 rebuilt for CIFAR: " + json.dumps(VIT), "params": sum(p.numel() for p in teacher.module.parameters()),
+                  "training": tinfo if what else {**tinfo, "note": "trained from scratch for a wall-clock budget only, to have realistic "
+                                                                   "(not random) weights; not a good classifier"},
                   "export": "kdtoolkit export_onnx, opset 17 (LayerNormalization native), dynamic batch, onnxslim"},
         "setup": {"data": "CIFAR-10 JPEG, CIFAR-10 mean/std", "test_images": len(splits.test),
                   "calibration": f"{a.calib_size} seeded training images (both static rows)", "scheme": scheme.to_manifest(),
@@ -188,6 +188,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default=str(ROOT / "runs" / "vit_int8"))
     ap.add_argument("--train-minutes", type=float, default=10.0)
+    ap.add_argument("--teacher", default=None, help="a trained ViT checkpoint to quantize instead of training one here "
+                    "(benchmarks/vit_student.py's teacher: runs/vit_student/teacher/teacher.pt, its result.json beside it)")
     ap.add_argument("--train-only", action="store_true")
     ap.add_argument("--calib-size", type=int, default=512)
     ap.add_argument("--iters", type=int, default=40)
@@ -207,6 +209,16 @@ def main() -> None:
     if not tar.exists():
         sys.exit(f"error: needs {tar} (the shared data folder beside the checkout)")
     splits = load_data(str(tar), mean=MEAN, std=STD, seed=a.seed, test_limit=a.test_limit)
+    if a.teacher:  # the trained teacher of benchmarks/vit_student.py: quantize it, train nothing here
+        tpath = Path(a.teacher)
+        if not tpath.exists():
+            sys.exit(f"error: no such teacher: {tpath} (run benchmarks/vit_student.py --part teacher first)")
+        res_json = tpath.parent / "result.json"
+        tinfo = json.loads(res_json.read_text()) if res_json.exists() else {}
+        tinfo = {k: tinfo.get(k) for k in ("test_accuracy", "steps", "epochs", "train_time_s", "budget_min", "arch", "params")}
+        run_rest(a, work, tpath, splits, {"source": str(tpath.relative_to(ROOT)) if tpath.is_relative_to(ROOT) else str(tpath), **tinfo},
+                 t_start, what="kdtoolkit cifar_vit trained by benchmarks/vit_student.py --part teacher")
+        return
     folder = work / "vit-timm"
     tinfo_path = work / "train.json"
     if not (folder / "config.json").exists() or not tinfo_path.exists():

@@ -2,7 +2,7 @@
 
     nice -n 19 .venv/bin/python benchmarks/vit_student.py --part teacher   [--teacher-min 45]
     nice -n 19 .venv/bin/python benchmarks/vit_student.py --part shape     [--speedup 3.3]
-    nice -n 19 .venv/bin/python benchmarks/vit_student.py --part student   [--student-steps 300] --loss {full,logit}
+    nice -n 19 .venv/bin/python benchmarks/vit_student.py --part student   [--student-min 15] --loss {full,logit}
     nice -n 19 .venv/bin/python benchmarks/vit_student.py --part report
 
 teacher: kdtoolkit's ``cifar_vit`` (img 32, patch 4, dim 192, 6 blocks, 3 heads, MLP ratio 2) trained from
@@ -10,7 +10,7 @@ scratch on CIFAR-10 JPEG (all 50,000 training images less a seeded 1,000-image v
 crop+flip augmentation, label smoothing 0.1, for a wall-time budget (``TrainConfig.time_budget_min``).
 student: kdtoolkit's transformer student of it (blocks chosen from the teacher, heads and MLP pruned with
 Torch-Pruning), chosen to be at least 3x faster than the teacher at batch 1 and 64 on ONNX Runtime CPU
-(interleaved timing), then distilled for the same budget twice: logit KD alone, and logit KD + hidden-state
+(interleaved timing), then distilled for the same wall-time budget (``--student-min``, or a step budget ``--student-steps``) twice: logit KD alone, and logit KD + hidden-state
 MSE + attention-map KL (MiniLM / TinyBERT). Top-1 on all 10,000 test images. Every part is cached under
 runs/vit_student/ (the trainer checkpoints every 50 steps, so a killed part resumes); results go to
 benchmarks/results/vit_student.json with the machine's CPU flags, command, date and seeds.
@@ -80,7 +80,8 @@ def main() -> None:
     ap.add_argument("--teacher-min", type=float, default=45.0, help="teacher training wall-time budget (minutes)")
     ap.add_argument("--teacher-steps", type=int, default=None, help="a step budget instead of --teacher-min")
     ap.add_argument("--loss", choices=["full", "logit"], default="full")
-    ap.add_argument("--student-steps", type=int, default=300, help="each student's step budget (the same for both losses)")
+    ap.add_argument("--student-min", type=float, default=15.0, help="each student's wall-time budget in minutes (the same for both losses)")
+    ap.add_argument("--student-steps", type=int, default=None, help="a step budget instead of --student-min")
     ap.add_argument("--speedup", type=float, default=3.3, help="search target at batch 64 (the student must be 3x at 1 and 64)")
     ap.add_argument("--iters", type=int, default=40, help="interleaved timing rounds")
     a = ap.parse_args()
@@ -90,7 +91,7 @@ def main() -> None:
     elif a.part == "shape":
         res = shape_part(a.speedup, a.iters)
     elif a.part == "student":
-        res = student_part(a.loss, a.student_steps, a.speedup, a.iters)
+        res = student_part(a.loss, a.student_min, a.student_steps, a.speedup, a.iters)
     else:
         res = report()
     print(json.dumps({k: v for k, v in res.items() if k != "train_config"}, indent=1, default=str)[:3000])
@@ -144,8 +145,8 @@ def shape_part(speedup: float, iters: int) -> dict[str, Any]:
     return res
 
 
-def student_part(loss: str, steps: int, speedup: float, iters: int) -> dict[str, Any]:
-    """Distil the chosen student for ``steps`` steps with logit KD alone or with hidden + attention losses too."""
+def student_part(loss: str, minutes: float, steps: int | None, speedup: float, iters: int) -> dict[str, Any]:
+    """Distil the chosen student for ``minutes`` (or ``steps``) with logit KD alone or with hidden + attention losses too."""
     import torch
 
     from kdtoolkit import fsutil
@@ -165,8 +166,8 @@ def student_part(loss: str, steps: int, speedup: float, iters: int) -> dict[str,
     student, recipe, info = make_student(teacher, StudentConfig(**shape["student"]), input_shape=(1, 3, 32, 32), num_classes=10)
     lc = LossConfig(name="kd") if loss == "full" else LossConfig(name="kd", hidden_weight=0, attn_weight=0)
     cfg = TrainConfig(optimizer="adamw", lr=5e-4, weight_decay=0.05, batch_size=128, warmup_steps=20, grad_clip=1.0,
-                      augment="crop_flip", channels_last=False, checkpoint_every=25, seed=SEED, epochs=100, max_steps=steps,
-                      loss=lc)
+                      augment="crop_flip", channels_last=False, checkpoint_every=50, seed=SEED, epochs=100, max_steps=steps,
+                      time_budget_min=None if steps else minutes, loss=lc)
     init_acc = evaluate(student, s.test, s.spec)["accuracy"]
     r = Trainer(cfg, WORK / f"student_{loss}" / "train").fit(student, s, teacher=teacher.module)
     acc = evaluate(r["model"], s.test, s.spec)["accuracy"]
@@ -177,7 +178,7 @@ def student_part(loss: str, steps: int, speedup: float, iters: int) -> dict[str,
     sess = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         parity = float(abs(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0] - r["model"](x).numpy()).max())
-    res = {"loss": loss, "test_accuracy": acc, "test_accuracy_at_init": init_acc, "steps": r["steps"],
+    res = {"loss": loss, "budget_min": None if steps else minutes, "max_steps": steps, "test_accuracy": acc, "test_accuracy_at_init": init_acc, "steps": r["steps"],
            "train_time_s": r["train_time_s"], "best_val": r["best"], "onnx_parity_max_abs": parity, "surgery": info,
            "train_config": cfg.model_dump(mode="json")}
     fsutil.write_json(res_path, res)

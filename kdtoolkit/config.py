@@ -42,6 +42,9 @@ class LossConfig(BaseModel):
                                                                  "(TinyBERT layer map; None = 1 for a transformer pair, else off)")
     attn_weight: float | None = Field(None, ge=0, description="transformer student: weight of the attention-map KL "
                                                                "(MiniLM; None = 1 for a transformer pair, else off)")
+    distill_token: Literal["hard", "soft"] = Field(
+        "hard", description="a student with a DeiT distillation token (e.g. --student-arch cifar_deit): its distillation "
+                            "head learns the teacher's argmax (hard, DeiT's best) or its softened logits (soft, weight alpha)")
     teacher_weights: list[float] | None = Field(None, description="fixed weights of several teachers (None = equal)")
     teacher_weighting: Literal["fixed", "confidence", "ce"] = Field(
         "fixed", description="multi-teacher: fixed weights, or per sample by teacher max-softmax confidence or by CE on the label")

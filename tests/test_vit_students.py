@@ -261,3 +261,30 @@ def test_compress_on_a_tiny_vit_teacher_picks_a_transformer_student_and_bundles(
     tinfo = man["info"]["surgery"]["transformer"]
     assert tinfo["student"]["blocks"] < 4 or tinfo["student"]["heads"] < 4
     assert (out / "bundle" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("arch", ["cifar_vit", "cifar_deit"])
+def test_qat_graph_of_a_vit_exports_to_qdq_onnx_that_follows_the_fake_quant_model(arch, tmp_path) -> None:
+    """timm's optional forward arguments (attn_mask, is_causal) must not become graph inputs of the QAT graph:
+    the ONNX export then passes a tensor where scaled_dot_product_attention needs a bool."""
+    from kdtoolkit.backends.ort import make_session
+    from kdtoolkit.models.loading import build_arch
+    from kdtoolkit.quant.qat import calibrate, export_qdq, prepare_qat
+    from kdtoolkit.quant.schemes import scheme_for
+    from kdtoolkit.targets import load_profile
+
+    torch.manual_seed(0)
+    model = build_arch(arch, **{**KW, "depth": 2}).eval()
+    sch = scheme_for(load_profile("ort-cpu"))
+    gm = prepare_qat(model, sch)
+    x = torch.randn(32, 3, 16, 16)
+    calibrate(gm, x.numpy(), sch, method="minmax")
+    out = tmp_path / "qat.onnx"
+    export_qdq(gm, (1, 3, 16, 16), out)
+    with torch.no_grad():
+        ref, fp32 = gm(x).numpy(), model(x).numpy()
+    got = make_session(out).run(None, {"input": x.numpy()})[0]
+    assert got.shape == (32, 4)
+    # the QDQ graph follows the fake-quant model far more closely than either follows FP32
+    assert np.abs(got - ref).max() < 0.25 * np.abs(fp32 - ref).max() + 1e-3, (np.abs(got - ref).max(), np.abs(fp32 - ref).max())
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9

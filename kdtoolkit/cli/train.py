@@ -208,7 +208,7 @@ def distill_cmd(
     if student_arch:
         from kdtoolkit.models.loading import _arch_kwargs
 
-        kw = _arch_kwargs(student_arch, len(spec.classes), spec.channels)
+        kw = _arch_kwargs(student_arch, len(spec.classes), spec.channels, tuple(spec.input_size))
         if student_width is not None:
             kw["width"] = student_width
         import torch

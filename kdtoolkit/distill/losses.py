@@ -62,6 +62,37 @@ def _hard(labels: torch.Tensor) -> torch.Tensor:
     return labels.argmax(1) if labels.dim() == 2 else labels
 
 
+def distillation_token_loss(
+    cls_logits: torch.Tensor,
+    dist_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    mode: Literal["hard", "soft"] = "hard",
+    alpha: float = 0.9,
+    temperature: float = 4.0,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Touvron et al. 2021, "Training data-efficient image transformers & distillation through attention" (DeiT).
+
+    A student with a distillation token has two heads: the class head learns the labels, the distillation head
+    learns the teacher. ``hard`` (the paper's better variant): 1/2 CE(cls, y) + 1/2 CE(dist, argmax teacher).
+    ``soft``: (1 - alpha) CE(cls, y) + alpha T^2 KL(softmax(t/T) || softmax(dist/T)). Without teacher logits
+    (alpha scheduled to 0) both heads learn the labels. At inference the heads are averaged (timm's
+    ``VisionTransformerDistilled`` in eval mode), so the exported model has one output.
+    """
+    ce_cls = F.cross_entropy(cls_logits, labels, label_smoothing=label_smoothing)
+    if teacher_logits is None:
+        return 0.5 * ce_cls + 0.5 * F.cross_entropy(dist_logits, labels, label_smoothing=label_smoothing)
+    if teacher_logits.dim() == 3:  # several teachers: their mean
+        teacher_logits = teacher_logits.mean(0)
+    if mode == "hard":
+        return 0.5 * ce_cls + 0.5 * F.cross_entropy(dist_logits, teacher_logits.argmax(1))
+    kl = F.kl_div(F.log_softmax(dist_logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
+                  reduction="batchmean", log_target=True) * temperature ** 2
+    return (1 - alpha) * ce_cls + alpha * kl
+
+
 @LOSSES.register("dkd")
 def dkd_loss(
     student_logits: torch.Tensor,

@@ -352,6 +352,28 @@ class Trainer:
             return partial(multi_teacher_kd_loss, weighting=cfg.loss.teacher_weighting, weights=cfg.loss.teacher_weights)
         return LOSSES.get(cfg.loss.name)
 
+    def _distill_token(self, student: nn.Module, teachers: list[Any], on: bool) -> bool:
+        """DeiT: a student with a distillation token (timm's ``VisionTransformerDistilled``) returns its class and
+        distillation heads apart while it trains with a teacher; returns whether that is the case."""
+        if not teachers or not callable(getattr(student, "set_distilled_training", None)):
+            return False
+        student.set_distilled_training(on)  # type: ignore[operator]
+        if on:
+            log(f"DeiT distillation token: the distillation head learns the teacher ({self.cfg.loss.distill_token}), the class "
+                "head the labels; they are averaged at inference", enabled=self.progress and self.is_main)
+        return True
+
+    def _logit_loss(self, loss_fn: Any, out: Any, t_logits: torch.Tensor | None, target: torch.Tensor, alpha: float,
+                    temp: float) -> torch.Tensor:
+        """The configured logit loss, or DeiT's two-head loss when the student returns (class, distillation) logits."""
+        ls = self.cfg.loss.label_smoothing
+        if isinstance(out, tuple):
+            from kdtoolkit.distill.losses import distillation_token_loss
+
+            return distillation_token_loss(out[0].float(), out[1].float(), t_logits, target, mode=self.cfg.loss.distill_token,
+                                           alpha=alpha, temperature=temp, label_smoothing=ls)
+        return loss_fn(out.float(), t_logits, target, alpha=alpha, temperature=temp, label_smoothing=ls)
+
     def _device(self) -> tuple[torch.device, torch.memory_format]:
         device = torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() and os.environ.get("KDTOOLKIT_CPU") != "1" else "cpu")
         return device, torch.channels_last if self.cfg.channels_last else torch.contiguous_format
@@ -493,6 +515,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         device, fmt = self._device()
         raw: nn.Module = self._place(student, teachers, device, fmt)
+        token = self._distill_token(raw, teachers, True)
         # feature distillation: hooks on paired modules, adapters trained with the student (never saved with it)
         adapters, t_taps, n_hint, core = self._features(raw, teachers, spec, device) if use_features else (None, None, 0, raw)
         extra = list(adapters.parameters()) if adapters is not None else []
@@ -607,8 +630,7 @@ class Trainer:
 
                             out, hinted, at_s = model(xm)
                             t_feats = t_taps.get()
-                            loss = loss_fn(out.float(), t_logits if alpha > 0 else None, target, alpha=alpha, temperature=temp,
-                                           label_smoothing=cfg.loss.label_smoothing)
+                            loss = self._logit_loss(loss_fn, out, t_logits if alpha > 0 else None, target, alpha, temp)
                             if n_hint:
                                 loss = loss + cfg.loss.hint_weight * FEATURE_LOSSES.get("hint")(
                                     [h.float() for h in hinted], [f.float() for f in t_feats[:n_hint]])
@@ -619,7 +641,7 @@ class Trainer:
                                 loss = loss + core.transformer_kd.loss()  # type: ignore[union-attr]
                         else:
                             out = model(xm)
-                            loss = loss_fn(out.float(), t_logits, target, alpha=alpha, temperature=temp, label_smoothing=cfg.loss.label_smoothing)
+                            loss = self._logit_loss(loss_fn, out, t_logits, target, alpha, temp)
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(
                             f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; the last good checkpoint is kept at "
@@ -699,6 +721,10 @@ class Trainer:
         if cfg.freeze:
             for p in raw.parameters():
                 p.requires_grad_(True)
+        if token:  # both heads averaged again: what validation saw and what exports
+            self._distill_token(raw, teachers, False)
+            if ema is not None:
+                self._distill_token(ema, teachers, False)
         # the returned model is the best on validation (the test split is never looked at here)
         best_path = self.work_dir / "best.pt"
         final = ema if ema is not None else raw

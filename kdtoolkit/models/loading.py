@@ -110,7 +110,11 @@ def _accepted_kwargs(fn: Any, kwargs: dict[str, Any], name: str) -> dict[str, An
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def _arch_kwargs(name: str, num_classes: int | None, in_channels: int | None) -> dict[str, Any]:
+def _arch_kwargs(name: str, num_classes: int | None, in_channels: int | None,
+                 input_size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Constructor arguments from the data. ``input_size`` (a fresh student only) sizes a zoo ViT's patch grid."""
+    import inspect
+
     from kdtoolkit.models.zoo import ARCHS
 
     kw: dict[str, Any] = {}
@@ -118,6 +122,9 @@ def _arch_kwargs(name: str, num_classes: int | None, in_channels: int | None) ->
         kw["num_classes"] = num_classes
     if in_channels is not None and name in ARCHS:
         kw["in_channels"] = in_channels
+    if input_size is not None and name in ARCHS and input_size[0] == input_size[1] \
+            and "img_size" in inspect.signature(ARCHS.get(name)).parameters:
+        kw["img_size"] = int(input_size[0])
     return kw
 
 

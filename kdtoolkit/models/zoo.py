@@ -203,3 +203,12 @@ def cifar_vit(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, *
 
 ARCHS.register("cifar_vit")(cifar_vit)
 ARCH_INPUTS["cifar_vit"] = {"channels": 3, "input_size": (32, 32)}
+
+
+@ARCHS.register("cifar_deit")
+def cifar_deit(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, *, img_size: int = 32, **kw: Any) -> nn.Module:
+    """cifar_vit with DeiT's distillation token and head: the student a CNN teacher distils into (--student-arch)."""
+    return cifar_vit(num_classes, in_channels, width, img_size=img_size, distilled=True, **kw)
+
+
+ARCH_INPUTS["cifar_deit"] = ARCH_INPUTS["cifar_vit"]

@@ -112,9 +112,22 @@ def fold_bn(model: Any) -> Any:
     _torch()  # torch is needed (a one-line error without it)
     from torch.fx.experimental.optimization import fuse
 
+    import inspect
+
+    from torch import fx
+
     m = copy.deepcopy(model).eval()
     try:
-        return fuse(m, inplace=True)
+        # optional forward arguments (timm ViT's attn_mask / is_causal) are fixed at their defaults: traced as inputs they
+        # would reach the ONNX export as tensors, where scaled_dot_product_attention needs a Python bool
+        gm = fx.symbolic_trace(m)
+        defaults = {p.name: p.default for p in list(inspect.signature(m.forward).parameters.values())[1:]
+                    if p.default is not inspect.Parameter.empty}
+        for node in [n for n in gm.graph.nodes if n.op == "placeholder" and n.target in defaults]:
+            node.replace_all_uses_with(defaults[node.target])  # type: ignore[arg-type]
+            gm.graph.erase_node(node)
+        gm.recompile()
+        return fuse(gm, inplace=True, no_trace=True)
     except Exception as exc:
         raise InputError(f"QAT needs a model torch.fx can trace ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); use PTQ instead") from None
 

@@ -62,11 +62,11 @@ def make_student(teacher: Any, cfg: StudentConfig, *, input_shape: tuple[int, ..
 
     info: dict[str, Any] = {}
     if cfg.arch:
-        kwargs: dict[str, Any] = {"num_classes": num_classes}
+        from kdtoolkit.models.loading import _arch_kwargs
         from kdtoolkit.models.zoo import ARCHS
 
+        kwargs: dict[str, Any] = _arch_kwargs(cfg.arch, num_classes, input_shape[1], tuple(input_shape[2:4]))  # type: ignore[arg-type]
         if cfg.arch in ARCHS:
-            kwargs["in_channels"] = input_shape[1]
             if cfg.arch_width:
                 kwargs["width"] = cfg.arch_width
         model = build_arch(cfg.arch, **kwargs)
@@ -113,7 +113,7 @@ def make_student(teacher: Any, cfg: StudentConfig, *, input_shape: tuple[int, ..
 
         info["shrink"] = shrink_width(model, example, cfg.width, round_to=cfg.channel_multiple or 1, importance=cfg.width_importance)
         _record(recipe, {"op": "width", "width": cfg.width})
-    if cfg.separable:
+    if cfg.separable and not (cfg.arch and is_transformer(model)):  # a ViT student (cifar_deit): no convs to convert
         sel = {"skip_stem": cfg.skip_stem, "skip_first": cfg.skip_first, "skip": cfg.skip, "only": cfg.only}
         if T.convertible_convs(model, **sel) or cfg.arch:
             conv_info = T.to_separable(model, init="svd" if cfg.init == "svd" and base_init == "teacher" else "none", **sel)
