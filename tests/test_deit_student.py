@@ -111,5 +111,5 @@ def test_compress_distils_a_cnn_teacher_into_a_deit_student_and_ships_its_int8(t
     import json
 
     q = json.loads((out / "05-quantize" / "manifest.json").read_text())
-    assert q["info"]["method"] == "qat"
+    assert q["info"]["quantization"]["method"] == "qat"
     assert (out / "bundle" / "manifest.json").exists()
