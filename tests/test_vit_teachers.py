@@ -184,12 +184,7 @@ def _forms(tmp_path: Path) -> dict[str, Path]:
     return p
 
 
-EXPORTED_BATCH = pytest.mark.xfail(strict=True, reason=(
-    "known gap: a torch.export program rebuilt as modules (models/graph.py) re-exports to ONNX with the class token's "
-    "expand specialised to batch 1 (sym_size becomes a constant under the TorchScript exporter): batch > 1 fails in ORT"))
-
-
-@pytest.mark.parametrize("form", ["pickle", "torchscript", pytest.param("exported", marks=EXPORTED_BATCH)])
+@pytest.mark.parametrize("form", ["pickle", "torchscript", "exported"])
 def test_user_vit_every_form_loads_evaluates_and_exports_with_parity(form, tmp_path):
     import onnxruntime as ort
 
@@ -245,7 +240,7 @@ def test_compress_no_student_user_vit_pickle(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("form", ["torchscript", pytest.param("exported", marks=EXPORTED_BATCH)])
+@pytest.mark.parametrize("form", ["torchscript", "exported"])
 def test_compress_no_student_user_vit_graph_forms(form, tmp_path):
     p = _forms(tmp_path)[form]
     r = _compress_no_student(p, tmp_path / "run")

@@ -75,6 +75,7 @@ def modules_from_program(ep: Any) -> Any:
         if node.name in to_param or node.name in to_buffer or node.name in to_const:
             weights_by_node[node.name] = to_param.get(node.name) or to_buffer.get(node.name) or to_const[node.name]
     absorbed: set[str] = set()  # weights that went into a module
+    sized: set[str] = set()  # nodes holding a dynamic size (sym_size and arithmetic on it)
 
     def state_tensor(n: Any) -> Any:
         if isinstance(n, fx.Node) and n.name in weights_by_node:
@@ -170,6 +171,10 @@ def modules_from_program(ep: Any) -> Any:
             absorbed.update(filter(None, [wname(x) for x in a[1:5]]))
             tracked = (wn or "").rsplit(".", 1)[0] + ".num_batches_tracked"
             absorbed.add(tracked)
+        elif t is aten.sym_size.int and isinstance(a[0], fx.Node):
+            # a dynamic dimension (a ViT's class-token expand reads the batch): ``x.size(d)`` stays an op when the
+            # module is re-exported to ONNX, where aten.sym_size would be traced to a constant (batch 1 forever)
+            new = graph.call_method("size", (arg(a[0]), a[1]))
         elif t in (aten.relu.default, aten.relu_.default):
             new = graph.call_function(torch.relu, (arg(a[0]),))
         elif t in (aten.add.Tensor, aten.add_.Tensor) and len(a) == 2 and not node.kwargs \
@@ -178,13 +183,41 @@ def modules_from_program(ep: Any) -> Any:
         else:
             args = fx.map_arg(tuple(a), lambda n: get_attr_for(n) if n.name in weights_by_node else env[n.name])
             kwargs = fx.map_arg(dict(node.kwargs), lambda n: get_attr_for(n) if n.name in weights_by_node else env[n.name])
-            new = graph.call_function(t, args, kwargs)
+            new = graph.call_function(_size_preserving(t) if _reads_sizes(a, sized) else t, args, kwargs)
+        if t is aten.sym_size.int or (not isinstance(t, torch._ops.OpOverload) and _reads_sizes(a, sized)):
+            sized.add(node.name)  # a dynamic size, or arithmetic on one (operator.mul of sym ints)
         new.meta = dict(node.meta)
         env[node.name] = new
     gm = fx.GraphModule(root, graph, class_name="ExportedModel")
     gm.graph.lint()
     gm.recompile()
     return gm.eval()
+
+
+def _reads_sizes(args: Any, sized: set[str]) -> bool:
+    """Whether an op's arguments hold a dynamic size (a reshape to ``[batch, 50, 3, 2, 16]``)."""
+    from torch import fx
+
+    found = False
+
+    def visit(n: Any) -> Any:
+        nonlocal found
+        found = found or n.name in sized
+        return n
+
+    fx.map_arg(tuple(args), visit)
+    return found
+
+
+def _size_preserving(op: Any) -> Any:
+    """The torch function for an aten overload that takes sizes. The ONNX exporter traces a size passed to an aten
+    overload as a constant (batch 1 forever) but keeps it dynamic through ``torch.reshape`` / ``Tensor.expand``."""
+    import torch
+
+    name = op._overloadpacket.__name__ if hasattr(op, "_overloadpacket") else ""
+    name = {"_unsafe_view": "reshape", "view": "reshape"}.get(name, name)
+    fn = getattr(torch, name, None) or getattr(torch.Tensor, name, None)
+    return fn if callable(fn) else op
 
 
 def _add_module(root: Any, graph: Any, name: str, mod: Any, args: list[Any]) -> Any:

@@ -110,11 +110,10 @@ def _make_modules():
 def fold_bn(model: Any) -> Any:
     """An FX GraphModule of ``model`` with every Conv->BatchNorm folded into the conv (eval statistics)."""
     _torch()  # torch is needed (a one-line error without it)
-    from torch.fx.experimental.optimization import fuse
-
     import inspect
 
     from torch import fx
+    from torch.fx.experimental.optimization import fuse
 
     m = copy.deepcopy(model).eval()
     try:
