@@ -100,14 +100,25 @@ def test_input_off_the_patch_grid_is_one_line_before_any_work(tmp_path):
     assert not run.exists() or not any(run.iterdir())
 
 
-def test_vit_only_option_refuses_a_convnet_by_name():
-    from kdtoolkit.errors import InputError
-    from kdtoolkit.models.vit import is_vit_arch, require_vit
+def test_vit_arch_names_are_recognised():
+    from kdtoolkit.models.vit import is_vit_arch
 
     assert is_vit_arch("timm:vit_small_patch16_224") and is_vit_arch("timm:deit_tiny_patch16_224.fb_in1k")
     assert is_vit_arch("hf:ViTForImageClassification") and not is_vit_arch("timm:resnet18")
-    with pytest.raises(InputError, match=r"--student-arch needs a vision transformer .* 'timm:resnet18' is not one"):
-        require_vit("timm:resnet18", "--student-arch")
+
+
+def test_transformer_shape_options_on_a_convnet_teacher_are_one_line_errors():
+    from kdtoolkit.config import StudentConfig
+    from kdtoolkit.errors import InputError
+    from kdtoolkit.models.loading import LoadedModel, build_arch
+    from kdtoolkit.student.build import make_student
+
+    cnn = LoadedModel(build_arch("cifar_resnet20", num_classes=10), "eager", "mem", arch="cifar_resnet20",
+                      recipe={"arch": "cifar_resnet20", "arch_kwargs": {"num_classes": 10}, "transforms": []})
+    with pytest.raises(InputError, match=r"--blocks, --heads shape\(s\) a student cut from a vision transformer teacher; this teacher is not one"):
+        make_student(cnn, StudentConfig(blocks=2, heads=1), input_shape=(1, 3, 32, 32), num_classes=10)
+    with pytest.raises(InputError, match=r"--mlp-hidden .* --student-arch cifar_deit builds its own"):
+        make_student(cnn, StudentConfig(arch="cifar_deit", mlp_hidden=64), input_shape=(1, 3, 32, 32), num_classes=10)
 
 
 # ---------------------------------------------------------------------------- folders

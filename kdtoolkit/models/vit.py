@@ -132,13 +132,6 @@ def is_vit_arch(name: str) -> bool:
     return False
 
 
-def require_vit(name: str, option: str) -> None:
-    """For options that only make sense for a vision transformer: a one-line error naming the option otherwise."""
-    if not is_vit_arch(name):
-        raise InputError(f"{option} needs a vision transformer (timm:vit_*, timm:deit_*, or a Hugging Face ViT folder); "
-                         f"{name!r} is not one")
-
-
 # ----------------------------------------------------------------------------- timm
 
 

@@ -93,6 +93,10 @@ def make_student(teacher: Any, cfg: StudentConfig, *, input_shape: tuple[int, ..
     example = torch.zeros(1, *input_shape[1:])
     from kdtoolkit.student.transformer import is_transformer
 
+    vit_only = [f for f, v in (("--blocks", cfg.blocks), ("--heads", cfg.heads), ("--mlp-hidden", cfg.mlp_hidden)) if v is not None]
+    if vit_only and (cfg.arch or not is_transformer(model)):
+        raise InputError(f"{', '.join(vit_only)} shape(s) a student cut from a vision transformer teacher; "
+                         + (f"--student-arch {cfg.arch} builds its own" if cfg.arch else "this teacher is not one (use --depth/--width)"))
     if not cfg.arch and is_transformer(model):  # a ViT teacher: blocks, heads and MLP width, not conv surgery
         from kdtoolkit.student.transformer import make_transformer_student
 
