@@ -151,8 +151,14 @@ def resolve_student_config(cfg, profile, teacher, input_shape, num_classes: int,
         what = " and ".join(filter(None, [f"{budget:g} ms" if budget else None, f"{speedup:g}x" if speedup else None]))
         log(f"[student] searching depth x width for the most capable student within {what} at batch {batch} ({label})",
             enabled=progress)
+    int8_scheme = None
+    if profile.backend == "onnxruntime" and profile.precision in ("int8", "auto"):  # INT8 timed here is the target's own
+        from kdtoolkit.quant.schemes import scheme_for
+
+        int8_scheme = scheme_for(profile)
+        log(f"[student] INT8 is part of the speed budget ({profile.precision}): candidates are timed in FP32 and INT8", enabled=progress)
     found = search(teacher, cfg, budget_ms=budget, speedup=speedup, input_shape=input_shape, num_classes=num_classes,
-                   batch=batch, threads=threads, best_effort=best_effort)
+                   batch=batch, threads=threads, best_effort=best_effort, precision=profile.precision, int8_scheme=int8_scheme)
     found["latency_runtime"] = label
     if best_effort and found["speedup"] < DEFAULT_SPEEDUP:
         log(f"[student] no candidate reached {DEFAULT_SPEEDUP:g}x; taking the fastest ({found['chosen']}, "

@@ -290,3 +290,27 @@ def test_width_shrink_that_breaks_a_graph_is_an_error_not_a_broken_student():
     graph = modules_from_program(export_program(ARCHS.get("cifar_resnet20")(num_classes=10).eval(), (1, 3, 32, 32)))
     with pytest.raises(InputError, match="broke the model's channel structure"):
         shrink_width(graph, torch.zeros(1, 3, 32, 32), 0.5)
+
+
+@pytest.mark.parametrize("precision", ["int8", "auto"])
+def test_search_puts_int8_in_the_speed_budget_with_standard_conv_candidates(precision):
+    """A profile that ships INT8 on ONNX Runtime: candidates are timed as the quantize stage's INT8 too, and
+    standard-convolution variants join the separable ones (INT8 depthwise kernels are slow on ORT CPU)."""
+    from kdtoolkit.models.loading import LoadedModel
+    from kdtoolkit.quant.schemes import scheme_for
+    from kdtoolkit.student.build import StudentConfig
+    from kdtoolkit.student.search import search
+    from kdtoolkit.targets import load_profile
+
+    teacher = LoadedModel(user_models.ResNetish(num_classes=10).eval(), "pickle", "r.pt")
+    kw = dict(speedup=1.01, input_shape=(1, 1, 28, 28), num_classes=10, batch=8, threads=1, iters=6, depths=(1.0, 0.34),
+              widths=(1.0,), best_effort=True)
+    found = search(teacher, StudentConfig(), precision=precision, int8_scheme=scheme_for(load_profile("ort-cpu")), **kw)
+    rows = {r["name"]: r for r in found["candidates"]}
+    assert {"d1-w1", "d0.34-w1", "d0.34-w1-std"} <= set(rows) and rows["d0.34-w1-std"]["separable"] is False
+    for r in rows.values():
+        want = r["p50_int8_ms"] if precision == "int8" else min(r["p50_int8_ms"], r["p50_fp32_ms"])
+        assert r["p50_ms"] == want and r["timed_as"] in ("int8", "fp32")
+    assert found["precision"] == f"int8 in the budget ({precision})"
+    plain = search(teacher, StudentConfig(), precision="fp32", **kw)  # FP32 profiles: separable only, FP32 timing
+    assert all("p50_int8_ms" not in r and r["separable"] for r in plain["candidates"]) and plain["precision"] == "fp32"

@@ -18,22 +18,37 @@ from kdtoolkit.student.build import StudentConfig, count_macs, count_params, mak
 
 DEPTHS = (1.0, 0.67, 0.34)
 WIDTHS = (1.0, 0.75, 0.5, 0.35, 0.25)  # the narrow end is for teachers that are already separable
+INT8_EXTRA_DEPTHS = (0.12,)  # one block per stage of a ResNet-56: where a standard-conv student meets 10x in INT8
 VIT_DEPTHS = (1.0, 0.75, 0.5, 0.34, 0.25)  # a transformer's blocks are its main cost: finer steps than a CNN's stages
 
 
 def measure_models(models: dict[str, Any], input_shape: tuple[int, ...], batches: list[int], *, threads: int = 0,
-                   iters: int = 30, warmup: int = 5) -> dict[str, dict[int, dict[str, Any]]]:
-    """Export each model to a temp ONNX and time them all interleaved (ONNX Runtime CPU)."""
+                   iters: int = 30, warmup: int = 5, int8_scheme: Any = None,
+                   int8_names: set[str] | None = None) -> dict[str, dict[int, dict[str, Any]]]:
+    """Export each model to a temp ONNX and time them all interleaved (ONNX Runtime CPU).
+
+    With ``int8_scheme`` the models named in ``int8_names`` are also quantized the way the quantize stage's PTQ does
+    (QDQ, minmax) and timed as ``NAME@int8``. Eight random inputs calibrate them: the scales change what INT8 computes,
+    not how fast it runs."""
+    import numpy as np
+
     from kdtoolkit.backends.ort import OrtRunner
     from kdtoolkit.export.onnx_export import export_onnx
     from kdtoolkit.latency.timing import measure
 
     with tempfile.TemporaryDirectory(prefix="kdt-latency-") as tmp:
         runners = []
+        calib = np.random.default_rng(0).standard_normal((8, *input_shape[1:])).astype(np.float32)
         for name, m in models.items():
             path = Path(tmp) / f"{name}.onnx"
             export_onnx(m, input_shape, path)
             runners.append(OrtRunner(path, name=name, threads=threads))
+            if int8_scheme is not None and name in (int8_names or set()):
+                from kdtoolkit.quant.ptq import quantize_onnx
+
+                q = Path(tmp) / f"{name}.int8.onnx"
+                quantize_onnx(path, q, calib, int8_scheme, method="minmax")
+                runners.append(OrtRunner(q, name=f"{name}@int8", threads=threads))
         try:
             return measure(runners, batches, warmup=warmup, iters=iters)
         finally:
@@ -58,19 +73,32 @@ def latency_table(teacher: Any, student: Any, input_shape: tuple[int, ...], batc
 
 def search(teacher: Any, base: StudentConfig, *, budget_ms: float | None = None, speedup: float | None = None,
            input_shape: tuple[int, ...], num_classes: int, batch: int, threads: int = 0, iters: int = 30,
-           depths: tuple[float, ...] = DEPTHS, widths: tuple[float, ...] = WIDTHS, best_effort: bool = False) -> dict[str, Any]:
+           depths: tuple[float, ...] = DEPTHS, widths: tuple[float, ...] = WIDTHS, best_effort: bool = False,
+           precision: str = "fp32", int8_scheme: Any = None) -> dict[str, Any]:
     """Try depth x width candidates; return the chosen StudentConfig and the measured table.
 
     The budget is an absolute p50 (``budget_ms``) or a speedup over the teacher measured in the same
-    interleaved run (``speedup``); with both, the stricter one holds."""
+    interleaved run (``speedup``); with both, the stricter one holds.
+
+    ``precision`` is what the profile will ship on this runtime. With ``int8`` or ``auto`` (and ``int8_scheme``) INT8 is
+    part of the speed budget: every candidate is also timed as the quantize stage's INT8, and its latency is the INT8
+    figure (``int8``) or the faster of the two (``auto``, which ships the faster one). Standard-convolution variants
+    join the separable ones then, because ONNX Runtime's INT8 depthwise kernels are slow and a wider standard student
+    can meet the budget in INT8 (benchmarks/results/student_shape.json). The teacher is always timed in FP32."""
     if budget_ms is None and speedup is None:
         raise InputError("the student search needs a latency budget (--latency-budget MS) or a speedup (--speedup X)")
     cands: dict[str, tuple[StudentConfig, Any]] = {}
     from kdtoolkit.student.transformer import is_transformer, resolve_shape
 
+    if precision not in ("fp32", "fp16", "int8", "auto"):
+        raise InputError(f"unknown precision {precision!r} for the student search")
+    int8 = precision in ("int8", "auto") and int8_scheme is not None
+
     vit = not base.arch and is_transformer(teacher.module)
     if vit and depths == DEPTHS:
         depths = VIT_DEPTHS
+    elif int8 and depths == DEPTHS:
+        depths = DEPTHS + INT8_EXTRA_DEPTHS
     for d in depths:
         for w in widths:
             cfg = base.model_copy(update={"depth": d, "width": w, "latency_budget_ms": None, "speedup": None})
@@ -89,25 +117,32 @@ def search(teacher: Any, base: StudentConfig, *, budget_ms: float | None = None,
                     continue  # the teacher's own shape
                 cands[name] = (cfg, model.eval())
                 continue
-            try:
-                model, _, _ = make_student(teacher, cfg, input_shape=input_shape, num_classes=num_classes)
-            except InputError:
-                continue  # e.g. no blocks to drop in this architecture
-            cands[f"d{d:g}-w{w:g}"] = (cfg, model.eval())
+            for sep in ([True, False] if int8 and base.separable else [base.separable]):
+                c = cfg if sep == base.separable else cfg.model_copy(update={"separable": sep})
+                try:
+                    model, _, _ = make_student(teacher, c, input_shape=input_shape, num_classes=num_classes)
+                except InputError:
+                    continue  # e.g. no blocks to drop in this architecture, or a standard student that copies the teacher
+                cands[f"d{d:g}-w{w:g}" + ("" if sep else "-std")] = (c, model.eval())
     if not cands:
         raise InputError("no student candidate could be built for the latency search")
     lat = measure_models({"teacher": teacher.module, **{k: m for k, (_, m) in cands.items()}}, input_shape, [batch],
-                         threads=threads, iters=iters)
+                         threads=threads, iters=iters, int8_scheme=int8_scheme if int8 else None, int8_names=set(cands))
     teacher_p50 = lat["teacher"][batch]["p50"]
     if speedup is not None:
         budget_ms = min(budget_ms or float("inf"), teacher_p50 / speedup)
     assert budget_ms is not None
     rows = []
     for name, (cfg, m) in cands.items():
-        p50 = lat[name][batch]["p50"]
-        rows.append({"name": name, "depth": cfg.depth, "width": cfg.width, "params": count_params(m),
+        p50 = fp32_p50 = lat[name][batch]["p50"]
+        timed: dict[str, Any] = {}
+        if int8:
+            int8_p50 = lat[f"{name}@int8"][batch]["p50"]
+            p50 = int8_p50 if precision == "int8" else min(fp32_p50, int8_p50)
+            timed = {"p50_fp32_ms": fp32_p50, "p50_int8_ms": int8_p50, "timed_as": "int8" if p50 == int8_p50 else "fp32"}
+        rows.append({"name": name, "depth": cfg.depth, "width": cfg.width, "separable": cfg.separable, "params": count_params(m),
                      **({"blocks": cfg.blocks, "heads": cfg.heads, "mlp_hidden": cfg.mlp_hidden} if vit else {}),
-                     "macs": count_macs(m, input_shape), "p50_ms": p50, "meets_budget": p50 <= budget_ms})
+                     "macs": count_macs(m, input_shape), "p50_ms": p50, **timed, "meets_budget": p50 <= budget_ms})
     ok = [r for r in rows if r["meets_budget"]]
     if not ok and best_effort:
         ok = [min(rows, key=lambda r: r["p50_ms"])]  # the default target: the fastest candidate, marked as missing it
@@ -119,4 +154,6 @@ def search(teacher: Any, base: StudentConfig, *, budget_ms: float | None = None,
     best = max(ok, key=lambda r: (r["macs"], r["params"]))
     chosen = cands[best["name"]][0]
     return {"chosen": best["name"], "config": chosen, "teacher_p50_ms": teacher_p50, "batch": batch,
-            "budget_ms": budget_ms, "speedup_target": speedup, "speedup": teacher_p50 / best["p50_ms"], "candidates": sorted(rows, key=lambda r: r["p50_ms"])}
+            "budget_ms": budget_ms, "speedup_target": speedup, "speedup": teacher_p50 / best["p50_ms"],
+            "precision": ("int8 in the budget (" + precision + ")") if int8 else "fp32",
+            "candidates": sorted(rows, key=lambda r: r["p50_ms"])}
