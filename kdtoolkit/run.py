@@ -170,6 +170,8 @@ class RunSummary(_Open):
     skipped: list[str] = Field(default_factory=list, description="stages that were up to date")
     data: dict[str, Any] = Field(default_factory=dict, description="the resolved input spec")
     environment: Any = Field(None, description="CPU of the profiling run")
+    speed_goal: dict[str, Any] | None = Field(None, description="the student search's speed goal re-checked on the deployed "
+                                                                "model: target, batch, measured speedup, met")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_unset=True)

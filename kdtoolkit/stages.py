@@ -375,6 +375,12 @@ def write_summary(ctx, *, teacher: Artifact, student: Artifact, deploy: Artifact
         "data": ctx.splits.spec.to_dict(),
         "environment": profile.manifest.environment.get("cpu"),
     }
+    goal = _speed_goal(ctx, speed, lat)
+    if goal is not None:
+        summary["speed_goal"] = goal
+        if not goal["met"]:
+            log(f"warning: the student search aimed at {goal['target']:g}x at batch {goal['batch']} but the deployed student "
+                f"measured {goal['measured']:.2f}x ({goal['why']})", enabled=ctx.progress)
     from kdtoolkit.run import RunSummary
 
     typed = RunSummary.model_validate(summary)  # the one typed summary: summary.json, report, bundle and the CLI table read it
@@ -384,3 +390,24 @@ def write_summary(ctx, *, teacher: Artifact, student: Artifact, deploy: Artifact
 
     write_reports(ctx.run_dir, summary)  # report.md, report.html and plots; `kdtoolkit report RUN_DIR` rebuilds them
     return summary
+
+
+def _speed_goal(ctx, speed: dict[str, float], lat: dict[str, Any]) -> dict[str, Any] | None:
+    """The search chose the student from one short timing; the profile stage times the model that ships. Say whether the
+    search's goal (its speedup target, or the latency budget as a speedup) still holds there, so a miss is not silent."""
+    art = ctx.artifacts.get("student")
+    found = (art.info.get("surgery") or {}).get("search") if art is not None else None
+    b = str((found or {}).get("batch"))
+    if not found or ctx.cfg.no_student or f"b{b}" not in speed:
+        return None
+    if found.get("speedup_target"):
+        target = float(found["speedup_target"])
+    elif found.get("budget_ms"):
+        target = lat["teacher"][b]["p50"] / float(found["budget_ms"])  # the budget, as a speedup on this run's teacher
+    else:
+        return None
+    measured = speed[f"b{b}"]
+    met = measured >= target
+    return {"target": target, "batch": int(b), "measured": measured, "met": met,
+            "why": "measured by the profile stage on the deployed model" if met else
+            "the machine may be loaded, or the deployed precision is slower than the one the search timed"}

@@ -61,3 +61,21 @@ def test_summary_typed_and_refused_in_one_line(tmp_path):
     s = RunSummary.load(tmp_path)
     assert s.student.precision == "int8" and s.to_dict()["future_field"] == 1 and s.to_dict()["student"]["kept_in_float"] == ["a"]
     assert "accuracy_torch" not in s.to_dict()["teacher"]  # unset fields are not written as nulls
+
+
+def test_speed_goal_of_the_search_is_rechecked_on_the_deployed_model():
+    from types import SimpleNamespace
+
+    from kdtoolkit.stages import _speed_goal
+
+    def ctx(search, no_student=False):
+        return SimpleNamespace(artifacts={"student": SimpleNamespace(info={"surgery": {"search": search}})},
+                               cfg=SimpleNamespace(no_student=no_student))
+
+    lat = {"teacher": {"1": {"p50": 10.0}}, "student": {"1": {"p50": 5.0}}}
+    miss = _speed_goal(ctx({"batch": 1, "speedup_target": 2.5, "budget_ms": 4.0}), {"b1": 2.0}, lat)
+    assert miss["met"] is False and miss["target"] == 2.5 and miss["measured"] == 2.0 and "loaded" in miss["why"]
+    hit = _speed_goal(ctx({"batch": 1, "speedup_target": None, "budget_ms": 5.0}), {"b1": 2.0}, lat)
+    assert hit["met"] is True and hit["target"] == pytest.approx(2.0)  # a 5 ms budget on a 10 ms teacher is 2x
+    assert _speed_goal(ctx(None), {"b1": 2.0}, lat) is None  # the user chose the shape: no goal to check
+    assert _speed_goal(ctx({"batch": 64, "speedup_target": 2.0}), {"b1": 2.0}, lat) is None  # that batch was not timed

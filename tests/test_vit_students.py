@@ -261,6 +261,8 @@ def test_compress_on_a_tiny_vit_teacher_picks_a_transformer_student_and_bundles(
     tinfo = man["info"]["surgery"]["transformer"]
     assert tinfo["student"]["blocks"] < 4 or tinfo["student"]["heads"] < 4
     assert (out / "bundle" / "manifest.json").exists()
+    goal = json.loads((out / "summary.json").read_text())["speed_goal"]  # the search's goal re-checked on what shipped
+    assert goal["target"] == 1.5 and goal["batch"] == 1 and goal["met"] == (goal["measured"] >= 1.5)
 
 
 @pytest.mark.parametrize("arch", ["cifar_vit", "cifar_deit"])
