@@ -66,8 +66,9 @@ def test_entropy_calib_model_runs_and_minmax_covers_the_outlier(outlier_case) ->
         assert got.shape == ref.shape and np.isfinite(got).all()
 
 
-# Entropy used to equal minmax: ORT's quantize_static builds its EntropyCalibrater with 128/128 bins and no
-# option reaches them. kdtoolkit now runs the calibrator itself with 2048/128 bins (quant/ptq.py entropy_ranges).
+# Entropy used to equal minmax (ORT's quantize_static builds its EntropyCalibrater with 128/128 bins), and then,
+# with ORT's calibrator at 2048 bins, over-clipped: its KL window is centred on zero of a signed histogram. kdtoolkit
+# now computes TensorRT's entropy threshold itself (quant/ptq.py entropy_threshold).
 
 
 def test_entropy_calib_range_is_tighter_than_minmax_and_quantizes_typical_data_better(outlier_case) -> None:
@@ -78,28 +79,25 @@ def test_entropy_calib_range_is_tighter_than_minmax_and_quantizes_typical_data_b
     assert err["entropy"] < 0.5 * err["minmax"], err
 
 
-def test_entropy_calib_range_matches_onnxruntimes_entropy_calibrator(outlier_case, tmp_path, monkeypatch) -> None:
-    """The independent value: ORT's own EntropyCalibrater (KL search, 2048 histogram bins, 128 quantized bins,
-    TensorRT's recipe) on the same data; the input's scale follows from its range as ORT computes scales."""
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+def test_entropy_threshold_follows_tensorrts_recipe() -> None:
+    """Known answers of the KL search over a 2048-bin |x| histogram with 128 levels."""
+    from kdtoolkit.quant.ptq import entropy_threshold
 
-    monkeypatch.chdir(tmp_path)  # the calibrator writes its augmented model into the working directory
-    cal = create_calibrator(str(outlier_case["fp32"]), ["Conv"], augmented_model_path=str(tmp_path / "aug.onnx"),
-                            calibrate_method=CalibrationMethod.Entropy, extra_options={"num_bins": 2048, "num_quantized_bins": 128})
-    x = outlier_case["x"]
-
-    class Reader:
-        def __init__(self) -> None:
-            self.batches = iter([{"input": x[i:i + 32]} for i in range(0, len(x), 32)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    cal.collect_data(Reader())
-    rmin, rmax = (float(v) for v in cal.compute_data().data["input"].range_value)
-    assert rmax < 100  # the reference itself clips the outlier
-    want, _ = ORT_X86.act_qparams(rmin, rmax)
-    assert _q_scales(outlier_case["entropy"])["input"] == pytest.approx(want, rel=1e-5)
+    rng = np.random.default_rng(0)
+    u = rng.uniform(0, 1, 200_000)
+    assert entropy_threshold(u) == pytest.approx(float(u.max()))  # nothing to clip: the full range
+    # a ReLU output (half zeros): the zero spike must not decide the cut; ORT's signed window put it at 0.25-0.44 of max
+    relu = np.maximum(rng.standard_normal(200_000), 0)
+    assert 0.9 * relu.max() < entropy_threshold(relu) <= relu.max()
+    # a sparse tail (0.1 % of the values spread up to 4x the bulk) is clipped at the bulk's edge
+    tail = np.concatenate([u, rng.uniform(0, 4, 200)])
+    assert entropy_threshold(tail) == pytest.approx(1.0, abs=0.01)
+    # a few outliers 100x the data: the cut goes as low as the search allows, 128 of the 2048 bins
+    out = np.concatenate([u, np.full(20, 100.0)])
+    assert entropy_threshold(out) == pytest.approx(100.0 * 128 / 2048)
+    assert entropy_threshold(np.zeros(10)) == 0.0
+    # the sign is ignored (TensorRT's ranges are symmetric)
+    assert entropy_threshold(-tail) == pytest.approx(entropy_threshold(tail))
 
 
 # -- sensitivity fallback inside build_int8 --------------------------------------------------------
