@@ -250,8 +250,13 @@ def quantize_stage(ctx, inputs, out_dir: Path, key: str, config: dict[str, Any])
     teacher_art, student_art, fp32_art = inputs
     prof = ctx.profile
     q = prof.quant
-    qat = q.method == "qat" and prof.precision not in ("fp32", "fp16") and q.mode == "static"  # dynamic INT8 has no scales to train
-    int8_cfg = Int8Config(method="qat" if qat else "ptq", mode=q.mode, calib_method=q.calib_method, calib_size=min(q.calib_size, len(ctx.splits.train)),
+    from kdtoolkit.quant.ptq import resolve_mode
+
+    mode, why_mode = resolve_mode(q.mode, prof.backend, fp32_art.file("model.onnx"))
+    if q.mode == "auto" and mode == "dynamic":
+        log(f"[quantize] INT8 mode {why_mode}", enabled=ctx.progress)
+    qat = q.method == "qat" and prof.precision not in ("fp32", "fp16") and mode == "static"  # dynamic INT8 has no scales to train
+    int8_cfg = Int8Config(method="qat" if qat else "ptq", mode=mode, calib_method=q.calib_method, calib_size=min(q.calib_size, len(ctx.splits.train)),
                           percentile=q.percentile, tolerance_points=prof.accuracy_tolerance, opset=fp32_art.info.get("opset", 17),
                           seed=ctx.cfg.train.seed)
     return write_quantized(

@@ -44,8 +44,10 @@ class QuantSettings(_Strict):
     )
     method: Literal["qat", "ptq"] = Field("qat", description="default INT8 path: QAT under distillation, or PTQ")
     calib_method: Literal["minmax", "entropy", "percentile", "mse"] = Field("minmax", description="PTQ calibration")
-    mode: Literal["static", "dynamic"] = Field(
-        "static", description="static QDQ (calibrated), or dynamic (ORT CPU only: int8 MatMul/Gemm weights, activation ranges at run time)")
+    mode: Literal["auto", "static", "dynamic"] = Field(
+        "auto", description="static QDQ (calibrated), or dynamic (ORT CPU only: int8 MatMul/Gemm weights, activation ranges at run "
+                            "time); auto = dynamic for a transformer graph on ONNX Runtime (measured faster and as accurate, "
+                            "benchmarks/results/vit_int8.json), static otherwise")
     calib_size: int = Field(512, ge=1, description="calibration samples, drawn from the training split")
     percentile: float = Field(99.99, gt=50, le=100, description="for calib_method=percentile")
 

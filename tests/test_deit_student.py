@@ -102,7 +102,7 @@ def test_distill_cli_builds_a_deit_student_for_the_datas_image_size(tiny_teacher
 
 @pytest.mark.slow
 def test_compress_distils_a_cnn_teacher_into_a_deit_student_and_ships_its_int8(tiny_teacher, tmp_path) -> None:
-    """The whole front door with the opt-in student: DeiT distillation, QAT of the ViT, INT8 ONNX, bundle."""
+    """The whole front door with the opt-in student: DeiT distillation, INT8 of the ViT, bundle."""
     out = tmp_path / "run"
     r = run_cli("compress", str(tiny_teacher), "--data", "mnist-mini", "--out", str(out), "--profile", "ort-cpu",
                 "--student-arch", "cifar_deit", "--epochs", "1", "--train-limit", "320", "--test-limit", "100", "--batch-size", "32")
@@ -111,5 +111,6 @@ def test_compress_distils_a_cnn_teacher_into_a_deit_student_and_ships_its_int8(t
     import json
 
     q = json.loads((out / "05-quantize" / "manifest.json").read_text())
-    assert q["info"]["quantization"]["method"] == "qat"
+    # ort-cpu's INT8 mode is auto: a ViT student gets dynamic INT8 (measured faster than static QDQ for ViTs)
+    assert q["info"]["quantization"]["method"] == "dynamic" and "transformer graph" in r.stdout + r.stderr
     assert (out / "bundle" / "manifest.json").exists()

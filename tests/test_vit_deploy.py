@@ -85,6 +85,19 @@ def test_dynamic_int8_runs_matmulinteger_and_is_refused_for_tensorrt(tmp_path, v
         quantize_dynamic_onnx(vit_onnx[17], tmp_path / "t.onnx", scheme_for(load_profile("jetson-agx-orin")))
 
 
+def test_auto_int8_mode_is_dynamic_for_a_transformer_on_onnxruntime_only(tmp_path, vit_onnx):
+    from kdtoolkit.export.onnx_export import export_onnx
+    from kdtoolkit.quant.ptq import resolve_mode
+    from kdtoolkit.targets import load_profile
+
+    assert load_profile("ort-cpu").quant.mode == "auto"
+    assert resolve_mode("auto", "onnxruntime", vit_onnx[17])[0] == "dynamic"
+    assert resolve_mode("auto", "tensorrt", vit_onnx[17])[0] == "static"  # TensorRT parses no MatMulInteger
+    cnn = export_onnx(user_models.Plain().eval(), (1, 1, 28, 28), tmp_path / "cnn.onnx")
+    assert resolve_mode("auto", "onnxruntime", cnn) == ("static", "auto: static Q/DQ (not a transformer graph)")
+    assert resolve_mode("static", "onnxruntime", vit_onnx[17])[0] == "static"  # an explicit mode is kept
+
+
 @pytest.mark.slow
 def test_quantize_cli_int8_mode_dynamic_is_recorded(tmp_path):
     import json

@@ -93,7 +93,8 @@ def compress_cmd(
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: the profile's, at most 17)")] = None,
     iters: config_option(MeasureConfig, "iters", optional=True) = None,
     int8_mode: Annotated[Optional[str], typer.Option("--int8-mode", help="static (QDQ, calibrated) or dynamic (ORT CPU: int8 MatMul/Gemm "
-                                                     "weights, ranges at run time); sets the profile's quant.mode")] = None,
+                                                     "weights, ranges at run time); sets the profile's quant.mode (default auto: dynamic for a transformer "
+                                                     "on ONNX Runtime, static otherwise)")] = None,
     json_out: JsonOut = None,
     quiet: Quiet = False,
     sets: Set = None,

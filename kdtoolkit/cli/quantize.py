@@ -34,7 +34,7 @@ def quantize_cmd(
     calib_method: config_option(Int8Config, "calib_method", note="minmax, entropy, percentile or mse; default: the profile's", optional=True) = None,
     calib_size: config_option(Int8Config, "calib_size", note="default: the profile's", optional=True) = None,
     percentile: config_option(Int8Config, "percentile", optional=True) = None,
-    int8_mode: config_option(Int8Config, "mode", "--int8-mode", note="default: the profile's (static)", optional=True) = None,
+    int8_mode: config_option(Int8Config, "mode", "--int8-mode", note="default: the profile's (auto: dynamic for a transformer on ONNX Runtime, else static)", optional=True) = None,
     reduce_range: Annotated[Optional[bool], typer.Option("--reduce-range/--no-reduce-range", help="7-bit weights (default: the profile's; auto = no VNNI)",
                                                          rich_help_panel=config_panel(Int8Config))] = None,
     arch: Arch = None,
@@ -92,17 +92,20 @@ def quantize_cmd(
             export_onnx(module.module, (1, *spec.require_shape()), raw, opset=min(prof.max_opset, 17))
             simplify(raw, Path(tmp) / "fp32.onnx")
             fp32 = Path(tmp) / "fp32.onnx"
-        cfg = {"model": str(model), "profile": prof.name, "scheme": scheme.name, "mode": prof.quant.mode, "calib_method": method, "calib_size": n,
+        from kdtoolkit.quant.ptq import resolve_mode
+
+        mode, _ = resolve_mode(prof.quant.mode, prof.backend, fp32)
+        cfg = {"model": str(model), "profile": prof.name, "scheme": scheme.name, "mode": mode, "calib_method": method, "calib_size": n,
                "reduce_range": scheme.reduce_range, "data": data, "input": {k: v for k, v in spec.to_meta().items() if k != "classes"}}
         # the INT8 model was calibrated with these statistics: record them, measured or not, with their source
         art = write_quantized(out, fp32, sp, prof, Int8Config(
-            method="ptq", mode=prof.quant.mode, calib_method=method, calib_size=n, percentile=percentile or prof.quant.percentile,
+            method="ptq", mode=mode, calib_method=method, calib_size=n, percentile=percentile or prof.quant.percentile,
             tolerance_points=prof.accuracy_tolerance), config=cfg, scheme=scheme, policy="int8", asked_by="kdtoolkit quantize",
             info={"model": {**meta, **sp.spec.to_dict(), **spec.to_meta()}})
     m = art.metrics
     if json_out:
         fsutil.write_json(json_out, {"onnx": str(out / "model.onnx"), **m, "scheme": scheme.name, "calib_method": method})
-    if prof.quant.mode == "dynamic":
+    if mode == "dynamic":
         typer.echo(f"wrote {out / 'model.onnx'} (dynamic INT8: int8 MatMul/Gemm weights, activation ranges at run time; scheme {scheme.name})")
     else:
         typer.echo(f"wrote {out / 'model.onnx'} (INT8 QDQ, scheme {scheme.name}, {method} calibration on {n} training samples)")
