@@ -156,12 +156,15 @@ def student_cmd(
         goal = " and ".join(filter(None, [f"{found['budget_ms']:g} ms" if found.get("budget_ms") else None,
                                           f"{found['speedup_target']:g}x" if found.get("speedup_target") else None])) or "the target"
         t = Table(title=f"candidates within {goal} at batch {found['batch']} ({runtime})")
-        for c in ("candidate", "params", "MACs", "p50 (ms)", "meets"):
+        int8 = any("p50_int8_ms" in r for r in found["candidates"])  # INT8 in the speed budget: both figures shown
+        for c in ("candidate", "params", "MACs", "p50 (ms)", *(("FP32 / INT8 (ms)",) if int8 else ()), "meets"):
             t.add_column(c)
         for r in found["candidates"]:
-            t.add_row(r["name"] + (" *" if r["name"] == found["chosen"] else ""), f"{r['params']:,}", f"{r['macs']:,}", f"{r['p50_ms']:.3f}", "yes" if r["meets_budget"] else "no")
+            both = (f"{r['p50_fp32_ms']:.3f} / {r['p50_int8_ms']:.3f}",) if int8 else ()
+            t.add_row(r["name"] + (" *" if r["name"] == found["chosen"] else ""), f"{r['params']:,}", f"{r['macs']:,}", f"{r['p50_ms']:.3f}",
+                      *both, "yes" if r["meets_budget"] else "no")
         Console().print(t)
-    t = Table(title=f"teacher vs student on {prof.name} ({runtime})")
+    t = Table(title=f"teacher vs student on {prof.name} ({runtime}, both in FP32)")
     for c in ["model", "params", "MACs"] + [f"p50 b{b} (ms)" for b in bs]:
         t.add_column(c, justify="right")
     for name in ("teacher", "student"):
