@@ -158,7 +158,8 @@ def resolve_student_config(cfg, profile, teacher, input_shape, num_classes: int,
         int8_scheme = scheme_for(profile)
         log(f"[student] INT8 is part of the speed budget ({profile.precision}): candidates are timed in FP32 and INT8", enabled=progress)
     found = search(teacher, cfg, budget_ms=budget, speedup=speedup, input_shape=input_shape, num_classes=num_classes,
-                   batch=batch, threads=threads, best_effort=best_effort, precision=profile.precision, int8_scheme=int8_scheme)
+                   batch=batch, threads=threads, best_effort=best_effort, precision=profile.precision, int8_scheme=int8_scheme,
+                   int8_mode=profile.quant.mode)
     found["latency_runtime"] = label
     if best_effort and found["speedup"] < DEFAULT_SPEEDUP:
         log(f"[student] no candidate reached {DEFAULT_SPEEDUP:g}x; taking the fastest ({found['chosen']}, "

@@ -241,6 +241,29 @@ def test_search_measures_block_and_head_candidates_and_meets_the_speedup() -> No
     assert found["config"].blocks is not None and found["config"].heads is not None
 
 
+def test_int8_search_times_vit_candidates_as_the_int8_the_profile_would_ship(monkeypatch) -> None:
+    """auto INT8 mode ships dynamic INT8 for a transformer on ORT: the search must time that, not static QDQ."""
+    import kdtoolkit.quant.ptq as ptq
+    from kdtoolkit.config import StudentConfig
+    from kdtoolkit.quant.schemes import scheme_for
+    from kdtoolkit.student.search import search
+    from kdtoolkit.targets import load_profile
+
+    made: list[str] = []
+    for fn in ("quantize_dynamic_onnx", "quantize_onnx"):
+        real = getattr(ptq, fn)
+        monkeypatch.setattr(ptq, fn, lambda *a, _f=real, _n=fn, **k: (made.append(_n), _f(*a, **k))[1])
+    t = vit(embed_dim=64, depth=4, num_heads=4)
+    kw = dict(speedup=1.01, input_shape=(1, 3, 16, 16), num_classes=4, batch=4, iters=4, best_effort=True,
+              precision="auto", int8_scheme=scheme_for(load_profile("ort-cpu")), depths=(0.5,), widths=(1.0, 0.5))
+    found = search(loaded(t, {**KW, "embed_dim": 64}), StudentConfig(), **kw)
+    assert all("p50_int8_ms" in c for c in found["candidates"])
+    assert made and set(made) == {"quantize_dynamic_onnx"}
+    made.clear()
+    search(loaded(t, {**KW, "embed_dim": 64}), StudentConfig(), int8_mode="static", **kw)
+    assert made and set(made) == {"quantize_onnx"}
+
+
 @pytest.mark.slow
 def test_compress_on_a_tiny_vit_teacher_picks_a_transformer_student_and_bundles(tmp_path) -> None:
     from conftest import run_cli

@@ -24,11 +24,11 @@ VIT_DEPTHS = (1.0, 0.75, 0.5, 0.34, 0.25)  # a transformer's blocks are its main
 
 def measure_models(models: dict[str, Any], input_shape: tuple[int, ...], batches: list[int], *, threads: int = 0,
                    iters: int = 30, warmup: int = 5, int8_scheme: Any = None,
-                   int8_names: set[str] | None = None) -> dict[str, dict[int, dict[str, Any]]]:
+                   int8_names: set[str] | None = None, int8_mode: str = "auto") -> dict[str, dict[int, dict[str, Any]]]:
     """Export each model to a temp ONNX and time them all interleaved (ONNX Runtime CPU).
 
     With ``int8_scheme`` the models named in ``int8_names`` are also quantized the way the quantize stage's PTQ does
-    (QDQ, minmax) and timed as ``NAME@int8``. Eight random inputs calibrate them: the scales change what INT8 computes,
+    (``int8_mode`` resolved per graph as there: QDQ with minmax, or dynamic for a transformer) and timed as ``NAME@int8``. Eight random inputs calibrate them: the scales change what INT8 computes,
     not how fast it runs."""
     import numpy as np
 
@@ -44,10 +44,13 @@ def measure_models(models: dict[str, Any], input_shape: tuple[int, ...], batches
             export_onnx(m, input_shape, path)
             runners.append(OrtRunner(path, name=name, threads=threads))
             if int8_scheme is not None and name in (int8_names or set()):
-                from kdtoolkit.quant.ptq import quantize_onnx
+                from kdtoolkit.quant.ptq import quantize_dynamic_onnx, quantize_onnx, resolve_mode
 
                 q = Path(tmp) / f"{name}.int8.onnx"
-                quantize_onnx(path, q, calib, int8_scheme, method="minmax")
+                if resolve_mode(int8_mode, "onnxruntime", path)[0] == "dynamic":
+                    quantize_dynamic_onnx(path, q, int8_scheme)
+                else:
+                    quantize_onnx(path, q, calib, int8_scheme, method="minmax")
                 runners.append(OrtRunner(q, name=f"{name}@int8", threads=threads))
         try:
             return measure(runners, batches, warmup=warmup, iters=iters)
@@ -74,7 +77,7 @@ def latency_table(teacher: Any, student: Any, input_shape: tuple[int, ...], batc
 def search(teacher: Any, base: StudentConfig, *, budget_ms: float | None = None, speedup: float | None = None,
            input_shape: tuple[int, ...], num_classes: int, batch: int, threads: int = 0, iters: int = 30,
            depths: tuple[float, ...] = DEPTHS, widths: tuple[float, ...] = WIDTHS, best_effort: bool = False,
-           precision: str = "fp32", int8_scheme: Any = None) -> dict[str, Any]:
+           precision: str = "fp32", int8_scheme: Any = None, int8_mode: str = "auto") -> dict[str, Any]:
     """Try depth x width candidates; return the chosen StudentConfig and the measured table.
 
     The budget is an absolute p50 (``budget_ms``) or a speedup over the teacher measured in the same
@@ -127,7 +130,8 @@ def search(teacher: Any, base: StudentConfig, *, budget_ms: float | None = None,
     if not cands:
         raise InputError("no student candidate could be built for the latency search")
     lat = measure_models({"teacher": teacher.module, **{k: m for k, (_, m) in cands.items()}}, input_shape, [batch],
-                         threads=threads, iters=iters, int8_scheme=int8_scheme if int8 else None, int8_names=set(cands))
+                         threads=threads, iters=iters, int8_scheme=int8_scheme if int8 else None, int8_names=set(cands),
+                         int8_mode=int8_mode)
     teacher_p50 = lat["teacher"][batch]["p50"]
     if speedup is not None:
         budget_ms = min(budget_ms or float("inf"), teacher_p50 / speedup)
