@@ -28,8 +28,8 @@ def measure_models(models: dict[str, Any], input_shape: tuple[int, ...], batches
     """Export each model to a temp ONNX and time them all interleaved (ONNX Runtime CPU).
 
     With ``int8_scheme`` the models named in ``int8_names`` are also quantized the way the quantize stage's PTQ does
-    (``int8_mode`` resolved per graph as there: QDQ with minmax, or dynamic for a transformer) and timed as ``NAME@int8``. Eight random inputs calibrate them: the scales change what INT8 computes,
-    not how fast it runs."""
+    (``int8_mode`` resolved per graph as there: QDQ with minmax, or dynamic for a transformer) and timed as
+    ``NAME@int8``. Eight random inputs calibrate them: the scales change what INT8 computes, not how fast it runs."""
     import numpy as np
 
     from kdtoolkit.backends.ort import OrtRunner
