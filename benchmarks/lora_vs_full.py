@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=None, help="seeded subset of the 10k test images (tests)")
     ap.add_argument("--rows", default="lora,full", help="which rows, in order")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--load-note", default="not stated", help="what else ran on the machine (recorded with the figures)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "lora_vs_full"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lora_vs_full.json"))
     a = ap.parse_args()
@@ -94,7 +95,7 @@ def main() -> None:
         "benchmark": "lora_vs_full", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "nice -n 19 .venv/bin/python " + " ".join([Path(sys.argv[0]).as_posix().replace(str(ROOT) + "/", ""), *sys.argv[1:]]),
         "machine": {**{k: env.get(k) for k in ("cpu", "platform", "torch", "python", "torch_threads", "gpu")}, "nproc": os.cpu_count(),
-                    "note": "shared 2-core machine, run at nice 19 beside another training job: times are not idle-machine figures"},
+                    "note": a.load_note},
         "seed": a.seed, "epochs": a.epochs, "rank": a.rank, "train_limit": a.train_limit, "test_limit": a.test_limit,
         "base": "weights/resnet56-cifar10.th (the original CIFAR-10 ResNet-56, not the -jpeg-ft one)",
         "rows": rows,

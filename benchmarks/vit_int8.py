@@ -161,8 +161,7 @@ def run_rest(a: Any, work: Path, folder: Path, splits: Any, tinfo: dict[str, Any
         "machine": {"cpu": env.get("cpu"), "platform": platform.platform(), "onnxruntime": env.get("onnxruntime"), "torch": env.get("torch"),
                     "onnx": env.get("onnx"), "timm": env.get("timm"),
                     "threads": "ORT default (all cores), intra-op spinning off, candidates interleaved in one process",
-                    "load_note": "the 2-core machine was shared with other training jobs during the run: absolute ms are noisy, the "
-                                 "interleaved ratios are the figures"},
+                    "load_note": a.load_note},
         "model": {"what": what or "timm vit_tiny_patch16_224 rebuilt for CIFAR: " + json.dumps(VIT), "params": sum(p.numel() for p in teacher.module.parameters()),
                   "training": tinfo if what else {**tinfo, "note": "trained from scratch for a wall-clock budget only, to have realistic "
                                                                    "(not random) weights; not a good classifier"},
@@ -196,6 +195,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--test-limit", type=int, default=None, help="only for a quick try; the figures use all 10,000")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--load-note", default="not stated", help="what else ran on the machine (recorded with the figures)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vit_int8.json"))
     a = ap.parse_args()
 
