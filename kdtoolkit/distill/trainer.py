@@ -25,7 +25,7 @@ from torch import nn
 from kdtoolkit import fsutil
 from kdtoolkit.config import LossConfig, TrainConfig  # noqa: F401  (re-exported: configs live in kdtoolkit.config)
 from kdtoolkit.data.datasets import ArrayData, DataSpec, Splits, batches
-from kdtoolkit.distill.losses import LOSSES
+from kdtoolkit.distill.losses import LOSSES, distillation_token_loss
 from kdtoolkit.distill.schedules import lr_factor
 from kdtoolkit.errors import InputError, TrainingDiverged
 from kdtoolkit.progress import Progress, log
@@ -368,8 +368,6 @@ class Trainer:
         """The configured logit loss, or DeiT's two-head loss when the student returns (class, distillation) logits."""
         ls = self.cfg.loss.label_smoothing
         if isinstance(out, tuple):
-            from kdtoolkit.distill.losses import distillation_token_loss
-
             return distillation_token_loss(out[0].float(), out[1].float(), t_logits, target, mode=self.cfg.loss.distill_token,
                                            alpha=alpha, temperature=temp, label_smoothing=ls)
         return loss_fn(out.float(), t_logits, target, alpha=alpha, temperature=temp, label_smoothing=ls)

@@ -122,6 +122,7 @@ def modules_from_program(ep: Any) -> Any:
             raise InputError(f"the exported graph has a {node.op} node ({node.target}); only plain aten graphs are supported")
         t = node.target
         a = list(node.args)
+        reads = _reads_sizes(a, sized)  # a dynamic size among the arguments
         new = None
         if t is aten.convolution.default and len(a) >= 9 and not a[6] and len(a[3]) == 2:
             # TorchScript's form: (x, w, b, stride, padding, dilation, transposed, output_padding, groups)
@@ -183,8 +184,8 @@ def modules_from_program(ep: Any) -> Any:
         else:
             args = fx.map_arg(tuple(a), lambda n: get_attr_for(n) if n.name in weights_by_node else env[n.name])
             kwargs = fx.map_arg(dict(node.kwargs), lambda n: get_attr_for(n) if n.name in weights_by_node else env[n.name])
-            new = graph.call_function(_size_preserving(t) if _reads_sizes(a, sized) else t, args, kwargs)
-        if t is aten.sym_size.int or (not isinstance(t, torch._ops.OpOverload) and _reads_sizes(a, sized)):
+            new = graph.call_function(_size_preserving(t) if reads else t, args, kwargs)
+        if t is aten.sym_size.int or (not isinstance(t, torch._ops.OpOverload) and reads):
             sized.add(node.name)  # a dynamic size, or arithmetic on one (operator.mul of sym ints)
         new.meta = dict(node.meta)
         env[node.name] = new

@@ -378,10 +378,9 @@ def quantize_onnx(
                             "float": ["Softmax", "Erf (GELU)", "LayerNormalization (between a DQ and a Q)"],
                             "alternative": "--int8-mode dynamic measured faster for a ViT on ORT CPU (benchmarks/results/vit_int8.json)"}
     if method == "entropy":
-        # ORT's quantize_static builds its entropy calibrator with 128 histogram bins and 128 quantized bins and
-        # no option reaches them: the KL search then has one candidate, the full range, and "entropy" equals
-        # minmax. Run ORT's EntropyCalibrater with TensorRT's recipe (2048 bins, 128 quantized) and hand its
-        # ranges over as TensorQuantOverrides, as the mse path does.
+        # ORT's own entropy calibrator is out of reach (quantize_static fixes its bins) and, run directly, searches a
+        # signed window: kdtoolkit computes TensorRT's threshold (entropy_threshold) and hands the ranges over as
+        # TensorQuantOverrides, as the mse path does.
         tensors = _float_tensors(fp32, scheme)
         log(f"[quantize] entropy calibration (2048 bins) over {len(tensors)} tensors", enabled=progress)
         overrides = {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]

@@ -38,7 +38,7 @@ def measure_models(models: dict[str, Any], input_shape: tuple[int, ...], batches
 
     with tempfile.TemporaryDirectory(prefix="kdt-latency-") as tmp:
         runners = []
-        calib = np.random.default_rng(0).standard_normal((8, *input_shape[1:])).astype(np.float32)
+        calib = np.random.default_rng(0).standard_normal((8, *input_shape[1:])).astype(np.float32) if int8_scheme else None
         for name, m in models.items():
             path = Path(tmp) / f"{name}.onnx"
             export_onnx(m, input_shape, path)
