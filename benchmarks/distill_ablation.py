@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--rows", nargs="*", default=None, help=f"rows to run (default: all of {', '.join(ROWS)})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distill_ablation.json"))
+    ap.add_argument("--load-note", default="not stated", help="what else ran on the machine (recorded with the figures)")
     a = ap.parse_args()
 
     import torch
@@ -133,7 +134,7 @@ def main() -> None:
         "command": " ".join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
         "machine": {"cpu": env.get("cpu"), "platform": platform.platform(), "torch": env.get("torch"),
                     "torch_threads": env.get("torch_threads"), "load_avg_at_end": list(os.getloadavg()),
-                    "note": "shared 2-core machine; other jobs of ours ran beside it, so times are upper bounds"},
+                    "note": a.load_note},
         "setup": {"teacher": "cifar_resnet56 fine-tuned on CIFAR-10 JPEG (shared), 89.94 % test top-1",
                   "budget": f"{a.epochs} epochs of 45,000 images, batch 128, SGD lr 0.05 cosine, seed {a.seed}, SVD/teacher init",
                   "test": f"FP32 top-1 on all {len(splits.test)} test images"},

@@ -78,6 +78,12 @@ def test_dynamic_int8_runs_matmulinteger_and_is_refused_for_tensorrt(tmp_path, v
 
     info = quantize_dynamic_onnx(vit_onnx[17], tmp_path / "d.onnx", scheme_for(load_profile("ort-cpu"), reduce_range=False))
     assert info["integer_ops"] == ["DynamicQuantizeLinear", "MatMulInteger"] and info["calib_samples"] == 0
+    import onnx
+
+    g = onnx.load(str(tmp_path / "d.onnx")).graph  # every weight MatMul/Gemm became integer; attention's stay float
+    weights = {i.name for i in g.initializer}
+    assert not [n.name for n in g.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    assert sum(n.op_type == "MatMulInteger" for n in g.node) >= 4
     x = _calib(3)
     ref, got = _run(vit_onnx[17], x), _run(tmp_path / "d.onnx", x)
     assert got.shape == (3, 10) and np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.98

@@ -271,3 +271,17 @@ def test_compress_no_student_hf_folder_and_timm_state_dict(tmp_path):
     r = _compress_no_student(tmp_path / "w.pth", tmp_path / "run-timm", "--arch", "timm:vit_tiny_patch16_224")
     assert r.returncode == 0, r.stderr[-2000:]
     _check_run(tmp_path / "run-timm")
+
+
+@pytest.mark.parametrize("form", ["torchscript", "exported"])
+@pytest.mark.parametrize("shape", [["--speedup", "2"], ["--depth", "0.5"]])
+def test_student_from_graph_vit_is_refused_up_front(form, shape, tmp_path):
+    """A ViT saved as a graph keeps its ops but not its block modules: the student stage says what to do instead,
+    in one line, before the CNN surgery (or Torch-Pruning's trace) can fail on it."""
+    p = _forms(tmp_path)[form]
+    r = _cli("student", str(p), *shape, "--input-shape", "1,28,28", "--out", str(tmp_path / "s"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]  # after the stage's progress lines
+    assert last.startswith("error: the teacher is a vision transformer saved as a graph"), last
+    assert "--student-arch" in last and "--arch timm:" in last
+    assert not (tmp_path / "s").exists()

@@ -1,11 +1,11 @@
 """Post-training quantization to a QDQ ONNX model, in the profile's scheme.
 
 onnxruntime's ``quantize_static`` does the graph work (QDQ placement, per-channel weights,
-reduce_range, symmetric activations through ``extra_options``) and the MinMax, Entropy and
-Percentile calibrations. It has no MSE calibration, so for ``mse`` we collect the activations
-ourselves (one ORT pass with every candidate tensor as an output) and search, per tensor, the
-clipping range whose quantize-dequantize error is smallest; the ranges go back into
-``quantize_static`` as ``TensorQuantOverrides``, so the graph is built by the same code path.
+reduce_range, symmetric activations through ``extra_options``) and the MinMax and Percentile
+calibrations. For ``entropy`` (TensorRT's recipe) and ``mse`` we collect the activations ourselves
+(one ORT pass with every candidate tensor as an output) and compute, per tensor, the KL-optimal
+threshold or the clipping range whose quantize-dequantize error is smallest; the ranges go back
+into ``quantize_static`` as ``TensorQuantOverrides``, so the graph is built by the same code path.
 For the ORT schemes the op list is ORT's own, so the Q/DQ placement (and hence ORT's fusions) is
 ``quantize_static``'s; the one rewrite on top, :func:`align_input_channels`, is exact and only makes
 ORT pick its fast kernel for an RGB stem.
@@ -235,18 +235,15 @@ def entropy_threshold(values: np.ndarray, bins: int = ENTROPY_BINS, levels: int 
     return float(edges[best])
 
 
-def entropy_ranges(fp32: Path, calib: np.ndarray, scheme: Scheme, tensors: list[str]) -> dict[str, tuple[float, float]]:
-    """Per-tensor (rmin, rmax) from :func:`entropy_threshold` (TensorRT's recipe) on each tensor's calibration values.
+def entropy_range(values: np.ndarray, scheme: Scheme) -> tuple[float, float]:
+    """(rmin, rmax) from :func:`entropy_threshold` (TensorRT's recipe) for one tensor's calibration values.
 
     Symmetric schemes (TensorRT) get [-t, t]; asymmetric ones (u8 on ORT) the data's own range clipped to t on each
     side, so a ReLU output keeps [0, t] and all 256 levels."""
+    thr = entropy_threshold(values)
     symmetric = bool(scheme.ort_kwargs()["extra_options"].get("ActivationSymmetric", False))
-    out = {}
-    for t, v in _collect(fp32, calib, tensors).items():
-        thr = entropy_threshold(v)
-        lo, hi = (-thr, thr) if symmetric else (max(float(v.min()), -thr), min(float(v.max()), thr))
-        out[t] = (min(lo, 0.0), max(hi, 0.0))
-    return out
+    lo, hi = (-thr, thr) if symmetric else (max(float(values.min()), -thr), min(float(values.max()), thr))
+    return min(lo, 0.0), max(hi, 0.0)
 
 
 # LayerNormalization/InstanceNormalization are in ORT's QDQ registry (float kernels between a DQ and a Q). The
@@ -367,8 +364,7 @@ def quantize_onnx(
     # out of the list measured no faster on a trained cifar_vit (benchmarks/results/vit_int8.json: 1.08x/1.09x vs 1.04x/1.15x
     # at batch 1/64; +0.07 vs -0.30 points), and ORT CPU's `auto` mode takes dynamic INT8 for transformers anyway
     transformer = kw["op_types_to_quantize"] is None and is_transformer_graph(fp32)
-    cm = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-          "percentile": CalibrationMethod.Percentile, "mse": CalibrationMethod.MinMax}[method]
+    cm = CalibrationMethod.Percentile if method == "percentile" else CalibrationMethod.MinMax
     if method == "percentile":
         extra["CalibPercentile"] = percentile
     info: dict[str, Any] = {"calib_method": method, "calib_samples": int(len(calib)), "scheme": scheme.to_manifest(),
@@ -377,25 +373,16 @@ def quantize_onnx(
         info["op_types"] = {"list": "ORT's QDQ registry (transformer graph: MatMul with Q/DQ on both inputs)",
                             "float": ["Softmax", "Erf (GELU)", "LayerNormalization (between a DQ and a Q)"],
                             "alternative": "--int8-mode dynamic measured faster for a ViT on ORT CPU (benchmarks/results/vit_int8.json)"}
-    if method == "entropy":
-        # ORT's own entropy calibrator is out of reach (quantize_static fixes its bins) and, run directly, searches a
-        # signed window: kdtoolkit computes TensorRT's threshold (entropy_threshold) and hands the ranges over as
-        # TensorQuantOverrides, as the mse path does.
+    if method in ("entropy", "mse"):
+        # Ranges we compute, handed to quantize_static as TensorQuantOverrides (with MinMax for anything left): ORT has
+        # no MSE calibrator, and its entropy calibrator cannot be reached with TensorRT's settings (quantize_static fixes
+        # its bins) and, run directly, searches a signed window; entropy_threshold is TensorRT's recipe.
         tensors = _float_tensors(fp32, scheme)
-        log(f"[quantize] entropy calibration (2048 bins) over {len(tensors)} tensors", enabled=progress)
-        overrides = {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
-                     for t, (lo, hi) in entropy_ranges(fp32, calib, scheme, tensors).items()}
-        extra["TensorQuantOverrides"] = overrides
+        log(f"[quantize] {method} calibration over {len(tensors)} tensors", enabled=progress)
+        pick = entropy_range if method == "entropy" else mse_range
+        extra["TensorQuantOverrides"] = {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                                         for t, (lo, hi) in ((t, pick(v, scheme)) for t, v in _collect(fp32, calib, tensors).items())}
         cm = CalibrationMethod.MinMax
-    if method == "mse":
-        tensors = _float_tensors(fp32, scheme)
-        log(f"[quantize] MSE calibration over {len(tensors)} tensors", enabled=progress)
-        vals = _collect(fp32, calib, tensors)
-        overrides = {}
-        for t, v in vals.items():
-            lo, hi = mse_range(v, scheme)
-            overrides[t] = [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
-        extra["TensorQuantOverrides"] = overrides
     import logging
 
     root = logging.getLogger()

@@ -83,6 +83,9 @@ def make_student(teacher: Any, cfg: StudentConfig, *, input_shape: tuple[int, ..
                 f"the teacher is a {teacher.form} model whose graph cannot be rebuilt as modules; "
                 "name a student architecture with --student-arch NAME (e.g. cifar_resnet20, torchvision:mobilenet_v2)"
             )
+        from kdtoolkit.student.transformer import refuse_graph_transformer
+
+        refuse_graph_transformer(teacher.module)
         model = copy.deepcopy(teacher.module).cpu()
         for p in model.parameters():  # a teacher frozen by an earlier run in this process must not freeze its student
             p.requires_grad_(True)

@@ -91,12 +91,15 @@ def search(teacher: Any, base: StudentConfig, *, budget_ms: float | None = None,
     if budget_ms is None and speedup is None:
         raise InputError("the student search needs a latency budget (--latency-budget MS) or a speedup (--speedup X)")
     cands: dict[str, tuple[StudentConfig, Any]] = {}
-    from kdtoolkit.student.transformer import is_transformer, resolve_shape
+    why: list[str] = []  # why candidates could not be built: the error names the reason when none could
+    from kdtoolkit.student.transformer import is_transformer, refuse_graph_transformer, resolve_shape
 
     if precision not in ("fp32", "fp16", "int8", "auto"):
         raise InputError(f"unknown precision {precision!r} for the student search")
     int8 = precision in ("int8", "auto") and int8_scheme is not None
 
+    if not base.arch:
+        refuse_graph_transformer(teacher.module)
     vit = not base.arch and is_transformer(teacher.module)
     if vit and depths == DEPTHS:
         depths = VIT_DEPTHS
@@ -108,7 +111,8 @@ def search(teacher: Any, base: StudentConfig, *, budget_ms: float | None = None,
             if vit:  # a ViT: candidates are block x head x MLP counts; fractions that round to the same shape are one
                 try:
                     shape = resolve_shape(teacher.module, cfg)
-                except InputError:
+                except InputError as e:
+                    why.append(str(e))
                     continue
                 name = f"b{shape['blocks']}-h{shape['heads']}-m{shape['mlp_hidden']}"
                 if name in cands:
@@ -116,7 +120,8 @@ def search(teacher: Any, base: StudentConfig, *, budget_ms: float | None = None,
                 cfg = cfg.model_copy(update={"blocks": shape["blocks"], "heads": shape["heads"], "mlp_hidden": shape["mlp_hidden"]})
                 try:
                     model, _, _ = make_student(teacher, cfg, input_shape=input_shape, num_classes=num_classes)
-                except InputError:
+                except InputError as e:
+                    why.append(str(e))
                     continue  # the teacher's own shape
                 cands[name] = (cfg, model.eval())
                 continue
@@ -124,11 +129,14 @@ def search(teacher: Any, base: StudentConfig, *, budget_ms: float | None = None,
                 c = cfg if sep == base.separable else cfg.model_copy(update={"separable": sep})
                 try:
                     model, _, _ = make_student(teacher, c, input_shape=input_shape, num_classes=num_classes)
-                except InputError:
+                except InputError as e:
+                    why.append(str(e))
                     continue  # e.g. no blocks to drop in this architecture, or a standard student that copies the teacher
                 cands[f"d{d:g}-w{w:g}" + ("" if sep else "-std")] = (c, model.eval())
     if not cands:
-        raise InputError("no student candidate could be built for the latency search")
+        reasons = list(dict.fromkeys(why))  # distinct, first seen first
+        raise InputError("no student candidate could be built for the latency search"
+                         + (f": {reasons[0]}" if len(reasons) == 1 else f" ({len(reasons)} reasons; the first: {reasons[0]})" if reasons else ""))
     lat = measure_models({"teacher": teacher.module, **{k: m for k, (_, m) in cands.items()}}, input_shape, [batch],
                          threads=threads, iters=iters, int8_scheme=int8_scheme if int8 else None, int8_names=set(cands),
                          int8_mode=int8_mode)

@@ -32,6 +32,27 @@ def is_transformer(model: Any) -> bool:
     return isinstance(getattr(attn, "qkv", None), nn.Linear) and hasattr(attn, "num_heads") and hasattr(blocks[0], "mlp")
 
 
+def is_transformer_graph(model: Any) -> bool:
+    """Whether a graph rebuilt from TorchScript or ``torch.export`` (models.graph) computes attention.
+
+    Such a graph keeps its ops but not timm's ``blocks[i].attn.qkv`` module tree, so no transformer student can be cut
+    from it, and the CNN surgery would only fail on it later with a less useful message."""
+    graph = getattr(model, "graph", None)
+    if graph is None or not getattr(model, "_kdt_graph", False):
+        return False
+    ops = {str(n.target) for n in graph.nodes if n.op == "call_function"}
+    return any("scaled_dot_product_attention" in o for o in ops) or (
+        any("softmax" in o for o in ops) and any("layer_norm" in o for o in ops))
+
+
+def refuse_graph_transformer(model: Any) -> None:
+    """One-line error for cutting a student from a graph-form ViT (see ``is_transformer_graph``), naming what works."""
+    if is_transformer_graph(model):
+        raise InputError("the teacher is a vision transformer saved as a graph (TorchScript or torch.export), which has no "
+                         "attention-block modules to cut a student from; name one with --student-arch NAME (e.g. "
+                         "cifar_deit), or load the teacher's weights with --arch timm:NAME so its blocks can be shortened")
+
+
 def shape_of(model: nn.Module) -> dict[str, Any]:
     """Blocks, heads per block, head size and MLP hidden width (from the first block) of a ViT."""
     b0 = model.blocks[0]
