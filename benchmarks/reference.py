@@ -43,6 +43,12 @@ RESULTS = REPO / "benchmarks" / "results"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def keep_blocks(args: argparse.Namespace) -> dict[str, int]:
+    from kdtoolkit.cli.options import parse_keep_blocks
+
+    return parse_keep_blocks(args.keep_blocks) or {}
+
+
 def compress_run(args: argparse.Namespace, out: Path, *, alpha: float) -> dict:
     from kdtoolkit.config import QatConfig
     from kdtoolkit.distill.schedules import Schedule
@@ -54,7 +60,7 @@ def compress_run(args: argparse.Namespace, out: Path, *, alpha: float) -> dict:
         model=str(args.teacher), arch="cifar_resnet56",
         data=DataConfig(source=str(args.data), mean=MEAN, std=STD, train_limit=args.train_limit, test_limit=args.test_limit),
         profile=args.profile,
-        student=StudentConfig(depth=args.depth, width=args.width, separable=args.separable, init="svd"),
+        student=StudentConfig(depth=args.depth, width=args.width, separable=args.separable, init="svd", keep_blocks=keep_blocks(args)),
         train=TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, augment=args.augment, seed=args.seed,
                           augment_views=args.augment_views if alpha > 0 else 0, time_budget_min=args.time_budget,
                           checkpoint_every=100,
@@ -113,6 +119,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--depth", type=float, default=0.12, help="blocks kept per stage (0.12: 1 of 9, ResNet-8; 0.23: ResNet-14; 0.34: ResNet-20)")
     ap.add_argument("--width", type=float, default=1.0)
+    ap.add_argument("--keep-blocks", default="layer1=0,layer2=1,layer3=4",
+                    help="blocks kept per stage, over --depth ('' for --depth alone; layer1=1,layer2=1,layer3=1 is the old headline)")
+    ap.add_argument("--load-note", default="not stated", help="what else ran on the machine (recorded with the figures)")
     ap.add_argument("--separable", action=argparse.BooleanOptionalAction, default=False, help="depthwise-separable convs (the old student)")
     ap.add_argument("--augment", default="crop_flip", help="none keeps the plain teacher-logit cache")
     ap.add_argument("--augment-views", type=int, default=8, help="teacher-logit bank of this many augmented views per image (FKD)")
@@ -181,7 +190,7 @@ def main() -> None:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": environment()["cpu"], "environment": {k2: v for k2, v in environment().items() if k2 != "cpu"},
         "budget": {"epochs": args.epochs, "time_budget_min": args.time_budget, "train_limit": args.train_limit, "test_limit": args.test_limit,
-                   "depth": args.depth, "width": args.width, "separable": args.separable, "augment": args.augment,
+                   "depth": args.depth, "keep_blocks": keep_blocks(args), "width": args.width, "separable": args.separable, "augment": args.augment,
                    "augment_views": args.augment_views, "loss": args.loss, "qat_steps": args.qat_steps, "seed": args.seed,
                    "timing_rounds": args.iters,
                    "distill_train_time_s": {n: m["train_time_s"] for n, m in distill_metrics.items()},
@@ -192,6 +201,7 @@ def main() -> None:
                   **trend},
         "jetson": jetson_handoff(args, args.out / "kd", args.out / "jetson") if args.jetson_profile else None,
         "wall_s": time.perf_counter() - t0,
+        "load_note": args.load_note,
     }
     from kdtoolkit import fsutil
 

@@ -8,7 +8,8 @@ does not depend on the weights. Each is timed in FP32 and as kdtoolkit's ort-cpu
 training images), interleaved with the teacher's FP32 in one process at batch 1 and 64 (p50, median of
 ``--repeats`` repeats, random order each). A candidate fits when its faster precision is at least 5x the
 teacher at batch 1 and 10x at batch 64 (the headline's targets). Parameters stand for capacity: of the
-shapes that fit, the one with the most parameters is the headline's student. Untrained top-1 is not a
+shapes that fit with ``--margin`` to spare (ratios move by up to ~5 % between quiet runs on these shared
+machines), the one with the most parameters is the headline's student. Untrained top-1 is not a
 measure of anything, so the accuracy side is left to the training runs (benchmarks/reference.py).
 Results go to benchmarks/results/student_shape.json.
 """
@@ -37,6 +38,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "sep-d0.34-layer3-std": {"depth": 0.34, "skip": ["layer3"]},
     "std-d0.12": {"depth": 0.12, "separable": False},
     "std-d0.23": {"depth": 0.23, "separable": False},
+    # late-heavy (keep_blocks): no block at 32x32 (16 channels), one at 16x16, k at 8x8 (64 channels)
+    **{f"std-keep-{a}-{b}-{c}": {"keep_blocks": {"layer1": a, "layer2": b, "layer3": c}, "separable": False}
+       for a, b, c in ((0, 1, 2), (0, 1, 3), (0, 1, 4), (0, 1, 5), (0, 1, 6), (0, 2, 2), (1, 1, 2))},
 }
 
 
@@ -46,6 +50,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="candidate names (default: all)")
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--margin", type=float, default=1.1, help="choose among shapes that fit with this factor to spare")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "student_shape.json"))
     a = ap.parse_args()
 
@@ -124,7 +129,8 @@ def main() -> None:
         best = {str(b): max(row["speedup_vs_teacher_fp32"][p][str(b)] for p in ("fp32", "int8")) for b in (1, 64)}
         row["best_speedup"] = best
         row["fits_5x_10x"] = best["1"] >= 5.0 and best["64"] >= 10.0
-    fitting = [n for n, r in rows.items() if r["fits_5x_10x"]]
+        row["fits_with_margin"] = best["1"] >= 5.0 * a.margin and best["64"] >= 10.0 * a.margin
+    fitting = [n for n, r in rows.items() if r["fits_with_margin"]]
     chosen = max(fitting, key=lambda n: rows[n]["params"]) if fitting else None
     env = environment()
     doc = {
@@ -136,7 +142,7 @@ def main() -> None:
                     "load_avg_at_end": list(os.getloadavg())},
         "setup": {"teacher": "cifar_resnet56 fine-tuned on CIFAR-10 JPEG (shared)", "int8": "kdtoolkit PTQ, ort-cpu scheme, minmax, 256 images",
                   "timing": f"p50, {a.iters} interleaved rounds per batch, median of {a.repeats} repeats"},
-        "rows": rows, "chosen": chosen, "wall_s": round(time.perf_counter() - t0, 1),
+        "rows": rows, "margin": a.margin, "chosen": chosen, "wall_s": round(time.perf_counter() - t0, 1),
     }
     fsutil.write_json(Path(a.out), doc)
     print(f"\n{'candidate':26s} {'params':>9s} {'MMACs':>7s} {'fp32 b1':>8s} {'fp32 b64':>9s} {'int8 b1':>8s} {'int8 b64':>9s}  fits")

@@ -144,6 +144,9 @@ class StudentConfig(BaseModel):
     skip: list[str] = Field(default_factory=list, description="module names or patterns to keep standard")
     only: list[str] = Field(default_factory=list, description="convert only inside these module names (stages)")
     depth: float = Field(1.0, gt=0, le=1, description="fraction of shape-preserving blocks kept per stage")
+    keep_blocks: dict[str, int] = Field(
+        default_factory=dict, description="blocks kept in named stages, over --depth there (e.g. {layer1: 0, layer3: 4}); "
+                                          "0 removes a stage whose blocks all keep their input's shape")
     width: float = Field(1.0, gt=0, le=1, description="fraction of channels kept (Torch-Pruning dependency graph)")
     width_importance: Literal["l2", "bn"] = Field("l2", description="channel importance: group weight L2 norm or BN scale")
     channel_multiple: int | None = Field(None, ge=1, description="round channel counts to this; default: the profile's")

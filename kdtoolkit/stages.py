@@ -132,7 +132,7 @@ def resolve_student_config(cfg, profile, teacher, input_shape, num_classes: int,
 
     best_effort = False
     if budget is None and speedup is None:
-        if cfg.depth < 1.0 or cfg.width < 1.0 or cfg.blocks or cfg.heads or cfg.mlp_hidden:
+        if cfg.depth < 1.0 or cfg.width < 1.0 or cfg.keep_blocks or cfg.blocks or cfg.heads or cfg.mlp_hidden:
             return cfg, None  # the user chose the shape
         try:
             model, _, info = make_student(teacher, cfg, input_shape=input_shape, num_classes=num_classes)

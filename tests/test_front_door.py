@@ -314,3 +314,25 @@ def test_search_puts_int8_in_the_speed_budget_with_standard_conv_candidates(prec
     assert found["precision"] == f"int8 in the budget ({precision})"
     plain = search(teacher, StudentConfig(), precision="fp32", **kw)  # FP32 profiles: separable only, FP32 timing
     assert all("p50_int8_ms" not in r and r["separable"] for r in plain["candidates"]) and plain["precision"] == "fp32"
+
+
+def test_int8_search_adds_late_heavy_shapes_on_its_default_grid():
+    """With INT8 in the budget the default grid also tries the fewest blocks in every stage but the last, and a
+    growing share of the last (a wide, low-resolution stage is cheap in ORT's INT8 kernels)."""
+    from kdtoolkit.models import build_arch
+    from kdtoolkit.models.loading import LoadedModel
+    from kdtoolkit.quant.schemes import scheme_for
+    from kdtoolkit.student.build import StudentConfig
+    from kdtoolkit.student.search import late_heavy_plans, search
+    from kdtoolkit.targets import load_profile
+
+    assert [p["layer3"] for p in late_heavy_plans(build_arch("cifar_resnet56"), (1, 3, 32, 32))] == [1, 2, 3, 4, 5, 6, 9]
+    assert all(p["layer1"] == 0 and p["layer2"] == 1 for p in late_heavy_plans(build_arch("cifar_resnet56"), (1, 3, 32, 32)))
+    teacher = LoadedModel(user_models.ResNetish(num_classes=10).eval(), "pickle", "r.pt")
+    kw = dict(speedup=1.01, input_shape=(1, 1, 28, 28), num_classes=10, batch=8, threads=1, iters=4, widths=(1.0,), best_effort=True)
+    found = search(teacher, StudentConfig(), precision="auto", int8_scheme=scheme_for(load_profile("ort-cpu")), **kw)
+    rows = {r["name"]: r for r in found["candidates"]}
+    assert rows["keep0-1-std"]["keep_blocks"] == {"layer1": 0, "layer2": 1} and rows["keep0-1-std"]["separable"] is False
+    assert rows["keep0-1-std"]["params"] < rows["keep0-2-std"]["params"]
+    plain = search(teacher, StudentConfig(), precision="fp32", **kw)  # FP32 profiles keep the uniform grid
+    assert not any("keep_blocks" in r for r in plain["candidates"])

@@ -85,8 +85,10 @@ def test_student_command_table_json_and_search(tmp_path):
     assert r.returncode == 0, r.stderr
     found = json.loads((tmp_path / "s3.json").read_text())["search"]
     # ort-cpu ships INT8 when it is faster (precision auto), so INT8 is in the budget: 4 depths x 5 widths, separable and
-    # standard (less the standard copy of the teacher); every candidate meets 1 s and the most capable one wins
-    assert found["precision"] == "int8 in the budget (auto)" and len(found["candidates"]) == 39
+    # standard (less the standard copy of the teacher), and 3 late-heavy shapes (0/1/k blocks per stage, k = 1..3); every
+    # candidate meets 1 s and the most capable one wins
+    assert found["precision"] == "int8 in the budget (auto)" and len(found["candidates"]) == 42
+    assert {"keep0-1-1-std", "keep0-1-2-std", "keep0-1-3-std"} <= {c["name"] for c in found["candidates"]}
     assert all(c["meets_budget"] for c in found["candidates"])
     assert found["chosen"] == max(found["candidates"], key=lambda c: (c["macs"], c["params"]))["name"] == "d0.67-w1-std"
 
@@ -107,3 +109,53 @@ def test_student_of_a_frozen_teacher_trains_every_parameter(separable):
                            num_classes=10)
     assert all(p.requires_grad for p in s.parameters())
     assert not any(p.requires_grad for p in net.parameters())  # the teacher stays frozen
+
+
+def test_keep_blocks_plans_named_stages_and_refuses_what_cannot_go():
+    m = build_arch("cifar_resnet56")
+    x = torch.zeros(1, 3, 32, 32)
+    # named stages take their own count (0 empties a stage of shape-preserving blocks); the rest follow the fraction
+    assert plan_depth(m, x, 1.0, keep={"layer1": 0, "layer3": 4}) == {"layer1": 0, "layer3": 4}
+    assert plan_depth(m, x, 0.12, keep={"layer3": 4}) == {"layer1": 1, "layer2": 1, "layer3": 4}
+    with pytest.raises(InputError, match=r"layer2=0: the stage has 9 blocks and must keep between 1 and 9 \(its first block"):
+        plan_depth(m, x, 1.0, keep={"layer2": 0})
+    with pytest.raises(InputError, match="names layer4, which is not a stage .*stages: layer1, layer2, layer3"):
+        plan_depth(m, x, 1.0, keep={"layer4": 1})
+
+
+def test_keep_blocks_student_is_late_heavy_and_replays_from_its_recipe(tmp_path):
+    """The headline's shape: no block at 32x32, one at 16x16, four at 8x8 (INT8 on ORT CPU runs the 64-channel
+    stage cheaply: benchmarks/results/reference.json)."""
+    from kdtoolkit.models.loading import LoadedModel, load_model, save_model
+    from kdtoolkit.student.build import StudentConfig, count_params, make_student
+
+    torch.manual_seed(0)
+    t = build_arch("cifar_resnet56").eval()
+    teacher = LoadedModel(t, "eager", "t.pt", arch="cifar_resnet56", recipe={"arch": "cifar_resnet56", "arch_kwargs": {}, "transforms": []})
+    s, recipe, info = make_student(teacher, StudentConfig(keep_blocks={"layer1": 0, "layer2": 1, "layer3": 4}, separable=False),
+                                   input_shape=(1, 3, 32, 32), num_classes=10)
+    assert [len(s.layer1), len(s.layer2), len(s.layer3)] == [0, 1, 4]
+    assert info["dropped_blocks"] == {"layer1": 9, "layer2": 8, "layer3": 5}
+    assert count_params(s) == 292570  # the benchmark's figure for this shape
+    x = torch.randn(2, 3, 32, 32)
+    s.eval()
+    # teacher-initialised: layer2.0 and layer3.0-3 are the teacher's own blocks
+    torch.testing.assert_close(s.layer3[3].conv1.weight, t.layer3[3].conv1.weight)
+    save_model(tmp_path, s, recipe, {}, (1, 3, 32, 32))
+    back = load_model(next(tmp_path.glob("model.*")))
+    torch.testing.assert_close(back.module(x), s(x))
+    with pytest.raises(InputError, match="keeps every block"):
+        make_student(teacher, StudentConfig(keep_blocks={"layer3": 9}, separable=False), input_shape=(1, 3, 32, 32), num_classes=10)
+
+
+@pytest.mark.parametrize("spec,msg", [("layer1", "takes STAGE=N pairs"), ("layer2=0", "must keep between 1 and 9"),
+                                      ("layer1=-1", "takes STAGE=N pairs")])
+def test_keep_blocks_cli_errors_are_one_line(tmp_path, spec, msg):
+    from conftest import run_cli
+
+    sd = tmp_path / "t.pt"
+    torch.save(build_arch("cifar_resnet56").state_dict(), sd)
+    r = run_cli("student", str(sd), "--arch", "cifar_resnet56", "--keep-blocks", spec, "--no-separable", "--out", str(tmp_path / "s"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert msg in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "s").exists()

@@ -14,6 +14,7 @@ from kdtoolkit.cli.options import (
     Data,
     InputShape,
     JsonOut,
+    KeepBlocks,
     Out,
     Quiet,
     Set,
@@ -22,6 +23,7 @@ from kdtoolkit.cli.options import (
     config_option,
     config_panel,
     parse_input_flags,
+    parse_keep_blocks,
 )
 from kdtoolkit.config import DataConfig, LossConfig, MeasureConfig, QatConfig, StudentConfig, TrainConfig
 
@@ -63,6 +65,7 @@ def compress_cmd(
     student_arch: config_option(StudentConfig, "arch", "--student-arch", optional=True) = None,
     depth: config_option(StudentConfig, "depth", note="in (0, 1]", optional=True) = None,
     width: config_option(StudentConfig, "width", note="in (0, 1]", optional=True) = None,
+    keep_blocks: KeepBlocks = None,
     latency_budget: config_option(StudentConfig, "latency_budget_ms", "--latency-budget", note="ms", optional=True) = None,
     speedup: config_option(StudentConfig, "speedup", optional=True) = None,
     wait: Annotated[bool, typer.Option("--wait", help="if another run holds the run folder, wait for it instead of refusing")] = False,
@@ -136,6 +139,8 @@ def compress_cmd(
                           (cfg.measure, "iters", iters), (cfg.qat, "max_steps", qat_steps)):
         if val is not None:
             setattr(obj, key, val)
+    if keep_blocks is not None:
+        st.keep_blocks = parse_keep_blocks(keep_blocks) or {}
     if no_separable:
         st.separable = False
     if no_student:

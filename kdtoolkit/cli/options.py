@@ -108,6 +108,26 @@ def parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
         raise InputError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
+def parse_keep_blocks(text: str | None) -> dict[str, int] | None:
+    """``layer1=0,layer3=4`` -> {"layer1": 0, "layer3": 4} (blocks kept per named stage)."""
+    if text is None:
+        return None
+    from kdtoolkit.errors import InputError
+
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, n = part.partition("=")
+        if not eq or not name.strip() or not n.strip().isdigit():
+            raise InputError(f"--keep-blocks takes STAGE=N pairs, comma-separated (e.g. layer1=0,layer3=4), got {text!r}")
+        out[name.strip()] = int(n)
+    return out
+
+
+KeepBlocks = Annotated[Optional[str], typer.Option(
+    "--keep-blocks", help="blocks kept in named stages, over --depth there, e.g. layer1=0,layer3=4 (0 removes a stage "
+                          "whose blocks all keep their input's shape)")]
+
+
 # --- the model input: one spelling on every command (DESIGN.md "CLI conventions") ---------------
 # --input-shape C,H,W is canonical; --input-size is its alias and also takes H,W (with --channels),
 # the spelling compress used first. Resolution order: these flags, the model's metadata, the zoo

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from kdtoolkit.cli import app
-from kdtoolkit.cli.options import Arch, Channels, InputShape, JsonOut, Mean, ModelArg, Out, Std, TrustPickle
+from kdtoolkit.cli.options import Arch, Channels, InputShape, JsonOut, KeepBlocks, Mean, ModelArg, Out, Std, TrustPickle, parse_keep_blocks
 
 
 @app.command("export")
@@ -77,6 +77,7 @@ def student_cmd(
     student_arch: Annotated[Optional[str], typer.Option("--student-arch", help="build this architecture instead of converting the teacher")] = None,
     depth: Annotated[float, typer.Option("--depth", help="fraction of repeated blocks kept per stage")] = 1.0,
     width: Annotated[float, typer.Option("--width", help="fraction of channels kept (dependency-graph pruning)")] = 1.0,
+    keep_blocks: KeepBlocks = None,
     no_separable: Annotated[bool, typer.Option("--no-separable", help="keep standard convs")] = False,
     skip_stem: Annotated[bool, typer.Option("--skip-stem/--convert-stem", help="keep the first conv standard")] = True,
     skip_first: Annotated[int, typer.Option("--skip-first", help="keep the first N convertible convs standard")] = 0,
@@ -136,6 +137,7 @@ def student_cmd(
         n_cls = int(teacher.module(torch.zeros(full_shape)).shape[-1])
     cfg = StudentConfig(arch=student_arch, separable=not no_separable, skip_stem=skip_stem, skip_first=skip_first,
                         skip=skip.split(",") if skip else [], only=only.split(",") if only else [], depth=depth, width=width,
+                        keep_blocks=parse_keep_blocks(keep_blocks) or {},
                         init=init, latency_budget_ms=latency_budget, speedup=speedup, blocks=blocks, heads=heads,
                         mlp_hidden=mlp_hidden, block_select=block_select)
     # the student stage's own functions: `kdtoolkit student` writes what stage 01-student writes

@@ -101,6 +101,8 @@ def make_student(teacher: Any, cfg: StudentConfig, *, input_shape: tuple[int, ..
         raise InputError(f"{', '.join(vit_only)} shape(s) a student cut from a vision transformer teacher; "
                          + (f"--student-arch {cfg.arch} builds its own" if cfg.arch else "this teacher is not one (use --depth/--width)"))
     if not cfg.arch and is_transformer(model):  # a ViT teacher: blocks, heads and MLP width, not conv surgery
+        if cfg.keep_blocks:
+            raise InputError("--keep-blocks shortens a CNN's stages; a transformer student keeps --blocks N")
         from kdtoolkit.student.transformer import make_transformer_student
 
         info["init"] = "teacher"
@@ -109,10 +111,11 @@ def make_student(teacher: Any, cfg: StudentConfig, *, input_shape: tuple[int, ..
         for t in transforms:
             _record(recipe, t)
         return model, recipe, info
-    if cfg.depth < 1.0:
-        plan = T.plan_depth(model, example, cfg.depth)
+    if cfg.depth < 1.0 or cfg.keep_blocks:
+        plan = T.plan_depth(model, example, cfg.depth, keep=cfg.keep_blocks)
         if not plan:
-            raise InputError("depth reduction found no stage of repeated shape-preserving blocks to shorten")
+            raise InputError("--keep-blocks keeps every block: nothing to shorten" if cfg.keep_blocks else
+                             "depth reduction found no stage of repeated shape-preserving blocks to shorten")
         info.update(T.reduce_depth(model, plan))
         _record(recipe, {"op": "depth", "keep": plan})
     if cfg.width < 1.0:
@@ -140,7 +143,7 @@ def make_student(teacher: Any, cfg: StudentConfig, *, input_shape: tuple[int, ..
         info["init"] = "teacher-svd"
         if calib_batches is not None and cfg.bn_recalib_batches:
             info["bn_recalibrated_batches"] = T.recalibrate_bn(model, calib_batches, cfg.bn_recalib_batches)
-    if not info.get("converted") and cfg.depth >= 1.0 and cfg.width >= 1.0 and not cfg.arch:
+    if not info.get("converted") and not info.get("dropped_blocks") and cfg.width >= 1.0 and not cfg.arch:
         raise InputError("the student would be a copy of the teacher (no standard convolution to make separable): "
                          "shrink it with --width or --depth, or give --speedup X or --latency-budget MS to search")
     return model, recipe, info

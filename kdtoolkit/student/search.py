@@ -20,6 +20,25 @@ DEPTHS = (1.0, 0.67, 0.34)
 WIDTHS = (1.0, 0.75, 0.5, 0.35, 0.25)  # the narrow end is for teachers that are already separable
 INT8_EXTRA_DEPTHS = (0.12,)  # one block per stage of a ResNet-56: where a standard-conv student meets 10x in INT8
 VIT_DEPTHS = (1.0, 0.75, 0.5, 0.34, 0.25)  # a transformer's blocks are its main cost: finer steps than a CNN's stages
+# INT8 also brings late-heavy shapes: the fewest blocks in every stage but the last, which keeps this fraction of its own.
+# ORT's INT8 kernels run a wide, low-resolution stage far faster than a narrow, high-resolution one of the same MACs: on a
+# ResNet-56, keeping 0/1/4 blocks per stage gives 3.9x the parameters of 1/1/1 and is faster at batch 64 in INT8
+# (benchmarks/results/student_shape.json).
+LATE_FRACTIONS = (0.12, 0.23, 0.34, 0.45, 0.56, 0.67, 1.0)
+
+
+def late_heavy_plans(model: Any, input_shape: tuple[int, ...]) -> list[dict[str, int]]:
+    """``keep_blocks`` plans that keep the fewest blocks in every stage but the last and a growing share of the last."""
+    import torch
+
+    from kdtoolkit.student.transforms import depth_stages
+
+    stages = depth_stages(model, torch.zeros(1, *input_shape[1:]))
+    if len(stages) < 2:
+        return []
+    *early, last = stages
+    n, fewest = stages[last]
+    return [{**{s: stages[s][1] for s in early}, last: k} for k in sorted({max(1, fewest, round(n * f)) for f in LATE_FRACTIONS})]
 
 
 def measure_models(models: dict[str, Any], input_shape: tuple[int, ...], batches: list[int], *, threads: int = 0,
@@ -87,7 +106,8 @@ def search(teacher: Any, base: StudentConfig, *, budget_ms: float | None = None,
     part of the speed budget: every candidate is also timed as the quantize stage's INT8, and its latency is the INT8
     figure (``int8``) or the faster of the two (``auto``, which ships the faster one). Standard-convolution variants
     join the separable ones then, because ONNX Runtime's INT8 depthwise kernels are slow and a wider standard student
-    can meet the budget in INT8 (benchmarks/results/student_shape.json). The teacher is always timed in FP32."""
+    can meet the budget in INT8 (benchmarks/results/student_shape.json), and so do late-heavy shapes
+    (``late_heavy_plans``). The teacher is always timed in FP32."""
     if budget_ms is None and speedup is None:
         raise InputError("the student search needs a latency budget (--latency-budget MS) or a speedup (--speedup X)")
     cands: dict[str, tuple[StudentConfig, Any]] = {}
@@ -101,6 +121,7 @@ def search(teacher: Any, base: StudentConfig, *, budget_ms: float | None = None,
     if not base.arch:
         refuse_graph_transformer(teacher.module)
     vit = not base.arch and is_transformer(teacher.module)
+    late = int8 and not vit and not base.arch and depths == DEPTHS and not base.keep_blocks
     if vit and depths == DEPTHS:
         depths = VIT_DEPTHS
     elif int8 and depths == DEPTHS:
@@ -133,6 +154,15 @@ def search(teacher: Any, base: StudentConfig, *, budget_ms: float | None = None,
                     why.append(str(e))
                     continue  # e.g. no blocks to drop in this architecture, or a standard student that copies the teacher
                 cands[f"d{d:g}-w{w:g}" + ("" if sep else "-std")] = (c, model.eval())
+    for keep in late_heavy_plans(teacher.module, input_shape) if late else []:
+        c = base.model_copy(update={"depth": 1.0, "width": 1.0, "keep_blocks": keep, "separable": False,
+                                    "latency_budget_ms": None, "speedup": None})
+        try:
+            model, _, _ = make_student(teacher, c, input_shape=input_shape, num_classes=num_classes)
+        except InputError as e:
+            why.append(str(e))
+            continue
+        cands["keep" + "-".join(str(k) for k in keep.values()) + "-std"] = (c, model.eval())
     if not cands:
         reasons = list(dict.fromkeys(why))  # distinct, first seen first
         raise InputError("no student candidate could be built for the latency search"
@@ -152,7 +182,8 @@ def search(teacher: Any, base: StudentConfig, *, budget_ms: float | None = None,
             int8_p50 = lat[f"{name}@int8"][batch]["p50"]
             p50 = int8_p50 if precision == "int8" else min(fp32_p50, int8_p50)
             timed = {"p50_fp32_ms": fp32_p50, "p50_int8_ms": int8_p50, "timed_as": "int8" if p50 == int8_p50 else "fp32"}
-        rows.append({"name": name, "depth": cfg.depth, "width": cfg.width, "separable": cfg.separable, "params": count_params(m),
+        rows.append({"name": name, "depth": cfg.depth, "width": cfg.width, "separable": cfg.separable,
+                     **({"keep_blocks": cfg.keep_blocks} if cfg.keep_blocks else {}), "params": count_params(m),
                      **({"blocks": cfg.blocks, "heads": cfg.heads, "mlp_hidden": cfg.mlp_hidden} if vit else {}),
                      "macs": count_macs(m, input_shape), "p50_ms": p50, **timed, "meets_budget": p50 <= budget_ms})
     ok = [r for r in rows if r["meets_budget"]]

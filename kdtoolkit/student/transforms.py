@@ -138,13 +138,13 @@ def droppable_blocks(model: nn.Module, example: torch.Tensor) -> dict[str, list[
 
 
 def reduce_depth(model: nn.Module, keep: dict[str, int]) -> dict[str, Any]:
-    """Keep the first ``keep[stage]`` blocks of each named stage (the rest must be shape-preserving)."""
+    """Keep the first ``keep[stage]`` blocks of each named stage (the rest must be shape-preserving; 0 empties it)."""
     dropped = {}
     for stage, k in keep.items():
         seq = model.get_submodule(stage)
         if not isinstance(seq, nn.Sequential):
             raise InputError(f"depth reduction: {stage!r} is not a stage (nn.Sequential) of this model")
-        if k < 1 or k > len(seq):
+        if k < 0 or k > len(seq):
             raise InputError(f"depth reduction: stage {stage!r} has {len(seq)} blocks, cannot keep {k}")
         dropped[stage] = len(seq) - k
         # keep the children's own names (torchvision's RegNet names them "block2-0"), so stages nested in them still resolve
@@ -152,17 +152,39 @@ def reduce_depth(model: nn.Module, keep: dict[str, int]) -> dict[str, Any]:
     return {"dropped_blocks": dropped}
 
 
-def plan_depth(model: nn.Module, example: torch.Tensor, fraction: float) -> dict[str, int]:
-    """How many blocks to keep per stage for a depth fraction, dropping only shape-preserving blocks."""
-    plan = {}
+def depth_stages(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """Stages whose tail can be shortened, in forward order: name -> (blocks, fewest that can stay).
+
+    The fewest is the index of the first shape-preserving block: 0 when every block keeps its input's shape (the
+    stage can go entirely), 1 when the first block downsamples."""
+    out = {}
     for stage, idx in droppable_blocks(model, example).items():
         n = len(model.get_submodule(stage))
         first_droppable = min(idx)
-        if sorted(idx) != list(range(first_droppable, n)):
-            continue  # a non shape-preserving block after a droppable one: leave the stage alone
-        keep = max(first_droppable, round(n * fraction), 1)
-        if keep < n:
-            plan[stage] = keep
+        if sorted(idx) == list(range(first_droppable, n)):  # else a non shape-preserving block follows a droppable one
+            out[stage] = (n, first_droppable)
+    return out
+
+
+def plan_depth(model: nn.Module, example: torch.Tensor, fraction: float, keep: dict[str, int] | None = None) -> dict[str, int]:
+    """How many blocks to keep per stage: ``keep`` for the stages it names, else the depth fraction (at least one);
+    only shape-preserving blocks are dropped."""
+    stages = depth_stages(model, example)
+    unknown = sorted(set(keep or {}) - set(stages))
+    if unknown:
+        raise InputError(f"--keep-blocks names {', '.join(unknown)}, which is not a stage of repeated blocks of this model "
+                         f"(stages: {', '.join(stages) or 'none'})")
+    plan = {}
+    for stage, (n, fewest) in stages.items():
+        if keep and stage in keep:
+            k = keep[stage]
+            if not fewest <= k <= n:
+                raise InputError(f"--keep-blocks {stage}={k}: the stage has {n} blocks and must keep "
+                                 + (f"between {fewest} and {n}" + (" (its first block changes the shape)" if fewest else "")))
+        else:
+            k = max(fewest, round(n * fraction), 1)
+        if k < n:
+            plan[stage] = k
     return plan
 
 
