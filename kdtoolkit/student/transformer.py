@@ -32,8 +32,9 @@ def is_transformer(model: Any) -> bool:
     return isinstance(getattr(attn, "qkv", None), nn.Linear) and hasattr(attn, "num_heads") and hasattr(blocks[0], "mlp")
 
 
-def is_transformer_graph(model: Any) -> bool:
-    """Whether a graph rebuilt from TorchScript or ``torch.export`` (models.graph) computes attention.
+def is_rebuilt_transformer_graph(model: Any) -> bool:
+    """Whether a module tree rebuilt from a TorchScript or ``torch.export`` graph (models.graph) computes attention
+    (``quant.ptq.is_transformer_graph`` asks the same of an ONNX graph).
 
     Such a graph keeps its ops but not timm's ``blocks[i].attn.qkv`` module tree, so no transformer student can be cut
     from it, and the CNN surgery would only fail on it later with a less useful message."""
@@ -46,8 +47,8 @@ def is_transformer_graph(model: Any) -> bool:
 
 
 def refuse_graph_transformer(model: Any) -> None:
-    """One-line error for cutting a student from a graph-form ViT (see ``is_transformer_graph``), naming what works."""
-    if is_transformer_graph(model):
+    """One-line error for cutting a student from a graph-form ViT (see ``is_rebuilt_transformer_graph``), naming what works."""
+    if is_rebuilt_transformer_graph(model):
         raise InputError("the teacher is a vision transformer saved as a graph (TorchScript or torch.export), which has no "
                          "attention-block modules to cut a student from; name one with --student-arch NAME (e.g. "
                          "cifar_deit), or load the teacher's weights with --arch timm:NAME so its blocks can be shortened")
