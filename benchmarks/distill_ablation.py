@@ -13,7 +13,7 @@ per row against the row before it:
   std-dist-bank  DIST (Huang 2022) in place of Hinton KD
   std-ce-bank    labels alone (no teacher): what distillation adds
   late-kd-bank   std-kd-bank with the late-heavy student (0/1/4 blocks per stage, --keep-blocks): 3.9x the
-                 parameters, as fast in INT8 at batch 64 (benchmarks/results/student_shape.json)
+                 parameters, faster in INT8 at batch 64 (benchmarks/results/student_shape.json)
 Resumable: each row trains in its own folder under --work (the trainer resumes from its checkpoint) and
 caches its result; the teacher's logits and the view bank are computed once and linked into every row.
 Results go to benchmarks/results/distill_ablation.json.

@@ -8,8 +8,8 @@ does not depend on the weights. Each is timed in FP32 and as kdtoolkit's ort-cpu
 training images), interleaved with the teacher's FP32 in one process at batch 1 and 64 (p50, median of
 ``--repeats`` repeats, random order each). A candidate fits when its faster precision is at least 5x the
 teacher at batch 1 and 10x at batch 64 (the headline's targets). Parameters stand for capacity: of the
-shapes that fit with ``--margin`` to spare (ratios move by up to ~5 % between quiet runs on these shared
-machines), the one with the most parameters is the headline's student. Untrained top-1 is not a
+shapes that fit with ``--margin`` to spare (ratios moved by 5 % between quiet runs of this script, and by
+25 % at batch 64 between two timings of the headline when the host slowed: reference.json's load_note), the one with the most parameters is the headline's student. Untrained top-1 is not a
 measure of anything, so the accuracy side is left to the training runs (benchmarks/reference.py).
 Results go to benchmarks/results/student_shape.json.
 """
