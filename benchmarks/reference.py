@@ -135,6 +135,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=60, help="interleaved timing rounds per batch size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jetson-profile", default="jetson-agx-orin", help="also build the off-device hand-off for this profile ('' to skip)")
+    ap.add_argument("--row", choices=("kd", "alone"), default=None,
+                    help="build only this row's compress run and stop (train the two rows side by side, one thread each; "
+                         "then run again without --row to measure)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     for p in (args.data, args.teacher):
@@ -147,6 +150,10 @@ def main() -> None:
     from kdtoolkit.latency.timing import measure
 
     t0 = time.perf_counter()
+    if args.row:
+        compress_run(args, args.out / args.row, alpha=0.9 if args.row == "kd" else 0.0)
+        print(f"{args.row}: {args.out / args.row} is built; run again without --row to measure every row")
+        return
     kd = compress_run(args, args.out / "kd", alpha=0.9)
     alone = compress_run(args, args.out / "alone", alpha=0.0)
     from kdtoolkit.pipeline import Context, load_config

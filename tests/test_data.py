@@ -53,6 +53,37 @@ def test_tar_gz_is_unpacked_once(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "extracted").iterdir())) == 1
 
 
+def test_tar_gz_unpacked_by_two_runs_at_once_keeps_the_first_finished_copy(tmp_path, monkeypatch):
+    """Two `compress` runs started together both unpack the archive; the one finishing second must not
+    delete the copy the other is already reading (it did: a FileNotFoundError in the other run)."""
+    import os
+
+    from kdtoolkit import fsutil
+    from kdtoolkit.data.datasets import _file_key, extract_archive
+
+    monkeypatch.setenv("KDTOOLKIT_CACHE", str(tmp_path / "cache"))
+    _folder(tmp_path / "src" / "ds", split="train", n=2)
+    archive = tmp_path / "ds.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(tmp_path / "src" / "ds", arcname="ds")
+    dest = tmp_path / "cache" / "extracted" / f"ds-{_file_key(archive)}"
+    real = fsutil.extract_tar
+
+    def the_other_run_finishes_first(path, into, *a, **k):
+        real(path, into, *a, **k)
+        other = tmp_path / "other"
+        real(path, other, *a, **k)
+        (other / ".complete").write_text("ok\n")
+        (other / "being-read-by-the-other-run").write_text("")
+        os.replace(other, dest)
+
+    monkeypatch.setattr(fsutil, "extract_tar", the_other_run_finishes_first)
+    assert extract_archive(archive) == dest
+    assert (dest / "being-read-by-the-other-run").exists()  # the other run's copy is untouched
+    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]  # and our temp copy is gone
+    assert sorted(p.name for p in (dest / "ds" / "train").iterdir()) == ["cat", "dog"]
+
+
 def test_npz_and_bad_inputs(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 255, (50, 8, 8), dtype=np.uint8), y_train=np.arange(50) % 5,

@@ -82,7 +82,11 @@ def _file_key(path: Path) -> str:
 
 
 def extract_archive(path: Path) -> Path:
-    """Unpack a .tar.gz once into the cache (atomically: a partial extraction is never reused)."""
+    """Unpack a .tar.gz once into the cache (atomically: a partial extraction is never reused).
+
+    Two runs may unpack the same archive at once (two `compress` jobs started together): the one
+    that finishes second keeps the first one's finished copy, which the other is already reading,
+    and discards its own."""
     dest = cache_dir() / "extracted" / f"{path.name.split('.')[0]}-{_file_key(path)}"
     if (dest / ".complete").exists():
         return dest
@@ -91,13 +95,14 @@ def extract_archive(path: Path) -> Path:
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
-    from kdtoolkit.fsutil import extract_tar
+    from kdtoolkit.fsutil import extract_tar, replace_dir
 
     extract_tar(path, tmp)
     (tmp / ".complete").write_text("ok\n")
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    if (dest / ".complete").exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+    replace_dir(tmp, dest)  # a stale, unfinished copy is moved aside, never the finished one
     return dest
 
 
