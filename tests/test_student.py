@@ -123,6 +123,23 @@ def test_keep_blocks_plans_named_stages_and_refuses_what_cannot_go():
         plan_depth(m, x, 1.0, keep={"layer4": 1})
 
 
+def test_keep_blocks_on_a_graph_form_model_names_the_state_dict_route(tmp_path):
+    """A torch.export program (or TorchScript) rebuilt as modules has no stages to shorten: the error says what to do."""
+    from kdtoolkit.models.graph import save_program
+    from kdtoolkit.models.loading import load_model
+
+    m = build_arch("cifar_resnet20").eval()
+    save_program(m, tmp_path / "m.pt2", (1, 3, 32, 32))
+    g = load_model(str(tmp_path / "m.pt2")).module
+    x = torch.zeros(1, 3, 32, 32)
+    assert torch.allclose(g(x), m(x), atol=1e-5)
+    with pytest.raises(InputError, match=r"stages: none\); a model loaded from TorchScript or torch.export .* state dict with --arch"):
+        plan_depth(g, x, 1.0, keep={"layer1": 0})
+    with pytest.raises(InputError) as e:  # a model with stages gets no such hint
+        plan_depth(m, x, 1.0, keep={"layer4": 0})
+    assert "--arch" not in str(e.value)
+
+
 def test_keep_blocks_student_is_late_heavy_and_replays_from_its_recipe(tmp_path):
     """The headline's shape: no block at 32x32, one at 16x16, four at 8x8 (INT8 on ORT CPU runs the 64-channel
     stage cheaply: benchmarks/results/reference.json)."""
