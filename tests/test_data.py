@@ -84,6 +84,23 @@ def test_tar_gz_unpacked_by_two_runs_at_once_keeps_the_first_finished_copy(tmp_p
     assert sorted(p.name for p in (dest / "ds" / "train").iterdir()) == ["cat", "dog"]
 
 
+def test_tar_gz_replaces_a_stale_unfinished_copy(tmp_path, monkeypatch):
+    from kdtoolkit.data.datasets import _file_key, extract_archive
+
+    monkeypatch.setenv("KDTOOLKIT_CACHE", str(tmp_path / "cache"))
+    _folder(tmp_path / "src" / "ds", split="train", n=2)
+    archive = tmp_path / "ds.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(tmp_path / "src" / "ds", arcname="ds")
+    dest = tmp_path / "cache" / "extracted" / f"ds-{_file_key(archive)}"
+    (dest / "ds").mkdir(parents=True)  # an older version's copy, cut short: no .complete
+    (dest / "ds" / "half-written.png").write_bytes(b"")
+    assert extract_archive(archive) == dest
+    assert (dest / ".complete").exists() and not (dest / "ds" / "half-written.png").exists()
+    assert sorted(p.name for p in (dest / "ds" / "train").iterdir()) == ["cat", "dog"]
+    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]
+
+
 def test_npz_and_bad_inputs(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 255, (50, 8, 8), dtype=np.uint8), y_train=np.arange(50) % 5,

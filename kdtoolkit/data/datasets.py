@@ -99,10 +99,15 @@ def extract_archive(path: Path) -> Path:
 
     extract_tar(path, tmp)
     (tmp / ".complete").write_text("ok\n")
+    try:
+        os.replace(tmp, dest)  # atomic, and refused while another run's folder is in place
+        return dest
+    except OSError:
+        pass
     if (dest / ".complete").exists():
         shutil.rmtree(tmp, ignore_errors=True)
         return dest
-    replace_dir(tmp, dest)  # a stale, unfinished copy is moved aside, never the finished one
+    replace_dir(tmp, dest)  # only a stale, unfinished copy is moved aside
     return dest
 
 
