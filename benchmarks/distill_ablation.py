@@ -14,6 +14,11 @@ per row against the row before it:
   std-ce-bank    labels alone (no teacher): what distillation adds
   late-kd-bank   std-kd-bank with the late-heavy student (0/1/4 blocks per stage, --keep-blocks): 3.9x the
                  parameters, faster in INT8 at batch 64 (benchmarks/results/student_shape.json)
+  late-kd        late-kd-bank without augmentation or bank (plain teacher-logit cache): what the bank is
+                 worth over a long schedule, run as
+                 ``--epochs 60 --rows late-kd --out benchmarks/results/distill_ablation_e60.json`` beside
+                 the 60-epoch headline's KD row (benchmarks/results/reference.json), which is late-kd-bank
+                 trained by ``compress`` with the same trainer settings
 Resumable: each row trains in its own folder under --work (the trainer resumes from its checkpoint) and
 caches its result; the teacher's logits and the view bank are computed once and linked into every row.
 Results go to benchmarks/results/distill_ablation.json.
@@ -49,6 +54,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "std-ce-bank": {"student": STD_SHAPE, "loss": "ce", "augment": "crop_flip"},
     "late-kd-bank": {"student": {"keep_blocks": {"layer1": 0, "layer2": 1, "layer3": 4}, "separable": False}, "loss": "kd",
                      "augment": "crop_flip", "views": 8},
+    "late-kd": {"student": {"keep_blocks": {"layer1": 0, "layer2": 1, "layer3": 4}, "separable": False}, "loss": "kd",
+                "augment": "none"},
 }
 
 

@@ -143,6 +143,8 @@ def main() -> None:
     ap.add_argument("--row", choices=("kd", "alone"), default=None,
                     help="build only this row's compress run and stop (train the two rows side by side, one thread each; "
                          "then run again without --row to measure)")
+    ap.add_argument("--results", default="reference",
+                    help="file stem under benchmarks/results/ for the JSON, table and plot (another stem keeps the headline's files)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     for p in (args.data, args.teacher):
@@ -221,10 +223,10 @@ def main() -> None:
     from kdtoolkit import fsutil
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    fsutil.write_json(RESULTS / "reference.json", result)
-    _plot(rows, trend, RESULTS / "reference.png")
+    fsutil.write_json(RESULTS / f"{args.results}.json", result)
+    _plot(rows, trend, RESULTS / f"{args.results}.png")
     table = _table(rows)
-    fsutil.write_text(RESULTS / "reference.md", table)
+    fsutil.write_text(RESULTS / f"{args.results}.md", table)
     print(table)
     print(json.dumps(figures, indent=2))
 
