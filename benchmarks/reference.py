@@ -279,6 +279,7 @@ def _plot(rows: list[dict], trend: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ax = axes[2]
@@ -295,6 +296,7 @@ def _plot(rows: list[dict], trend: dict, path: Path) -> None:
             ax.scatter(r["latency_ms"][b], 100 * r["accuracy"], s=60)
             ax.annotate(r["name"], (r["latency_ms"][b], 100 * r["accuracy"]), textcoords="offset points", xytext=(5, 5))
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a short log range
         ax.set_xlabel(f"p50 latency, batch {b[1:]} (ms, log)")
         ax.set_ylabel("top-1 on the test split (%)")
         ax.grid(True, alpha=0.3)
