@@ -13,7 +13,8 @@ resumes from its checkpoint); the final measurement is cheap and is always redon
 separate sessions, or side by side with ``OMP_NUM_THREADS=1`` each); a run without ``--row`` then
 finds both finished and measures. Side by side saved little here: measured on this 2-core Xeon, the
 KD row took 104 s an epoch and labels alone 93 s beside each other, against 58 s for the KD row on
-both cores (the KD row's steps cost more, so the pair is bounded by it).
+both cores (the KD row's steps cost more, so the pair is bounded by it). ``--results NAME`` writes the
+measurement to benchmarks/results/NAME.json/.md/.png, so an experiment does not replace the headline.
 
     python benchmarks/reference.py --epochs 60     # the README's run: two trainings of about 40 minutes on 2 idle cores
 
