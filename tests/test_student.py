@@ -140,6 +140,25 @@ def test_keep_blocks_on_a_graph_form_model_names_the_state_dict_route(tmp_path):
     assert "--arch" not in str(e.value)
 
 
+@pytest.mark.parametrize("form", ["torchscript", "exported"])
+def test_keep_blocks_hint_survives_the_students_copy_of_a_graph_teacher(tmp_path, form):
+    """The student is cut from a deep copy of the teacher, and a GraphModule's deepcopy drops attributes set on it:
+    the graph mark must survive it, or `compress model.ts --keep-blocks` (the CLI path) loses the hint."""
+    from kdtoolkit.models.graph import save_program
+    from kdtoolkit.models.loading import load_model
+    from kdtoolkit.student.build import StudentConfig, make_student
+
+    m = build_arch("cifar_resnet20").eval()
+    if form == "torchscript":
+        path = tmp_path / "m.ts"
+        torch.jit.trace(m, torch.zeros(1, 3, 32, 32)).save(str(path))
+    else:
+        path = tmp_path / "m.pt2"
+        save_program(m, path, (1, 3, 32, 32))
+    with pytest.raises(InputError, match=r"stages: none\); a model loaded from TorchScript or torch.export .* --arch"):
+        make_student(load_model(str(path)), StudentConfig(keep_blocks={"layer1": 0}), input_shape=(1, 3, 32, 32), num_classes=10)
+
+
 def test_keep_blocks_student_is_late_heavy_and_replays_from_its_recipe(tmp_path):
     """The headline's shape: no block at 32x32, one at 16x16, four at 8x8 (INT8 on ORT CPU runs the 64-channel
     stage cheaply: benchmarks/results/reference.json)."""

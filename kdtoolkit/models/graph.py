@@ -21,6 +21,19 @@ from kdtoolkit.errors import InputError
 EXPORT_BATCH_MAX = 4096
 
 
+def mark_rebuilt(module: Any) -> Any:
+    """Mark a module tree as rebuilt from a graph. The mark lives in ``GraphModule.meta``, which ``copy.deepcopy``
+    keeps (an attribute set on a GraphModule is dropped by its deepcopy, and the student is cut from a deep copy)."""
+    module.meta["kdt_graph"] = True
+    return module
+
+
+def is_rebuilt(module: Any) -> bool:
+    """Whether ``module`` (or a deep copy of it) came from :func:`mark_rebuilt`."""
+    meta = getattr(module, "meta", None)
+    return isinstance(meta, dict) and bool(meta.get("kdt_graph"))
+
+
 def _aten():
     import torch
 

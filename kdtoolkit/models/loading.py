@@ -37,20 +37,21 @@ class LoadedModel:
         """Eager modules, and exported programs rebuilt as module trees, can be rewritten module by module.
 
         A TorchScript teacher becomes rewritable through :meth:`as_graph_modules` (it needs the input shape)."""
-        return self.form in ("eager", "pickle") or (self.form == "exported" and getattr(self.module, "_kdt_graph", False))
+        from kdtoolkit.models.graph import is_rebuilt
+
+        return self.form in ("eager", "pickle") or (self.form == "exported" and is_rebuilt(self.module))
 
 
 def as_graph_modules(loaded: LoadedModel, input_shape: tuple[int, ...]) -> LoadedModel:
     """A rewritable copy of a TorchScript or exported teacher: its graph rebuilt as a module tree (see models.graph)."""
-    from kdtoolkit.models.graph import modules_from_program, program_from_torchscript
+    from kdtoolkit.models.graph import mark_rebuilt, modules_from_program, program_from_torchscript
 
     if loaded.rewritable:
         return loaded
     if loaded.form == "torchscript":
-        module = modules_from_program(program_from_torchscript(loaded.module, input_shape))
+        module = mark_rebuilt(modules_from_program(program_from_torchscript(loaded.module, input_shape)))
     else:
         raise InputError(f"{loaded.source}: the {loaded.form} graph could not be rebuilt as modules for student surgery")
-    module._kdt_graph = True
     return LoadedModel(module, "exported", loaded.source, arch=loaded.arch, meta=dict(loaded.meta))
 
 
@@ -344,12 +345,10 @@ def _infer_classes(state: dict[str, Any]) -> int | None:
 
 def _program_module(ep: Any, path: Path) -> Any:
     """The exported program as a trainable module tree; if its graph cannot be split, a frozen module."""
-    from kdtoolkit.models.graph import modules_from_program
+    from kdtoolkit.models.graph import mark_rebuilt, modules_from_program
 
     try:
-        module = modules_from_program(ep)
-        module._kdt_graph = True
-        return module
+        return mark_rebuilt(modules_from_program(ep))
     except Exception:  # a graph we cannot split (custom ops, shared weights): still usable for inference
         import torch
 

@@ -39,7 +39,9 @@ def is_rebuilt_transformer_graph(model: Any) -> bool:
     Such a graph keeps its ops but not timm's ``blocks[i].attn.qkv`` module tree, so no transformer student can be cut
     from it, and the CNN surgery would only fail on it later with a less useful message."""
     graph = getattr(model, "graph", None)
-    if graph is None or not getattr(model, "_kdt_graph", False):
+    from kdtoolkit.models.graph import is_rebuilt
+
+    if graph is None or not is_rebuilt(model):
         return False
     ops = {str(n.target) for n in graph.nodes if n.op == "call_function"}
     return any("scaled_dot_product_attention" in o for o in ops) or (

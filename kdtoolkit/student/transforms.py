@@ -172,7 +172,9 @@ def plan_depth(model: nn.Module, example: torch.Tensor, fraction: float, keep: d
     stages = depth_stages(model, example)
     unknown = sorted(set(keep or {}) - set(stages))
     if unknown:
-        graph = "" if stages or not getattr(model, "_kdt_graph", False) else (
+        from kdtoolkit.models.graph import is_rebuilt
+
+        graph = "" if stages or not is_rebuilt(model) else (
             "; a model loaded from TorchScript or torch.export keeps its ops but not its nn.Sequential stages: hand over its "
             "state dict with --arch to shorten them")
         raise InputError(f"--keep-blocks names {', '.join(unknown)}, which is not a stage of repeated blocks of this model "
