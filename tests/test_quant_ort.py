@@ -165,8 +165,9 @@ def test_ptq_accuracy_equals_quantize_static_on_real_cifar(tmp_path):
 
 
 def test_stem_padding_drops_recorded_shapes_of_the_padded_qdq(tmp_path):
-    """A QAT export may record value_info for the stem's Q/DQ outputs; after padding 1 -> 4 channels those
-    shapes are stale and shape inference refused the model (seen in CI on a 1-channel MNIST student)."""
+    """A QAT export may record value_info for the stem's Q/DQ outputs and its weight's DQ; after padding 1 -> 4
+    channels those shapes are stale and shape inference refused the model (seen twice in CI on a 1-channel MNIST
+    student: first the activation pair, then the weight's DQ)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -180,7 +181,8 @@ def test_stem_padding_drops_recorded_shapes_of_the_padded_qdq(tmp_path):
              helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="dqw", axis=0),
              helper.make_node("Conv", ["xd", "wd"], ["y"], name="conv", pads=[1, 1, 1, 1])]
     vi = [helper.make_tensor_value_info("xq", TensorProto.UINT8, ["N", 1, 8, 8]),
-          helper.make_tensor_value_info("xd", TensorProto.FLOAT, ["N", 1, 8, 8])]
+          helper.make_tensor_value_info("xd", TensorProto.FLOAT, ["N", 1, 8, 8]),
+          helper.make_tensor_value_info("wd", TensorProto.FLOAT, [4, 1, 3, 3])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
                               [init("w", np.ones((4, 1, 3, 3), np.int8)), init("s", np.array(0.1, np.float32)),

@@ -180,18 +180,20 @@ def align_input_channels(path: str | os.PathLike[str], multiple: int = CHANNEL_A
         pad = helper.make_node("Pad", [q_x.input[0], pads_name], [out_name], name=f"{n.name or 'conv'}_channel_pad", mode="constant")
         q_x.input[0] = out_name
         g.node.insert(list(g.node).index(q_x), pad)
-        # the Q/DQ pair now carries the padded channels: drop any recorded shapes of it (an exported or simplified
-        # graph may hold them) so shape inference derives the new ones instead of contradicting them
-        stale = {q_x.output[0], dq_x.output[0]}
+        # the Q/DQ pair and the weight's DQ now carry the padded channels: drop any recorded shapes of them (an
+        # exported or simplified graph may hold them) so shape inference derives the new ones instead of contradicting them
+        stale = {q_x.output[0], dq_x.output[0], dq_w.output[0]}
         keep = [vi for vi in g.value_info if vi.name not in stale]
         del g.value_info[:]
         g.value_info.extend(keep)
         done.append(n.name)
     if done:
         from kdtoolkit import fsutil
+        from kdtoolkit.export.onnx_export import check_onnx
 
         with fsutil.atomic_path(path, suffix=".onnx") as tmp:
             onnx.save(m, str(tmp))
+            check_onnx(tmp)  # here, not at the next reader: a stale shape once surfaced only when the fallback re-checked
     return done
 
 
