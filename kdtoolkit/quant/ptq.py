@@ -531,8 +531,11 @@ def _fallback(fp32: Path, out: Path, splits: Any, cfg: Int8Config, metrics: dict
     fp32_val = evaluate(make_session(fp32), splits.val.subset(idx), splits.spec)["accuracy"]
     model, rep = sensitivity.fallback(out, fp32_val, vx, vy, cfg.tolerance_points, progress=progress)
     if rep.get("kept_in_float"):
-        onnx.save(model, str(out))
-        check_onnx(out)
+        from kdtoolkit import fsutil
+
+        with fsutil.atomic_path(out, suffix=".onnx") as tmp:  # a failed check leaves the INT8 model as it was
+            onnx.save(model, str(tmp))
+            check_onnx(tmp)
         int8_acc = metrics["accuracy_int8"]
         after = evaluate(make_session(out), splits.test, splits.spec)["accuracy"]
         rep.update({"test_accuracy_before": int8_acc, "test_accuracy_after": after,
