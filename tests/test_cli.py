@@ -8,14 +8,17 @@ import torch
 from conftest import run_cli, shared_file
 
 
-def _compress(tmp_path, teacher, *extra):
+def _compress(tmp_path, teacher, *extra, cwd=None):
     return run_cli("compress", str(teacher), "--data", "mnist-mini", "--profile", "ort-cpu", "--out", str(tmp_path / "run"),
                    "--max-steps", "6", "--epochs", "1", "--batch-size", "64", "--iters", "5", "--train-limit", "800",
-                   "--test-limit", "300", "-q", *extra)
+                   "--test-limit", "300", "-q", *extra, cwd=cwd)
 
 
 def test_compress_runs_end_to_end_then_skips_and_reruns_from_config(tmp_path, tiny_teacher):
-    r = _compress(tmp_path, tiny_teacher)
+    import shutil
+
+    tiny_teacher = Path(shutil.copy(tiny_teacher, tmp_path / "teacher.pt"))
+    r = _compress(tmp_path, "teacher.pt", cwd=tmp_path)  # a path relative to where the user stands
     assert r.returncode == 0, r.stderr
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
@@ -32,12 +35,14 @@ def test_compress_runs_end_to_end_then_skips_and_reruns_from_config(tmp_path, ti
     opt = json.loads((Path(summary["stages"]["optimize"]) / "manifest.json").read_text())
     assert opt["parents"][0]["stage"] in ("export", "quantize")
     # rerun: every stage is up to date
-    again = _compress(tmp_path, tiny_teacher)
+    again = _compress(tmp_path, "teacher.pt", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     s2 = json.loads((run / "summary.json").read_text())
     assert s2["skipped"] == list(s2["stages"]) and {"teacher", "student", "distill", "export", "profile"} <= set(s2["skipped"])
-    # the saved config reruns the same thing
-    cfg = run_cli("compress", "--config", str(run / "config.yaml"), "-q")
+    # the saved config reruns the same thing, from any folder: the relative model path was recorded absolute
+    assert (run / "config.yaml").read_text().startswith(f"model: {tiny_teacher}\n")
+    (tmp_path / "elsewhere").mkdir()
+    cfg = run_cli("compress", "--config", str(run / "config.yaml"), "-q", cwd=tmp_path / "elsewhere")
     assert cfg.returncode == 0, cfg.stderr
     s3 = json.loads((run / "summary.json").read_text())
     assert s3["skipped"] == list(s3["stages"])

@@ -336,3 +336,62 @@ def test_int8_search_adds_late_heavy_shapes_on_its_default_grid():
     assert rows["keep0-1-std"]["params"] < rows["keep0-2-std"]["params"]
     plain = search(teacher, StudentConfig(), precision="fp32", **kw)  # FP32 profiles keep the uniform grid
     assert not any("keep_blocks" in r for r in plain["candidates"])
+
+
+USER_MODULE = """
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = self.b2(self.c2(self.b1(self.c1(x)).relu())).relu()
+        return self.fc(x.mean((2, 3)))
+"""
+
+
+def _console_script() -> Path:
+    script = Path(sys.executable).parent / "kdtoolkit"
+    if not script.exists():
+        pytest.skip(f"the installed console script is not at {script} (install with pip install -e .)")
+    return script
+
+
+def _run_in(folder: Path, *cmd: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONWARNINGS="ignore", COLUMNS="200")
+    return subprocess.run(list(cmd), capture_output=True, text=True, cwd=folder, env=env, timeout=300)
+
+
+def test_installed_command_imports_the_users_module_from_the_current_folder(tmp_path):
+    """`python train.py` found the user's models.py in the current folder when it saved the model; the installed
+    `kdtoolkit` script (not `python -m`, which the other tests use) must find it there too."""
+    script = _console_script()
+    (tmp_path / "mynets.py").write_text(USER_MODULE)
+    saved = _run_in(tmp_path, sys.executable, "-c", "import torch, mynets; m = mynets.Net(); "
+                    "torch.save(m, 'model.pt'); torch.save(m.state_dict(), 'weights.pt')")
+    assert saved.returncode == 0, saved.stderr
+    for args in (["model.pt", "--trust-pickle"], ["weights.pt", "--arch", "mynets:Net"]):
+        r = _run_in(tmp_path, str(script), "student", *args, "--out", f"s_{args[0]}", "--input-shape", "3,16,16")
+        assert r.returncode == 0, r.stderr[-1500:]
+        assert "student written to" in r.stdout + r.stderr
+    # elsewhere, without the module: one line that says what is missing and the ways out
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    r = _run_in(other, str(script), "student", str(tmp_path / "model.pt"), "--trust-pickle", "--out", "s", "--input-shape", "3,16,16")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "No module named 'mynets'" in r.stderr and "PYTHONPATH" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_pickle_of_a_class_defined_in_the_saving_script_gets_the_ways_out(tmp_path):
+    script = _console_script()
+    saved = _run_in(tmp_path, sys.executable, "-c", USER_MODULE + "\nimport torch\ntorch.save(Net(), 'model.pt')\n")
+    assert saved.returncode == 0, saved.stderr
+    r = _run_in(tmp_path, str(script), "student", "model.pt", "--trust-pickle", "--out", "s", "--input-shape", "3,16,16")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "class 'Net' from the script that saved it (__main__)" in r.stderr and "--arch module:Class" in r.stderr

@@ -121,6 +121,8 @@ def compress_cmd(
             out = Path("runs") / Path(model).stem
             typer.echo(f"run folder: {out} (choose another with --out)", err=True)
         flags = parse_input_flags(input_size, channels, mean, std, class_names)
+        # RUN/config.yaml reruns from any folder: local paths are recorded absolute (a name like mnist-mini stays a name)
+        model, data, profile = (str(Path(p).resolve()) if Path(p).exists() else p for p in (model, data, profile))
         dc = DataConfig(source=data, input_size=flags.input_size, channels=flags.channels, mean=flags.mean, std=flags.std,
                         class_names=flags.classes, on_bad_image=on_bad_image,
                         train_limit=train_limit, test_limit=test_limit)

@@ -88,6 +88,7 @@ def build_arch(name: str, **kwargs: Any):
     if ":" in name and rest:
         import importlib
 
+        user_code_importable()
         try:
             fn = getattr(importlib.import_module(prefix), rest)
         except (ImportError, AttributeError) as exc:
@@ -96,6 +97,35 @@ def build_arch(name: str, **kwargs: Any):
     raise InputError(
         f"unknown architecture {name!r}; known: {', '.join(ARCHS.names())}, or torchvision:NAME, timm:NAME, module:callable"
     )
+
+
+def user_code_importable() -> None:
+    """Put the current folder on ``sys.path`` (last, so it shadows nothing installed) for a user's own classes.
+
+    Why: ``python train.py`` and ``python -m`` import from the current folder, so that is where a user's
+    ``models.py`` was found when the model was saved; the installed ``kdtoolkit`` console script starts with
+    its own bin folder instead, and ``--arch models:Net`` or a trusted pickle of ``models.Net`` failed there
+    while the same command worked as ``python -m kdtoolkit``."""
+    import sys
+
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
+def _missing_code(path: Path, exc: BaseException) -> str:
+    """One line for a trusted pickle whose class cannot be imported here, with the ways out."""
+    import re
+
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    found = re.search(r"Can't get attribute '([^']+)' on <module '__main__'", text)
+    if found:
+        return (f"{path}: the pickle needs class {found.group(1)!r} from the script that saved it (__main__), which no "
+                "other program can import; move the class into a module (importable from the current folder or "
+                "PYTHONPATH) and save again, or save a state dict and pass --arch module:Class, or a TorchScript or "
+                "torch.export file")
+    return (f"{path}: the pickled model needs code that is not importable here ({text}); run from the folder that "
+            "holds that module or add it to PYTHONPATH, or hand over a TorchScript or torch.export file")
 
 
 def _accepted_kwargs(fn: Any, kwargs: dict[str, Any], name: str) -> dict[str, Any]:
@@ -295,7 +325,11 @@ def load_model(
                 f"{path} contains pickled Python objects beyond tensors; unpickling can run arbitrary code. "
                 "Pass --trust-pickle only if you trust where this file came from"
             ) from None
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        user_code_importable()
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except (ImportError, AttributeError) as exc:  # the class the pickle names cannot be found here
+            raise InputError(_missing_code(path, exc)) from None
         if isinstance(obj, torch.jit.ScriptModule):
             return LoadedModel(obj.eval(), "torchscript", str(path), arch=arch)
         if isinstance(obj, torch.nn.Module):
