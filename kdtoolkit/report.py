@@ -96,12 +96,16 @@ def stage_rows(run_dir: Path, s: dict[str, Any]) -> list[dict[str, Any]]:
         facts = []
         if isinstance(m.get("accuracy"), (int, float)):
             facts.append(f"top-1 {100 * m['accuracy']:.2f} %")
+        elif isinstance(m.get("accuracy_int8"), (int, float)) and isinstance(m.get("accuracy_fp32"), (int, float)):
+            facts.append(f"top-1 INT8 {100 * m['accuracy_int8']:.2f} % (FP32 {100 * m['accuracy_fp32']:.2f} %)")
         if isinstance(m.get("params"), int):
             facts.append(f"{m['params']:,} params")
         if m.get("precision"):
             facts.append(str(m["precision"]))
         if isinstance(m.get("parity"), dict) and "max_abs_diff" in m["parity"]:
-            facts.append(f"parity max abs diff {m['parity']['max_abs_diff']:.2g}")
+            # the export's torch-vs-ONNX parity is carried by later stages; beside an INT8 model it is not the INT8's
+            whose = "" if m.get("precision") in (None, "fp32") else "FP32 export "
+            facts.append(f"{whose}parity max abs diff {m['parity']['max_abs_diff']:.2g}")
         if isinstance(m.get("train_time_s"), (int, float)):
             facts.append(f"trained {m['train_time_s']:.0f} s")
         rows.append({"stage": name, "folder": d.name, "kind": man.get("kind", "?"), "created": man.get("created", "?"),

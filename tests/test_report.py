@@ -186,3 +186,20 @@ def test_report_html_renders_whole_in_headless_chromium(run_dir, tmp_path):
             assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 20_000
         finally:
             ctx.close()
+
+
+def test_stage_rows_say_whose_parity_and_the_int8_accuracy(run_dir):
+    """The quantize stage carries the export's torch-vs-ONNX parity; beside an INT8 model it must not read as the
+    INT8 model's own (5e-7 against torch), and the row shows INT8 top-1 against FP32."""
+    from kdtoolkit.artifact import ArtifactWriter
+    from kdtoolkit.report import stage_rows
+
+    with ArtifactWriter(run_dir / "04-quantize", kind="onnx", stage="quantize") as w:
+        w.path("model.onnx").write_bytes(b"x")
+        w.metrics.update({"precision": "int8", "accuracy_fp32": 0.9012, "accuracy_int8": 0.8977,
+                          "parity": {"n": 10, "max_abs_diff": 5.1e-07, "top1_agreement": 1.0}})
+    s = json.loads((run_dir / "summary.json").read_text())
+    s["stages"] = {"quantize": str(run_dir / "04-quantize"), **s["stages"]}
+    facts = {r["stage"]: r["facts"] for r in stage_rows(run_dir, s)}
+    assert facts["quantize"] == "top-1 INT8 89.77 % (FP32 90.12 %), int8, FP32 export parity max abs diff 5.1e-07"
+    assert facts["optimize"] == "top-1 91.00 %, 1,234 params, fp32"
