@@ -102,3 +102,16 @@ def test_not_a_torch_file(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(InputError, match="not a loadable PyTorch file|contains pickled"):
         load_model(tmp_path / "junk.pt", arch="cifar_resnet20")
+
+
+def test_an_onnx_file_or_a_truncated_checkpoint_is_named_for_what_it_is(tmp_path):
+    from kdtoolkit.models.zoo import small_cnn
+
+    m = small_cnn(num_classes=10, in_channels=1)
+    torch.onnx.export(m.eval(), (torch.zeros(1, 1, 28, 28),), str(tmp_path / "m.onnx"), dynamo=False)
+    with pytest.raises(InputError, match=r"m\.onnx is an ONNX model; this needs the PyTorch model it came from"):
+        load_model(tmp_path / "m.onnx", trust_pickle=True)
+    torch.save(m.state_dict(), tmp_path / "w.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "w.pt").read_bytes()[:3000])
+    with pytest.raises(InputError, match="not a loadable PyTorch file: truncated, or not a model saved with torch.save"):
+        load_model(tmp_path / "cut.pt", arch="small_cnn")

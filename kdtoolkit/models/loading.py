@@ -289,6 +289,9 @@ def load_model(
         loaded.meta = {**art.info.get("model", {}), **loaded.meta}
         return loaded
 
+    if path.suffix.lower() == ".onnx":
+        raise InputError(f"{path} is an ONNX model; this needs the PyTorch model it came from (the student is cut from "
+                         "and distilled against torch modules). An ONNX file goes to quantize, check, build and profile")
     if path.suffix == ".safetensors":
         from kdtoolkit.errors import lazy_import
 
@@ -319,7 +322,9 @@ def load_model(
         import pickle
 
         if not isinstance(exc, pickle.UnpicklingError):
-            raise InputError(f"{path}: not a loadable PyTorch file ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+            first = (str(exc).splitlines() or [""])[0]
+            raise InputError(f"{path}: not a loadable PyTorch file: truncated, or not a model saved with torch.save / "
+                             f"torch.jit.save / torch.export.save ({type(exc).__name__}: {first})") from None
         if not trust_pickle:
             raise InputError(
                 f"{path} contains pickled Python objects beyond tensors; unpickling can run arbitrary code. "
