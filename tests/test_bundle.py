@@ -268,3 +268,21 @@ def test_engine_bundle_names_missing_tensorrt(run_dir, tmp_path):
     assert r.returncode == 3 and "tensorrt" in r.stderr.lower() and "--runtime onnxruntime" in r.stderr, r.stderr
     r = run_cli("verify", str(b), "--runtime", "onnxruntime")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_gate_and_profile_take_a_bundle_as_users_ship_it(bundle, tmp_path):
+    """The bundle is what users ship, so CI gates on it: its model is timed and its recorded top-1 is compared."""
+    worse = _copy(bundle, tmp_path)
+    man = json.loads((worse / "manifest.json").read_text())
+    acc = man["metrics"]["accuracy"]["value"]
+    man["metrics"]["accuracy"]["value"] = acc - 0.05
+    (worse / "manifest.json").write_text(json.dumps(man))
+    same = run_cli("gate", str(bundle), "--baseline", str(bundle), "--iters", "60", "--warmup", "2")
+    assert same.returncode == 0, same.stdout[-1500:] + same.stderr[-800:]
+    assert f"{100 * acc:.2f} % -> {100 * acc:.2f} %" in same.stdout
+    drop = run_cli("gate", str(worse), "--baseline", str(bundle), "--iters", "60", "--warmup", "2")
+    assert drop.returncode == 1, drop.stdout[-1500:] + drop.stderr[-800:]
+    assert "regression: accuracy" in drop.stderr and "(-5.00 points, limit -0.5)" in drop.stderr
+    prof = run_cli("profile", str(bundle), "--iters", "5", "--batch", "1", "--json", str(tmp_path / "p.json"))
+    assert prof.returncode == 0, prof.stderr[-800:]
+    assert json.loads((tmp_path / "p.json").read_text())["results"]

@@ -48,6 +48,11 @@ def load_runner(
     label = name or (path.name if path.is_dir() else path.stem)
     if path.is_dir():
         from kdtoolkit.artifact import Artifact
+        from kdtoolkit.bundle.common import bundle_manifest, bundle_model_file
+
+        bundle = bundle_manifest(path)
+        if bundle is not None:  # a shipped bundle: the model it serves
+            return load_runner(bundle_model_file(path, bundle), name=label, threads=threads, providers=providers)
 
         art = Artifact.load(path)
         if art.kind == "onnx":

@@ -24,6 +24,32 @@ DEPLOY_SCRIPTS = ("infer_onnx.py", "infer_tensorrt.py", "build_on_device.sh", "t
 # float reassociation (fp32), more where reduced precision rounds differently.
 TOLERANCE = {"fp32": {"atol": 1e-3, "rtol": 1e-3}, "fp16": {"atol": 5e-2, "rtol": 5e-2}, "int8": {"atol": 0.25, "rtol": 0.05}}
 
+def bundle_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The manifest of a bundle folder (by its schema), or None for anything else: a bundle is what users ship and
+    gate on, so commands that take an artifact folder take a bundle too."""
+    import json
+
+    p = Path(path) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and str(doc.get("schema", "")).startswith(f"{BUNDLE_SCHEMA}/") else None
+
+
+def bundle_model_file(root: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:
+    """The model a bundle serves: its engine when one is in it (built on the device), else its ONNX."""
+    from kdtoolkit.errors import InputError
+
+    rt = manifest.get("runtime") or {}
+    for rel in (rt.get("engine"), rt.get("onnx"), (manifest.get("model") or {}).get("file")):
+        if rel and (Path(root) / rel).is_file():
+            return Path(root) / rel
+    raise InputError(f"{root}: bundle names no model file that is there (runtime.engine / runtime.onnx / model.file)")
+
+
 _WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"}
 
 _INT8_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm"}

@@ -74,7 +74,7 @@ def print_profile(doc: dict) -> None:
 
 @app.command("profile")
 def profile_cmd(
-    models: Annotated[list[str], typer.Argument(help="ONNX files, engines, torch checkpoints or artifact folders (measured interleaved)")],
+    models: Annotated[list[str], typer.Argument(help="ONNX files, engines, torch checkpoints, artifact folders or bundles (measured interleaved)")],
     profile: Annotated[Optional[str], typer.Option("--profile", help="target profile: default batch, threads, execution providers")] = None,
     batch: Batches = None,
     iters: Iters = None,

@@ -133,6 +133,8 @@ def build_document(runners: list[Any], sources: list[str], res: dict[str, Any], 
 
 def artifact_accuracy(spec: str | os.PathLike[str]) -> float | None:
     """Top-1 (fraction) recorded in an artifact's manifest, following one parent if the artifact has none."""
+    from kdtoolkit.bundle.common import bundle_manifest
+
     p = Path(spec)
     if p.is_file() and (p.parent / "manifest.json").is_file():
         p = p.parent
@@ -143,6 +145,8 @@ def artifact_accuracy(spec: str | os.PathLike[str]) -> float | None:
     except (OSError, json.JSONDecodeError):
         return None
     acc = (man.get("metrics") or {}).get("accuracy")
+    if bundle_manifest(p) is not None and isinstance(acc, dict):  # a bundle records {"value": top-1, "runtime": ...}
+        acc = acc.get("value")
     return float(acc) if isinstance(acc, (int, float)) else None
 
 
