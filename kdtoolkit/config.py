@@ -216,6 +216,16 @@ class DataConfig(BaseModel):
     train_limit: int | None = Field(None, ge=1, description="use a seeded subset of the training split")
     test_limit: int | None = Field(None, ge=1, description="use a seeded subset of the test split")
 
+    @field_validator("on_bad_image")
+    @classmethod
+    def _fail_or_skip(cls, v: str) -> str:
+        if v not in BAD_IMAGE_CHOICES:
+            raise ValueError(f"must be fail or skip, got {v!r}")
+        return v
+
+
+BAD_IMAGE_CHOICES = ("fail", "skip")
+
 
 class MeasureConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -91,6 +91,8 @@ def test_torchscript_teacher_with_a_named_student_arch(tmp_path):
     (["compress", "{teacher}", "--data", "mnist-mini", "--augment", "bogus", "--out", "o"], "train.augment='bogus': Input should be"),
     (["compress", "{teacher}", "--data", "mnist-mini", "--loss", "bogus", "--out", "o"], "unknown loss 'bogus'; known: ce, dist, dkd"),
     (["compress", "{teacher}", "--data", "mnist-mini", "--depth", "2", "--out", "o"], "student.depth=2.0: Input should be less than"),
+    (["compress", "{teacher}", "--data", "mnist-mini", "--on-bad-image", "maybe", "--out", "o"], "on_bad_image='maybe': must be fail or skip"),
+    (["quantize", "{teacher}", "--data", "mnist-mini", "--on-bad-image", "maybe", "--out", "o"], "--on-bad-image must be fail or skip"),
 ])
 def test_bad_input_gets_one_line_and_exit_2(tmp_path, tiny_teacher, args, needle):
     import numpy as np
@@ -241,3 +243,23 @@ def test_finetuned_resnet56_quantize_reports_its_own_fp32_accuracy(tmp_path, via
     assert "top-1 on 10000 test images (ONNX Runtime): FP32 89.94 %" in r.stdout, r.stdout
     m = json.loads((tmp_path / "q" / "manifest.json").read_text())["metrics"]
     assert m["n_test"] == 10000 and m["accuracy_fp32"] == pytest.approx(0.8994, abs=5e-5)
+
+
+def test_every_command_that_reads_images_takes_on_bad_image(tmp_path, tiny_teacher):
+    """A user's folder with one unreadable file: each command names the file and the flag, and with
+    --on-bad-image skip goes on (compress and distill had the flag; quantize, export and student did not)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(10):  # the teacher's ten digit classes
+        (tmp_path / "imgs" / str(c)).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (28, 28), np.uint8)).save(tmp_path / "imgs" / str(c) / f"{i}.png")
+    (tmp_path / "imgs" / "3" / "broken.png").write_bytes(b"not an image")
+    for cmd, extra in (("quantize", ["--calib-size", "16"]), ("export", []), ("student", [])):
+        args = [cmd, str(tiny_teacher), "--data", str(tmp_path / "imgs"), "--out", str(tmp_path / cmd), *extra]
+        r = run_cli(*args)
+        assert r.returncode == 2 and "broken.png: cannot read image" in r.stderr and "--on-bad-image skip" in r.stderr, (cmd, r.stderr[-800:])
+        r = run_cli(*args, "--on-bad-image", "skip")
+        assert r.returncode == 0, (cmd, r.stderr[-800:])

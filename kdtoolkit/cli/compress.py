@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -103,6 +103,8 @@ def compress_cmd(
     sets: Set = None,
 ) -> None:
     """Teacher -> student -> distill -> export -> optimise -> profile -> report, resumable, in one run folder."""
+    from pydantic import ValidationError
+
     from kdtoolkit import fsutil
     from kdtoolkit.config import CompressConfig, DataConfig, apply_overrides, load_config
     from kdtoolkit.errors import InputError
@@ -123,12 +125,13 @@ def compress_cmd(
         flags = parse_input_flags(input_size, channels, mean, std, class_names)
         # RUN/config.yaml reruns from any folder: local paths are recorded absolute (a name like mnist-mini stays a name)
         model, data, profile = (str(Path(p).resolve()) if Path(p).exists() else p for p in (model, data, profile))
-        dc = DataConfig(source=data, input_size=flags.input_size, channels=flags.channels, mean=flags.mean, std=flags.std,
-                        class_names=flags.classes, on_bad_image=on_bad_image,
-                        train_limit=train_limit, test_limit=test_limit)
-        cfg = CompressConfig(model=model, arch=arch, trust_pickle=trust_pickle, data=dc, profile=profile, opset=opset)
-        if on_bad_image not in ("fail", "skip"):
-            raise InputError("--on-bad-image must be fail or skip")
+        try:
+            dc = DataConfig(source=data, input_size=flags.input_size, channels=flags.channels, mean=flags.mean, std=flags.std,
+                            class_names=flags.classes, on_bad_image=on_bad_image,
+                            train_limit=train_limit, test_limit=test_limit)
+            cfg = CompressConfig(model=model, arch=arch, trust_pickle=trust_pickle, data=dc, profile=profile, opset=opset)
+        except ValidationError as exc:
+            raise InputError(_validation_line(exc)) from None
         run_dir = out
     if seed is not None:
         cfg.data.seed = seed
@@ -153,18 +156,21 @@ def compress_cmd(
         tr.loss.alpha.start = alpha
     if temperature is not None:
         tr.loss.temperature.start = temperature
-    from pydantic import ValidationError
-
     try:
         cfg = CompressConfig.model_validate(cfg.model_dump())  # re-validate values set from flags
     except ValidationError as exc:
-        e = exc.errors()[0]
-        raise InputError(f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}") from None
+        raise InputError(_validation_line(exc)) from None
     cfg = apply_overrides(cfg, sets)  # --set train.lr=0.01 ...
     summary = compress(cfg, run_dir, progress=not quiet, wait=wait)
     if json_out:
         fsutil.write_json(json_out, summary)
     print_summary(summary, run_dir)
+
+
+def _validation_line(exc: Any) -> str:
+    """A pydantic error as one line naming the field and the value a flag gave it."""
+    e = exc.errors()[0]
+    return f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg'].removeprefix('Value error, ')}"
 
 
 @app.command("demo")

@@ -86,6 +86,15 @@ def config_option(model: type, name: str, *flags: str, note: str | None = None, 
         *flags, help=config_help(model, name, note), rich_help_panel=panel or config_panel(model), **kw)]
 
 
+def _bad_image_option() -> Any:
+    from kdtoolkit.config import DataConfig
+
+    return config_option(DataConfig, "on_bad_image", note="fail names the file")
+
+
+BadImage = _bad_image_option()  # every command that reads --data takes it
+
+
 def parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
     if text is None:
         return None

@@ -9,6 +9,7 @@ import typer
 from kdtoolkit.cli import app
 from kdtoolkit.cli.options import (
     Arch,
+    BadImage,
     Channels,
     Data,
     InputShape,
@@ -30,6 +31,7 @@ def quantize_cmd(
     model: ModelArg,
     out: Out,
     data: Data = None,
+    on_bad_image: BadImage = "fail",
     profile: Profile = "ort-cpu",
     calib_method: config_option(Int8Config, "calib_method", note="minmax, entropy, percentile or mse; default: the profile's", optional=True) = None,
     calib_size: config_option(Int8Config, "calib_size", note="default: the profile's", optional=True) = None,
@@ -83,7 +85,7 @@ def quantize_cmd(
 
         spec = resolve_input(flags, meta, arch or (module.arch if module is not None else None),
                              module=module.module if module is not None and module.rewritable else None)
-        sp = load_splits(data, spec)
+        sp = load_splits(data, spec, on_bad_image=on_bad_image)
         spec = sp.input
         if fp32 is None:  # a torch model: export it at the resolved input
             from kdtoolkit.export.onnx_export import export_onnx, simplify

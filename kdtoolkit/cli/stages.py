@@ -7,7 +7,20 @@ from typing import Annotated, Optional
 import typer
 
 from kdtoolkit.cli import app
-from kdtoolkit.cli.options import Arch, Channels, InputShape, JsonOut, KeepBlocks, Mean, ModelArg, Out, Std, TrustPickle, parse_keep_blocks
+from kdtoolkit.cli.options import (
+    Arch,
+    BadImage,
+    Channels,
+    InputShape,
+    JsonOut,
+    KeepBlocks,
+    Mean,
+    ModelArg,
+    Out,
+    Std,
+    TrustPickle,
+    parse_keep_blocks,
+)
 
 
 @app.command("export")
@@ -24,6 +37,7 @@ def export_cmd(
     mean: Mean = None,
     std: Std = None,
     data: Annotated[Optional[str], typer.Option("--data", help="real inputs for the parity check (and the input size when nothing else gives it)")] = None,
+    on_bad_image: BadImage = "fail",
     json_out: JsonOut = None,
 ) -> None:
     """Export to ONNX (dynamic batch, checked, simplified) with a parity check against PyTorch."""
@@ -40,7 +54,7 @@ def export_cmd(
     if data:
         from kdtoolkit.data.inputspec import load_splits
 
-        sp = load_splits(data, spec)
+        sp = load_splits(data, spec, on_bad_image=on_bad_image)
         spec = sp.input
     shape = spec.require_shape(" (or --data)")
     prof = None
@@ -91,6 +105,7 @@ def student_cmd(
     mlp_hidden: Annotated[Optional[int], typer.Option("--mlp-hidden", help="transformer teacher: MLP hidden units per block (default: from --width)")] = None,
     block_select: Annotated[str, typer.Option("--block-select", help="transformer teacher: uniform (TinyBERT's spacing) or cosine (needs --data)")] = "uniform",
     data: Annotated[Optional[str], typer.Option("--data", help="a few batches to re-estimate BatchNorm after surgery")] = None,
+    on_bad_image: BadImage = "fail",
     input_shape: InputShape = None,
     channels: Channels = None,
     mean: Mean = None,
@@ -123,7 +138,7 @@ def student_cmd(
         from kdtoolkit.data import batches as data_batches
         from kdtoolkit.data.inputspec import load_splits
 
-        sp = load_splits(data, spec)
+        sp = load_splits(data, spec, on_bad_image=on_bad_image)
         spec = sp.input
         meta = {**sp.spec.to_dict(), **meta}
         calib = data_batches(sp.train, sp.spec, 64, shuffle=True)

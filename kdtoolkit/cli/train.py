@@ -18,6 +18,7 @@ import typer
 from kdtoolkit.cli import app
 from kdtoolkit.cli.options import (
     Arch,
+    BadImage,
     Channels,
     Data,
     InputShape,
@@ -54,7 +55,6 @@ CkptEvery = config_option(TrainConfig, "checkpoint_every", note="always every ep
 Smooth = config_option(LossConfig, "label_smoothing")
 TrainLimit = config_option(DataConfig, "train_limit")
 TestLimit = config_option(DataConfig, "test_limit")
-BadImage = config_option(DataConfig, "on_bad_image", note="fail names the file")
 Tensorboard = Annotated[Optional[Path], typer.Option("--tensorboard", help="also write TensorBoard scalars here (needs tensorboard)")]
 NoCache = Annotated[bool, typer.Option("--no-teacher-cache", help="run the teacher every step even when augmentation is off")]
 Amp = config_option(TrainConfig, "amp")
@@ -86,8 +86,6 @@ def _splits(data: str | None, loaded, arch: str | None, *, seed: int, on_bad_ima
     flags = parse_input_flags(input_shape, channels, mean, std)
     if not data:
         raise InputError("--data is required (an ImageFolder, .tar.gz, .npz, or a built-in name such as mnist-mini)")
-    if on_bad_image not in ("fail", "skip"):
-        raise InputError(f"--on-bad-image must be fail or skip, got {on_bad_image!r}")
     spec = resolve_model_input(flags, loaded, arch)
     if not model_classes and spec.source.get("classes") == "model":
         spec.classes = None

@@ -292,6 +292,10 @@ def load_data(
     test_limit: int | None = None,
 ) -> Splits:
     """Load a dataset by path or built-in name, split it, and map images to the model's input."""
+    from kdtoolkit.config import BAD_IMAGE_CHOICES
+
+    if on_bad_image not in BAD_IMAGE_CHOICES:  # anything but "skip" would otherwise act as "fail"
+        raise InputError(f"--on-bad-image must be fail or skip, got {on_bad_image!r}")
     if source in BUILTIN:
         path = BUILTIN[source]
     else:
