@@ -139,3 +139,20 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_teacher, tmp_path) -> N
     last_a = torch.load(next(tmp_path.glob(".ref.work-*/last.pt")), weights_only=True)["model"]
     last_b = torch.load(ckpt, weights_only=True)["model"]
     assert all(torch.equal(last_a[k], last_b[k]) for k in last_a)
+
+
+def test_ctrl_c_says_what_is_kept_and_exits_130(tiny_teacher, tmp_path) -> None:
+    """Ctrl-C is what users press: one line saying the run resumes, exit 130 (Typer swallowed it silently)."""
+    args = ["distill", str(tiny_teacher), "--student-arch", "small_cnn", "--student-width", "0.25", "--data", "mnist-mini",
+            "--epochs", "30", "--checkpoint-every", "2", "--no-teacher-cache", *TINY]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    p = subprocess.Popen([sys.executable, "-m", "kdtoolkit", *args, "--out", str(tmp_path / "run")], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and not list(tmp_path.glob(".run.work-*/last.pt")):
+        time.sleep(0.02)
+    assert p.poll() is None, "the run finished before it could be interrupted"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-1000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: what finished is kept") and "Traceback" not in err

@@ -50,6 +50,12 @@ def _register() -> None:
 _register()
 
 
+def _interrupted() -> None:
+    typer.echo("interrupted: what finished is kept (stages, training checkpoints); rerun the same command to resume",
+               err=True)
+    sys.exit(130)
+
+
 def main() -> None:
     """Run the app; Typer handles usage errors (exit 2), --help and exit codes, we map our own errors."""
     from kdtoolkit.errors import KdtError
@@ -67,8 +73,11 @@ def main() -> None:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        typer.echo("interrupted: finished stages are kept; rerun the same command to resume", err=True)
-        sys.exit(130)
+        _interrupted()
+    except SystemExit as exc:  # Typer turns Ctrl-C into a silent exit 130 before it reaches the clause above
+        if exc.code == 130:
+            _interrupted()
+        raise
     except Exception as exc:  # an unexpected bug: still one line, with a way to see more
         if debug:
             raise
