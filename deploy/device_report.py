@@ -192,7 +192,13 @@ def load_data(path: str, manifest: dict, limit: int = 0):
         raise SystemExit("error: no images under %s/<class>/ for the bundle's classes" % path)
     if limit:
         files, labels = files[:limit], labels[:limit]
-    imgs = [np.asarray(Image.open(f).convert(pre["color"]).resize((w, h), Image.BILINEAR), dtype=np.uint8) for f in files]
+    imgs = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                imgs.append(np.asarray(im.convert(pre["color"]).resize((w, h), Image.BILINEAR), dtype=np.uint8))
+        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            raise SystemExit("error: %s: cannot read image (%s); remove it from the folder" % (f, type(exc).__name__)) from None
     return preprocess_uint8(np.stack(imgs), pre), np.asarray(labels, np.int64), "ImageFolder %s" % os.path.basename(os.path.abspath(path))
 
 

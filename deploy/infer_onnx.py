@@ -4,7 +4,7 @@
 Everything the model needs (input name and size, colour mode, mean/std, layout, class labels,
 batch limit) is read from the bundle's manifest.json; nothing from kdtoolkit or torch is used.
 
-    python infer_onnx.py BUNDLE IMAGE_OR_FOLDER [--json] [--batch N] [--threads N]
+    python infer_onnx.py BUNDLE IMAGE_OR_FOLDER [--json] [--batch N] [--threads N] [--on-bad-image skip]
 
 Prints one line per image: path, label, score (softmax probability of the top class).
 """
@@ -49,6 +49,22 @@ def preprocess(path: Path, pre: dict) -> np.ndarray:
     return x.transpose(2, 0, 1) if pre["layout"] == "NCHW" else x
 
 
+def preprocess_chunk(files: list[Path], pre: dict, on_bad_image: str = "fail") -> tuple[list[Path], np.ndarray | None]:
+    """Preprocess a batch of files; an unreadable one stops with one line naming it, or is left out with a note
+    on stderr (``skip``). Returns the files kept and their batch (None when none was readable)."""
+    kept, xs = [], []
+    for f in files:
+        try:
+            xs.append(preprocess(f, pre))
+        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            if on_bad_image != "skip":
+                sys.exit(f"error: {f}: cannot read image ({type(exc).__name__}); pass --on-bad-image skip to leave such files out")
+            print(f"skipped: {f}: cannot read image ({type(exc).__name__})", file=sys.stderr)
+            continue
+        kept.append(f)
+    return kept, (np.stack(xs) if xs else None)
+
+
 def list_images(target: Path) -> list[Path]:
     if target.is_file():
         return [target]
@@ -70,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
     ap.add_argument("--batch", type=int, default=0, help="images per run (default: the profile's largest batch)")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    ap.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail", help="an unreadable file stops the run, or is left out")
     args = ap.parse_args(argv)
 
     m = load_manifest(args.bundle)
@@ -86,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     files = list_images(args.images)
     results = []
     for i in range(0, len(files), batch):
-        chunk = files[i:i + batch]
-        x = np.stack([preprocess(f, pre) for f in chunk])
+        chunk, x = preprocess_chunk(files[i:i + batch], pre, args.on_bad_image)
+        if x is None:
+            continue
         n = len(chunk)
         if static and n < batch:  # a fixed-batch model: pad, then drop the padding
             x = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), np.float32)])

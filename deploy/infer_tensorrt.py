@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from infer_onnx import list_images, load_manifest, preprocess, softmax  # noqa: E402  (numpy + pillow only)
+from infer_onnx import list_images, load_manifest, preprocess_chunk, softmax  # noqa: E402  (numpy + pillow only)
 
 
 def load_runner(plan: Path, cuda: str | None = None):
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--batch", type=int, default=0)
     ap.add_argument("--cuda", choices=["pycuda", "cuda-python"], default=None, help="CUDA binding (default: the first that works)")
+    ap.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail", help="an unreadable file stops the run, or is left out")
     args = ap.parse_args(argv)
 
     m = load_manifest(args.bundle)
@@ -59,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     files = list_images(args.images)
     for i in range(0, len(files), batch):
-        chunk = files[i:i + batch]
-        x = np.stack([preprocess(f, pre) for f in chunk])
+        chunk, x = preprocess_chunk(files[i:i + batch], pre, args.on_bad_image)
+        if x is None:
+            continue
         n = len(chunk)
         if static and n < batch:
             x = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), np.float32)])

@@ -286,3 +286,19 @@ def test_gate_and_profile_take_a_bundle_as_users_ship_it(bundle, tmp_path):
     prof = run_cli("profile", str(bundle), "--iters", "5", "--batch", "1", "--json", str(tmp_path / "p.json"))
     assert prof.returncode == 0, prof.stderr[-800:]
     assert json.loads((tmp_path / "p.json").read_text())["results"]
+
+
+def test_deploy_script_names_an_unreadable_image_or_skips_it(bundle, tmp_path):
+    import sys
+
+    imgs = tmp_path / "imgs"
+    shutil.copytree(bundle / "reference" / "images", imgs)
+    n = len(list(imgs.iterdir()))
+    (imgs / "zz_broken.png").write_bytes(b"not an image")
+    cmd = [sys.executable, str(bundle / "deploy" / "infer_onnx.py"), str(bundle), str(imgs)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"error: {imgs / 'zz_broken.png'}: cannot read image (UnidentifiedImageError); pass --on-bad-image skip to leave such files out"
+    r = subprocess.run([*cmd, "--on-bad-image", "skip", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)) == n and r.stderr.strip().startswith("skipped: ") and "zz_broken.png" in r.stderr

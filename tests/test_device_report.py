@@ -297,3 +297,18 @@ def test_bundled_test_subset_is_what_the_device_report_scores(trt_bundle, tmp_pa
     assert run_cli("verify", str(out)).returncode == 0
     (out / sub["path"]).write_bytes(b"tampered")
     assert run_cli("verify", str(out)).returncode != 0
+
+
+def test_device_data_folder_with_an_unreadable_image_is_one_line(tmp_path):
+    from PIL import Image
+
+    manifest = {"classes": ["a", "b"], "preprocessing": {"input_size": [8, 8], "color": "RGB", "scale": 1 / 255,
+                                                         "mean": [0.5] * 3, "std": [0.25] * 3, "layout": "NCHW"}}
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / c / "ok.png")
+    x, y, what = dr.load_data(str(tmp_path), manifest)
+    assert x.shape == (2, 3, 8, 8) and list(y) == [0, 1]
+    (tmp_path / "b" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(SystemExit, match=r"broken\.png: cannot read image \(UnidentifiedImageError\)"):
+        dr.load_data(str(tmp_path), manifest)
