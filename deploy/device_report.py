@@ -197,7 +197,7 @@ def load_data(path: str, manifest: dict, limit: int = 0):
         try:
             with Image.open(f) as im:
                 imgs.append(np.asarray(im.convert(pre["color"]).resize((w, h), Image.BILINEAR), dtype=np.uint8))
-        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        except Exception as exc:  # PIL raises OSError, SyntaxError (a broken PNG chunk), DecompressionBombError...
             raise SystemExit("error: %s: cannot read image (%s); remove it from the folder" % (f, type(exc).__name__)) from None
     return preprocess_uint8(np.stack(imgs), pre), np.asarray(labels, np.int64), "ImageFolder %s" % os.path.basename(os.path.abspath(path))
 

@@ -56,7 +56,7 @@ def preprocess_chunk(files: list[Path], pre: dict, on_bad_image: str = "fail") -
     for f in files:
         try:
             xs.append(preprocess(f, pre))
-        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        except Exception as exc:  # PIL raises OSError, SyntaxError (a broken PNG chunk), DecompressionBombError...
             if on_bad_image != "skip":
                 sys.exit(f"error: {f}: cannot read image ({type(exc).__name__}); pass --on-bad-image skip to leave such files out")
             print(f"skipped: {f}: cannot read image ({type(exc).__name__})", file=sys.stderr)
@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         for f, z, p in zip(chunk, logits, prob):
             k = int(np.argmax(z))
             results.append({"path": str(f), "index": k, "label": classes[k], "score": float(p[k])})
+    if not results:
+        sys.exit(f"error: no readable image in {args.images}")
     if args.json:
         print(json.dumps(results, indent=2))
     else:

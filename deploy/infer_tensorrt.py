@@ -7,7 +7,7 @@ execute_async_v3), through trt_device.py beside it; device memory through pycuda
 whichever works here (a cuda-python newer than the driver's CUDA major is skipped with the reason,
 not tried blindly; ``--cuda`` or KDTOOLKIT_CUDA_BACKEND picks one).
 
-    python infer_tensorrt.py BUNDLE IMAGE_OR_FOLDER [--engine model/model.plan] [--json] [--cuda pycuda|cuda-python]
+    python infer_tensorrt.py BUNDLE IMAGE_OR_FOLDER [--engine model/model.plan] [--json] [--cuda pycuda|cuda-python] [--on-bad-image skip]
 
 The engine must have been built on this device (bash build_on_device.sh).
 """
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         for f, z, p in zip(chunk, logits, prob):
             k = int(np.argmax(z))
             results.append({"path": str(f), "index": k, "label": classes[k], "score": float(p[k])})
+    if not results:
+        sys.exit(f"error: no readable image in {args.images}")
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -152,6 +152,7 @@ def _build(ctx: Context, inputs: list[Artifact], out_dir: Path, key: str, config
 
     (onnx_art,) = inputs
     return build_engine(onnx_art.path, ctx.profile, out_dir, calib_data=ctx.cfg.data.source, input_key=key,
+                        on_bad_image=ctx.cfg.data.on_bad_image,
                         log=lambda m: log(f"[build] {m}", enabled=ctx.progress))
 
 

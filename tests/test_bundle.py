@@ -295,10 +295,21 @@ def test_deploy_script_names_an_unreadable_image_or_skips_it(bundle, tmp_path):
     shutil.copytree(bundle / "reference" / "images", imgs)
     n = len(list(imgs.iterdir()))
     (imgs / "zz_broken.png").write_bytes(b"not an image")
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(png, "PNG")
+    data = bytearray(png.getvalue())
+    at = data.find(b"IDAT")
+    data[at + 50] ^= 0xFF  # damaged pixel data: the header reads, PIL fails only when it decodes
+    (imgs / "zz_corrupt.png").write_bytes(bytes(data))
     cmd = [sys.executable, str(bundle / "deploy" / "infer_onnx.py"), str(bundle), str(imgs)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip() == f"error: {imgs / 'zz_broken.png'}: cannot read image (UnidentifiedImageError); pass --on-bad-image skip to leave such files out"
     r = subprocess.run([*cmd, "--on-bad-image", "skip", "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert len(json.loads(r.stdout)) == n and r.stderr.strip().startswith("skipped: ") and "zz_broken.png" in r.stderr
+    assert len(json.loads(r.stdout)) == n and r.stderr.strip().startswith("skipped: ")
+    assert "zz_broken.png: cannot read image" in r.stderr and "zz_corrupt.png: cannot read image" in r.stderr

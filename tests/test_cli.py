@@ -263,3 +263,20 @@ def test_every_command_that_reads_images_takes_on_bad_image(tmp_path, tiny_teach
         assert r.returncode == 2 and "broken.png: cannot read image" in r.stderr and "--on-bad-image skip" in r.stderr, (cmd, r.stderr[-800:])
         r = run_cli(*args, "--on-bad-image", "skip")
         assert r.returncode == 0, (cmd, r.stderr[-800:])
+
+
+def test_compress_records_local_paths_absolute_and_leaves_names_and_links_alone(tmp_path, monkeypatch):
+    import os
+
+    from kdtoolkit.cli.compress import _absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("mnist-mini", "jetson-orin", "imgs"):  # folders named like a built-in dataset and a profile (a run's --out)
+        (tmp_path / name).mkdir()
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "abc123").write_bytes(b"weights")
+    os.symlink(tmp_path / "blobs" / "abc123", tmp_path / "model.safetensors")
+    (tmp_path / "p.yaml").write_text("name: p\n")
+    model, data, profile = _absolute_paths("model.safetensors", "mnist-mini", "jetson-orin")
+    assert (model, data, profile) == (str(tmp_path / "model.safetensors"), "mnist-mini", "jetson-orin")
+    assert _absolute_paths("missing.pt", "imgs", "p.yaml") == ("missing.pt", str(tmp_path / "imgs"), str(tmp_path / "p.yaml"))

@@ -139,6 +139,17 @@ def test_calibration_arrays_from_a_dataset_or_a_npy(tmp_path):
     assert calibration_arrays(str(tmp_path / "c.npy"), (1, 28, 28), limit=8).shape == (8, 1, 28, 28)
     with pytest.raises(InputError, match="must be N,3,28,28, got"):
         calibration_arrays(str(tmp_path / "c.npy"), (3, 28, 28), limit=8)
+    # a user's folder with an unreadable file: named, then left out with on_bad_image='skip' (compress --on-bad-image)
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.new("L", (28, 28), 40 * i).save(tmp_path / "imgs" / c / f"{i}.png")
+    (tmp_path / "imgs" / "a" / "9_broken.png").write_bytes(b"not an image")
+    with pytest.raises(InputError, match="9_broken.png: cannot read image"):
+        calibration_arrays(str(tmp_path / "imgs"), (1, 28, 28), limit=8)
+    assert calibration_arrays(str(tmp_path / "imgs"), (1, 28, 28), limit=100, on_bad_image="skip").shape[1:] == (1, 28, 28)
 
 
 # ---------------------------------------------------------------- real TensorRT (docker images)

@@ -123,8 +123,7 @@ def compress_cmd(
             out = Path("runs") / Path(model).stem
             typer.echo(f"run folder: {out} (choose another with --out)", err=True)
         flags = parse_input_flags(input_size, channels, mean, std, class_names)
-        # RUN/config.yaml reruns from any folder: local paths are recorded absolute (a name like mnist-mini stays a name)
-        model, data, profile = (str(Path(p).resolve()) if Path(p).exists() else p for p in (model, data, profile))
+        model, data, profile = _absolute_paths(model, data, profile)
         try:
             dc = DataConfig(source=data, input_size=flags.input_size, channels=flags.channels, mean=flags.mean, std=flags.std,
                             class_names=flags.classes, on_bad_image=on_bad_image,
@@ -165,6 +164,22 @@ def compress_cmd(
     if json_out:
         fsutil.write_json(json_out, summary)
     print_summary(summary, run_dir)
+
+
+def _absolute_paths(model: str, data: str, profile: str) -> tuple[str, str, str]:
+    """RUN/config.yaml reruns from any folder, so local paths are recorded absolute. Names stay names: a built-in
+    dataset (mnist-mini) or profile (jetson-orin) is never swapped for a local folder of that name, and symlinks are
+    kept (a cache's model.safetensors -> blobs/<sha> has no suffix to load it by)."""
+    import os
+
+    from kdtoolkit.data.datasets import BUILTIN
+
+    def absolute(p: str) -> str:
+        q = os.path.expanduser(p)
+        return os.path.abspath(q) if os.path.exists(q) else p
+
+    profile_is_path = profile.endswith((".yaml", ".yml")) or os.sep in profile  # as targets.load_profile reads it
+    return absolute(model), data if data in BUILTIN else absolute(data), absolute(profile) if profile_is_path else profile
 
 
 def _validation_line(exc: Any) -> str:

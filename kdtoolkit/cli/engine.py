@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from kdtoolkit.cli import app
-from kdtoolkit.cli.options import JsonOut, Out, Profile
+from kdtoolkit.cli.options import BadImage, JsonOut, Out, Profile
 
 OnnxArg = Annotated[str, typer.Argument(help="ONNX file, or an artifact folder holding one (export / optimize / quantize output)")]
 
@@ -58,6 +58,7 @@ def build_cmd(
     calib_cache: Annotated[Optional[str], typer.Option("--calib-cache", help="existing TensorRT calibration cache to reuse")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="int8, fp16, fp32 or auto (default: the profile's)")] = None,
     timing_cache: Annotated[Optional[str], typer.Option("--timing-cache", help="timing cache file reused across builds (default: per TensorRT version in the kdtoolkit cache)")] = None,
+    on_bad_image: BadImage = "fail",
     json_out: JsonOut = None,
 ) -> None:
     """Build a TensorRT engine (raw plan + manifest) for the profile; needs TensorRT on this machine."""
@@ -67,7 +68,7 @@ def build_cmd(
 
     prof = load_profile(profile)
     art = build_engine(onnx, prof, out, calib_data=calib_data, precision=precision, timing_cache=timing_cache,
-                       calib_cache=calib_cache, log=lambda m: typer.echo(m, err=True))
+                       calib_cache=calib_cache, log=lambda m: typer.echo(m, err=True), on_bad_image=on_bad_image)
     res = {"engine": str(art.path / art.info["plan"]), **art.metrics, "precision": art.info["precision"],
            "tensorrt": art.info["tensorrt"]["version"]}
     if json_out:

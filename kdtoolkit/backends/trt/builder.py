@@ -131,7 +131,7 @@ class _Plan:
 
 def build_engine(onnx: str | os.PathLike[str], profile: Profile, out_dir: str | os.PathLike[str], *, calib_data: str | None = None,
                  precision: str | None = None, timing_cache: str | None = None, calib_cache: str | None = None,
-                 log: Any = None, input_key: str = "") -> Artifact:
+                 log: Any = None, input_key: str = "", on_bad_image: str = "fail") -> Artifact:
     """Build a TensorRT engine for ``profile`` from ``onnx`` (a file or an onnx artifact folder) into ``out_dir``.
 
     Steps: resolve the build (version, path, precision, shapes), prepare the ONNX (strip Q/DQ for DLA, convert
@@ -148,7 +148,7 @@ def build_engine(onnx: str | os.PathLike[str], profile: Profile, out_dir: str | 
         network = _parse(builder, logger, plan, onnx_for_build, profile)
         config = builder.create_builder_config()
         io_profile, cache_file, timing = _configure(builder, network, config, plan, say=say)
-        calib_out, free_calibrator = _configure_precision(builder, config, plan, io_profile, Path(tmpd), calib_data)
+        calib_out, free_calibrator = _configure_precision(builder, config, plan, io_profile, Path(tmpd), calib_data, on_bad_image)
         dla_layers = _configure_dla(network, config, plan.cfg)
         cfg = plan.cfg
         say(f"[build] {plan.path.describe()}; precision {cfg.precision}; batch {cfg.batch_min}/{cfg.batch_opt}/{cfg.batch_max}")
@@ -265,7 +265,7 @@ def _configure(builder: trt.Builder, network: trt.INetworkDefinition, config: tr
 
 
 def _configure_precision(builder: trt.Builder, config: trt.IBuilderConfig, plan: _Plan, io_profile: dict[str, Any], tmpd: Path,
-                         calib_data: str | None) -> tuple[Path | None, Callable[[], None]]:
+                         calib_data: str | None, on_bad_image: str = "fail") -> tuple[Path | None, Callable[[], None]]:
     """Step 5: precision flags below 11 (TF32 off for fp32), and for implicit INT8 the entropy calibrator with its
     calibration profile; returns the calibration cache it writes and the calibrator's release function."""
     from kdtoolkit.backends.trt import cuda_mem
@@ -291,7 +291,7 @@ def _configure_precision(builder: trt.Builder, config: trt.IBuilderConfig, plan:
     arrays = None
     mem: CudaBackend | None = None
     if calib_data:
-        arrays = calibration_arrays(calib_data, plan.in_shape, limit=cfg.calib_size, meta=plan.meta)
+        arrays = calibration_arrays(calib_data, plan.in_shape, limit=cfg.calib_size, meta=plan.meta, on_bad_image=on_bad_image)
         mem = cuda_mem.backend()
     elif not cfg.calib_cache:
         raise InputError("INT8 from an ONNX without Q/DQ needs calibration: give --calib-data (a dataset or a .npy of "

@@ -21,7 +21,7 @@ else:
 
 
 def calibration_arrays(source: str, input_shape: tuple[int, ...], *, limit: int, meta: dict[str, Any] | None = None,
-                       seed: int = 0) -> np.ndarray:
+                       seed: int = 0, on_bad_image: str = "fail") -> np.ndarray:
     """Float32 N,C,H,W calibration inputs: a .npy of preprocessed arrays, or a dataset (its training split; .npz is a dataset)."""
     p = Path(source)
     if p.suffix == ".npy" and p.is_file():
@@ -35,7 +35,7 @@ def calibration_arrays(source: str, input_shape: tuple[int, ...], *, limit: int,
 
     given = InputSpec.from_meta(meta)
     c, h, w = input_shape
-    sp = load_data(source, input_size=(h, w), channels=c, mean=given.mean, std=given.std)
+    sp = load_data(source, input_size=(h, w), channels=c, mean=given.mean, std=given.std, on_bad_image=on_bad_image)
     train = sp.train
     if len(train) > limit:
         train = train.subset(np.sort(np.random.default_rng(seed).choice(len(train), limit, replace=False)))
