@@ -266,7 +266,7 @@ def load_config(path: str | os.PathLike[str]) -> CompressConfig:
         raise InputError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     except ValidationError as exc:
         e = exc.errors()[0]
-        raise InputError(f"{p}: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+        raise InputError(f"{p}: {'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}") from None
 
 
 def save_config(cfg: CompressConfig, path: Path) -> None:

@@ -93,6 +93,8 @@ def test_torchscript_teacher_with_a_named_student_arch(tmp_path):
     (["compress", "{teacher}", "--data", "mnist-mini", "--depth", "2", "--out", "o"], "student.depth=2.0: Input should be less than"),
     (["compress", "{teacher}", "--data", "mnist-mini", "--on-bad-image", "maybe", "--out", "o"], "on_bad_image='maybe': must be fail or skip"),
     (["quantize", "{teacher}", "--data", "mnist-mini", "--on-bad-image", "maybe", "--out", "o"], "--on-bad-image must be fail or skip"),
+    (["quantize", "{teacher}", "--data", "nowhere", "--calib-size", "0", "--out", "o"], "calib_size=0: Input should be greater than"),
+    (["student", "{teacher}", "--depth", "2", "--out", "o"], "depth=2.0: Input should be less than or equal to 1"),
 ])
 def test_bad_input_gets_one_line_and_exit_2(tmp_path, tiny_teacher, args, needle):
     import numpy as np

@@ -154,3 +154,18 @@ def test_measure_stats_of_a_constant_channel_stays_finite():
 
     mean, std = measure_stats(ArrayData(np.full((20, 3, 3, 1), 51, np.uint8), np.zeros(20, np.int64)))
     assert mean[0] == pytest.approx(0.2) and std == (1.0,)
+
+
+def test_a_bad_first_image_is_passed_over_with_skip_and_an_unreadable_folder_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDTOOLKIT_CACHE", str(tmp_path / "cache"))
+    _folder(tmp_path / "d", n=5)
+    first = sorted((tmp_path / "d").iterdir())[0]
+    (first / "0000_broken.jpg").write_bytes(b"not an image")  # sorts first: the image size was read from it
+    with pytest.raises(InputError, match="0000_broken.jpg: cannot read image .*--on-bad-image skip"):
+        load_data(str(tmp_path / "d"))
+    s = load_data(str(tmp_path / "d"), on_bad_image="skip")
+    assert len(s.train) + len(s.val) + len(s.test) == 10
+    for f in (tmp_path / "d").rglob("*.*"):
+        f.write_bytes(b"garbage")
+    with pytest.raises(InputError, match="none of its 11 image files could be read"):
+        load_data(str(tmp_path / "d"), on_bad_image="skip")

@@ -385,7 +385,12 @@ def test_installed_command_imports_the_users_module_from_the_current_folder(tmp_
     other.mkdir()
     r = _run_in(other, str(script), "student", str(tmp_path / "model.pt"), "--trust-pickle", "--out", "s", "--input-shape", "3,16,16")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "No module named 'mynets'" in r.stderr and "PYTHONPATH" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "needs module 'mynets', which is not importable here" in r.stderr and "PYTHONPATH" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    # the module is there but the class was renamed since the model was saved
+    (tmp_path / "mynets.py").write_text(USER_MODULE.replace("class Net(", "class Network("))
+    r = _run_in(tmp_path, str(script), "student", "model.pt", "--trust-pickle", "--out", "s_renamed", "--input-shape", "3,16,16")
+    assert r.returncode == 2 and "module 'mynets' was found but has no 'Net'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_pickle_of_a_class_defined_in_the_saving_script_gets_the_ways_out(tmp_path):

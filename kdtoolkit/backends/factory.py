@@ -51,8 +51,11 @@ def load_runner(
         from kdtoolkit.bundle.common import bundle_manifest, bundle_model_file
 
         bundle = bundle_manifest(path)
-        if bundle is not None:  # a shipped bundle: the model it serves
-            return load_runner(bundle_model_file(path, bundle), name=label, threads=threads, providers=providers)
+        if bundle is not None:  # a shipped bundle: the model it serves (its ONNX where TensorRT cannot run)
+            import importlib.util
+
+            engines = importlib.util.find_spec("tensorrt") is not None
+            return load_runner(bundle_model_file(path, bundle, engines=engines), name=label, threads=threads, providers=providers)
 
         art = Artifact.load(path)
         if art.kind == "onnx":

@@ -25,8 +25,8 @@ DEPLOY_SCRIPTS = ("infer_onnx.py", "infer_tensorrt.py", "build_on_device.sh", "t
 TOLERANCE = {"fp32": {"atol": 1e-3, "rtol": 1e-3}, "fp16": {"atol": 5e-2, "rtol": 5e-2}, "int8": {"atol": 0.25, "rtol": 0.05}}
 
 def bundle_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The manifest of a bundle folder (by its schema), or None for anything else: a bundle is what users ship and
-    gate on, so commands that take an artifact folder take a bundle too."""
+    """The manifest of a bundle folder (by its schema), or None for anything else: a bundle is what users ship, so
+    profile, gate, check and build take one where they take an artifact folder."""
     import json
 
     p = Path(path) / MANIFEST
@@ -39,12 +39,14 @@ def bundle_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) and str(doc.get("schema", "")).startswith(f"{BUNDLE_SCHEMA}/") else None
 
 
-def bundle_model_file(root: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:
-    """The model a bundle serves: its engine when one is in it (built on the device), else its ONNX."""
+def bundle_model_file(root: str | os.PathLike[str], manifest: dict[str, Any], *, engines: bool) -> Path:
+    """The model a bundle serves: its TensorRT engine when one is there and ``engines`` (TensorRT runs here), the
+    manifest's or the one build_on_device.sh writes (model/model.plan); else its ONNX."""
     from kdtoolkit.errors import InputError
 
     rt = manifest.get("runtime") or {}
-    for rel in (rt.get("engine"), rt.get("onnx"), (manifest.get("model") or {}).get("file")):
+    candidates = [rt.get("engine"), "model/model.plan"] if engines else []
+    for rel in (*candidates, rt.get("onnx"), (manifest.get("model") or {}).get("file")):
         if rel and (Path(root) / rel).is_file():
             return Path(root) / rel
     raise InputError(f"{root}: bundle names no model file that is there (runtime.engine / runtime.onnx / model.file)")

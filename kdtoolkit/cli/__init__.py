@@ -50,9 +50,13 @@ def _register() -> None:
 _register()
 
 
+RESUMABLE = ("compress", "distill", "finetune", "demo")  # the commands that keep stages or training checkpoints
+
+
 def _interrupted() -> None:
-    typer.echo("interrupted: what finished is kept (stages, training checkpoints); rerun the same command to resume",
-               err=True)
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    more = ": what finished is kept (stages, training checkpoints); rerun the same command to resume" if command in RESUMABLE else ""
+    typer.echo(f"interrupted{more}", err=True)
     sys.exit(130)
 
 
@@ -81,6 +85,11 @@ def main() -> None:
     except Exception as exc:  # an unexpected bug: still one line, with a way to see more
         if debug:
             raise
+        if type(exc).__module__.startswith("pydantic") and type(exc).__name__ == "ValidationError":
+            from kdtoolkit.cli.options import validation_line
+
+            typer.echo(f"error: {validation_line(exc)}", err=True)  # a config built from flags: bad input, not a bug
+            sys.exit(2)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         typer.echo(f"error: unexpected {type(exc).__name__}: {first[:400]} (rerun with --debug for the traceback)", err=True)
         sys.exit(1)

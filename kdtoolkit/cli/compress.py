@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -106,6 +106,7 @@ def compress_cmd(
     from pydantic import ValidationError
 
     from kdtoolkit import fsutil
+    from kdtoolkit.cli.options import validation_line
     from kdtoolkit.config import CompressConfig, DataConfig, apply_overrides, load_config
     from kdtoolkit.errors import InputError
     from kdtoolkit.pipeline import compress
@@ -130,7 +131,7 @@ def compress_cmd(
                             train_limit=train_limit, test_limit=test_limit)
             cfg = CompressConfig(model=model, arch=arch, trust_pickle=trust_pickle, data=dc, profile=profile, opset=opset)
         except ValidationError as exc:
-            raise InputError(_validation_line(exc)) from None
+            raise InputError(validation_line(exc)) from None
         run_dir = out
     if seed is not None:
         cfg.data.seed = seed
@@ -158,7 +159,7 @@ def compress_cmd(
     try:
         cfg = CompressConfig.model_validate(cfg.model_dump())  # re-validate values set from flags
     except ValidationError as exc:
-        raise InputError(_validation_line(exc)) from None
+        raise InputError(validation_line(exc)) from None
     cfg = apply_overrides(cfg, sets)  # --set train.lr=0.01 ...
     summary = compress(cfg, run_dir, progress=not quiet, wait=wait)
     if json_out:
@@ -180,12 +181,6 @@ def _absolute_paths(model: str, data: str, profile: str) -> tuple[str, str, str]
 
     profile_is_path = profile.endswith((".yaml", ".yml")) or os.sep in profile  # as targets.load_profile reads it
     return absolute(model), data if data in BUILTIN else absolute(data), absolute(profile) if profile_is_path else profile
-
-
-def _validation_line(exc: Any) -> str:
-    """A pydantic error as one line naming the field and the value a flag gave it."""
-    e = exc.errors()[0]
-    return f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg'].removeprefix('Value error, ')}"
 
 
 @app.command("demo")

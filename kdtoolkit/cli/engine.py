@@ -10,15 +10,22 @@ import typer
 from kdtoolkit.cli import app
 from kdtoolkit.cli.options import BadImage, JsonOut, Out, Profile
 
-OnnxArg = Annotated[str, typer.Argument(help="ONNX file, or an artifact folder holding one (export / optimize / quantize output)")]
+OnnxArg = Annotated[str, typer.Argument(help="ONNX file, or an artifact folder or bundle holding one (export / optimize / quantize output)")]
 
 
 def _onnx_path(arg: str) -> Path:
     from kdtoolkit.artifact import Artifact
+    from kdtoolkit.bundle.common import bundle_manifest
     from kdtoolkit.errors import InputError
 
     p = Path(arg)
     if p.is_dir():
+        bundle = bundle_manifest(p)
+        if bundle is not None:  # a bundle: the ONNX it ships (check it, or build its engine, on the device)
+            onnx = p / ((bundle.get("runtime") or {}).get("onnx") or (bundle.get("model") or {}).get("file") or "model/model.onnx")
+            if not onnx.is_file():
+                raise InputError(f"{p}: bundle has no ONNX at {onnx.relative_to(p)}")
+            return onnx
         return Artifact.load(p).first_file(".onnx")
     if not p.is_file():
         raise InputError(f"ONNX file not found: {arg}")

@@ -86,6 +86,13 @@ def config_option(model: type, name: str, *flags: str, note: str | None = None, 
         *flags, help=config_help(model, name, note), rich_help_panel=panel or config_panel(model), **kw)]
 
 
+def validation_line(exc: Any) -> str:
+    """A pydantic ValidationError as the one line users see: the field, the value a flag or file gave it, why."""
+    e = exc.errors()[0]
+    where = ".".join(map(str, e["loc"]))
+    return f"{where}={e.get('input')!r}: {e['msg'].removeprefix('Value error, ')}" if where else e["msg"]
+
+
 def _bad_image_option() -> Any:
     from kdtoolkit.config import DataConfig
 

@@ -72,6 +72,9 @@ def quantize_cmd(
     method = calib_method or prof.quant.calib_method
     n = calib_size if calib_size is not None else prof.quant.calib_size
     scheme = scheme_for(prof, reduce_range=reduce_range)
+    # validated now, before the data is read: a bad --calib-size or --percentile is one line at once
+    int8 = Int8Config(method="ptq", calib_method=method, calib_size=n, percentile=percentile or prof.quant.percentile,
+                      tolerance_points=prof.accuracy_tolerance)
     with tempfile.TemporaryDirectory() as tmp:
         from kdtoolkit.data.inputspec import load_splits
 
@@ -100,10 +103,8 @@ def quantize_cmd(
         cfg = {"model": str(model), "profile": prof.name, "scheme": scheme.name, "mode": mode, "calib_method": method, "calib_size": n,
                "reduce_range": scheme.reduce_range, "data": data, "input": {k: v for k, v in spec.to_meta().items() if k != "classes"}}
         # the INT8 model was calibrated with these statistics: record them, measured or not, with their source
-        art = write_quantized(out, fp32, sp, prof, Int8Config(
-            method="ptq", mode=mode, calib_method=method, calib_size=n, percentile=percentile or prof.quant.percentile,
-            tolerance_points=prof.accuracy_tolerance), config=cfg, scheme=scheme, policy="int8", asked_by="kdtoolkit quantize",
-            info={"model": {**meta, **sp.spec.to_dict(), **spec.to_meta()}})
+        art = write_quantized(out, fp32, sp, prof, int8.model_copy(update={"mode": mode}), config=cfg, scheme=scheme, policy="int8",
+                              asked_by="kdtoolkit quantize", info={"model": {**meta, **sp.spec.to_dict(), **spec.to_meta()}})
     m = art.metrics
     if json_out:
         fsutil.write_json(json_out, {"onnx": str(out / "model.onnx"), **m, "scheme": scheme.name, "calib_method": method})
@@ -129,7 +130,7 @@ def _fp32_source(model: str, arch: str | None, trust_pickle: bool):
     p = Path(model)
     if not p.exists():
         raise InputError(f"model not found: {p}")
-    if p.suffix == ".onnx":
+    if p.suffix.lower() == ".onnx":
         check_onnx(p)
         return p, {}, None
     if p.is_dir() and Artifact.is_artifact(p) and Artifact.load(p).kind == "onnx":

@@ -33,6 +33,7 @@ from kdtoolkit.cli.options import (
     config_default,
     config_option,
     parse_floats,
+    validation_line,
 )
 from kdtoolkit.config import AdapterConfig, DataConfig, LossConfig, TrainConfig
 
@@ -103,8 +104,7 @@ def _train_config(**kw: Any):
     try:
         return TrainConfig.model_validate(kw)
     except ValidationError as exc:
-        e = exc.errors()[0]
-        raise InputError(f"invalid option {'.'.join(str(p) for p in e['loc'])}: {e['msg']}") from None
+        raise InputError(validation_line(exc)) from None
 
 
 def _schedule(start: float, end: float | None, kind: str) -> dict[str, Any]:
@@ -434,8 +434,7 @@ def _adapter_setup(model: str, method: str | None, rank: int | None, alpha: floa
             "dropout": dropout, "train_norms": norms,
             "target_modules": [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else []})
     except ValidationError as exc:
-        e = exc.errors()[0]
-        raise InputError(f"invalid adapter option {'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}") from None
+        raise InputError(f"adapter option {validation_line(exc)}") from None
     return cfg, None
 
 

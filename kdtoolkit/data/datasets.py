@@ -151,16 +151,26 @@ def _decode_folder(root: Path, classes: list[str], items: list[tuple[str, int]],
                    channels: int, on_bad_image: str, name: str) -> ArrayData:
     if not items:
         raise InputError(f"{root}: no images found (looked for {', '.join(IMG_EXT)} under one folder per class)")
-    key = hashlib.sha256(repr((str(root.resolve()), len(items), items[0], items[-1], size, channels, on_bad_image)).encode()).hexdigest()[:16]
+    # every file's size and mtime are in the key: an image replaced under the same name must not come back from the cache
+    h = hashlib.sha256(repr((str(root.resolve()), len(items), size, channels, on_bad_image)).encode())
+    for path, label in items:
+        st = os.stat(path)
+        h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    key = h.hexdigest()[:16]
     cache = cache_dir() / "decoded" / f"{root.name}-{key}.npz"
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
         return ArrayData(z["x"], z["y"], name, list(z["files"]))
-    if size is None:
-        first = _decode((items[0][0], None, channels))
-        if isinstance(first, str):
-            raise InputError(f"{items[0][0]}: cannot read image ({first})")
-        size = first.shape[:2]
+    if size is None:  # the images' own size: the first readable one's (with skip, a bad first file is passed over)
+        for path, _ in items:
+            first = _decode((path, None, channels))
+            if not isinstance(first, str):
+                size = first.shape[:2]
+                break
+            if on_bad_image != "skip":
+                raise InputError(f"{path}: cannot read image ({first}); pass --on-bad-image skip to leave such files out")
+        else:
+            raise InputError(f"{root}: none of its {len(items)} image files could be read")
     from concurrent.futures import ProcessPoolExecutor
 
     jobs = [(p, size, channels) for p, _ in items]
@@ -175,6 +185,8 @@ def _decode_folder(root: Path, classes: list[str], items: list[tuple[str, int]],
         xs.append(img)
         ys.append(label)
         files.append(path)
+    if not xs:
+        raise InputError(f"{root}: none of its {len(items)} image files could be read")
     x = np.stack(xs)
     y = np.asarray(ys, dtype=np.int64)
     from kdtoolkit import fsutil

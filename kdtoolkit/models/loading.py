@@ -118,14 +118,19 @@ def _missing_code(path: Path, exc: BaseException) -> str:
     import re
 
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    found = re.search(r"Can't get attribute '([^']+)' on <module '__main__'", text)
-    if found:
-        return (f"{path}: the pickle needs class {found.group(1)!r} from the script that saved it (__main__), which no "
+    portable = "or hand over a TorchScript or torch.export file, which need no code"
+    attr = re.search(r"Can't get attribute '([^']+)' on <module '([^']+)'", text)
+    if attr and attr.group(2) == "__main__":
+        return (f"{path}: the pickle needs class {attr.group(1)!r} from the script that saved it (__main__), which no "
                 "other program can import; move the class into a module (importable from the current folder or "
-                "PYTHONPATH) and save again, or save a state dict and pass --arch module:Class, or a TorchScript or "
-                "torch.export file")
-    return (f"{path}: the pickled model needs code that is not importable here ({text}); run from the folder that "
-            "holds that module or add it to PYTHONPATH, or hand over a TorchScript or torch.export file")
+                f"PYTHONPATH) and save again, or save a state dict and pass --arch module:Class, {portable}")
+    if attr:
+        return (f"{path}: module {attr.group(2)!r} was found but has no {attr.group(1)!r} (renamed or moved since the "
+                f"model was saved?); use the code the model was saved with, {portable}")
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        return (f"{path}: the pickled model needs module {exc.name!r}, which is not importable here: your own code, run "
+                f"from the folder that holds it or add that folder to PYTHONPATH; a package, install it; {portable}")
+    return f"{path}: cannot unpickle the model ({type(exc).__name__}: {text}); {portable}"
 
 
 def _accepted_kwargs(fn: Any, kwargs: dict[str, Any], name: str) -> dict[str, Any]:
