@@ -533,7 +533,7 @@ def _fallback(fp32: Path, out: Path, splits: Any, cfg: Int8Config, metrics: dict
     if rep.get("kept_in_float"):
         from kdtoolkit import fsutil
 
-        with fsutil.atomic_path(out, suffix=".onnx") as tmp:  # a failed check leaves the INT8 model as it was
+        with fsutil.atomic_path(out, suffix=".onnx") as tmp:  # written whole or not at all, like every file we write
             onnx.save(model, str(tmp))
             check_onnx(tmp)
         int8_acc = metrics["accuracy_int8"]
