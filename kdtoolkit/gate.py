@@ -254,7 +254,7 @@ def run_gate(candidate: str, baseline: str, settings: GateSettings | None = None
             fail = drop > s.max_accuracy_drop
             checks.append({"check": "accuracy", "kind": "accuracy", "status": "fail" if fail else "pass", "baseline": acc_b,
                            "candidate": acc_c, "drop_points": drop, "threshold_points": s.max_accuracy_drop,
-                           "message": f"{100 * acc_b:.2f} % -> {100 * acc_c:.2f} % ({-drop:+.2f} points, limit -{s.max_accuracy_drop:g})"})
+                           "message": f"{100 * acc_b:.2f} % -> {100 * acc_c:.2f} % ({-drop + 0.0:+.2f} points, limit -{s.max_accuracy_drop:g})"})
 
     verdict = "regression" if any(c["status"] == "fail" for c in checks) else "pass"
     used = {"mode": mode, "max_slowdown": thr, "max_accuracy_drop_points": s.max_accuracy_drop, "alpha": s.alpha, "quantile": s.quantile,

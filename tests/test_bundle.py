@@ -286,6 +286,14 @@ def test_gate_and_profile_take_a_bundle_as_users_ship_it(bundle, tmp_path):
     drop = run_cli("gate", str(worse), "--baseline", str(bundle), *fast)
     assert drop.returncode == 1, drop.stdout[-1500:] + drop.stderr[-800:]
     assert drop.stderr.startswith("error: regression: accuracy: ") and "(-5.00 points, limit -0.5)" in drop.stderr
+    # as shipped with `bundle --tar`: the archive is unpacked once into the cache and read the same way
+    import tarfile
+
+    with tarfile.open(tmp_path / "worse.tar.gz", "w:gz") as tf:
+        tf.add(worse, arcname="worse")
+    tarred = run_cli("gate", str(tmp_path / "worse.tar.gz"), "--baseline", str(bundle), *fast)
+    assert tarred.returncode == 1 and "(-5.00 points, limit -0.5)" in tarred.stderr, tarred.stdout[-800:] + tarred.stderr[-800:]
+    assert "(+0.00 points" in same.stdout  # no negative zero
     prof = run_cli("profile", str(bundle), "--iters", "5", "--batch", "1", "--json", str(tmp_path / "p.json"))
     assert prof.returncode == 0, prof.stderr[-800:]
     assert json.loads((tmp_path / "p.json").read_text())["results"]

@@ -46,6 +46,9 @@ def load_runner(
     if not path.exists():
         raise InputError(f"model not found: {path}")
     label = name or (path.name if path.is_dir() else path.stem)
+    from kdtoolkit.bundle.common import unpacked_bundle
+
+    path = unpacked_bundle(path) or path  # a bundle archive: timed as the folder it unpacks to
     if path.is_dir():
         from kdtoolkit.artifact import Artifact
         from kdtoolkit.bundle.common import bundle_manifest, bundle_model_file

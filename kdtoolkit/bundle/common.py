@@ -39,6 +39,35 @@ def bundle_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) and str(doc.get("schema", "")).startswith(f"{BUNDLE_SCHEMA}/") else None
 
 
+BUNDLE_ARCHIVES = (".tar.gz", ".tgz", ".tar")
+
+
+def unpacked_bundle(path: str | os.PathLike[str]) -> Path | None:
+    """A bundle archive (``bundle --tar``) unpacked once into the kdtoolkit cache, keyed by its sha256, so gate and
+    profile can time it as users ship it; None for anything that is not a bundle archive."""
+    import shutil
+    import tempfile
+
+    from kdtoolkit import fsutil
+    from kdtoolkit.data.datasets import cache_dir
+
+    p = Path(path)
+    if not (p.is_file() and p.name.endswith(BUNDLE_ARCHIVES)):
+        return None
+    dest = cache_dir() / "bundles" / fsutil.sha256_file(p)[:16]
+    if not dest.is_dir():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest.parent))
+        fsutil.extract_tar(p, tmp, "bundle")
+        try:
+            os.replace(tmp, dest)  # whole or not at all; a concurrent unpack of the same archive wins the same way
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    subs = [d for d in dest.iterdir() if d.is_dir()]
+    root = subs[0] if len(subs) == 1 and not (dest / MANIFEST).exists() else dest
+    return root if bundle_manifest(root) is not None else None
+
+
 def bundle_model_file(root: str | os.PathLike[str], manifest: dict[str, Any], *, engines: bool) -> Path:
     """The model a bundle serves: its TensorRT engine when one is there and ``engines`` (TensorRT runs here), the
     manifest's or the one build_on_device.sh writes (model/model.plan); else its ONNX."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from kdtoolkit import fsutil
 from kdtoolkit.bundle.common import (
+    BUNDLE_ARCHIVES,
     BUNDLE_SCHEMA,
     BUNDLE_SCHEMA_VERSION,
     MANIFEST,
@@ -23,7 +24,7 @@ from kdtoolkit.errors import CheckFailed, InputError, MissingDependency
 def open_bundle(path: str | os.PathLike[str]) -> tuple[Path, Any]:
     """A bundle folder as is, or a .tar.gz unpacked into a temp folder (the caller removes it)."""
     p = Path(path)
-    if p.is_file() and p.name.endswith((".tar.gz", ".tgz", ".tar")):
+    if p.is_file() and p.name.endswith(BUNDLE_ARCHIVES):
         tmp = Path(tempfile.mkdtemp(prefix="kdt-bundle-"))
         fsutil.extract_tar(p, tmp, "bundle")
         subs = [d for d in tmp.iterdir() if d.is_dir()]

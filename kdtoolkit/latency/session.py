@@ -133,9 +133,9 @@ def build_document(runners: list[Any], sources: list[str], res: dict[str, Any], 
 
 def artifact_accuracy(spec: str | os.PathLike[str]) -> float | None:
     """Top-1 (fraction) recorded in an artifact's manifest, following one parent if the artifact has none."""
-    from kdtoolkit.bundle.common import bundle_manifest
+    from kdtoolkit.bundle.common import bundle_manifest, unpacked_bundle
 
-    p = Path(spec)
+    p = unpacked_bundle(spec) or Path(spec)
     if p.is_file() and (p.parent / "manifest.json").is_file():
         p = p.parent
     if not (p / "manifest.json").is_file():
