@@ -14,8 +14,8 @@ from kdtoolkit.cli.profile import Batches, Budget
 
 @app.command("gate")
 def gate_cmd(
-    candidate: Annotated[str, typer.Argument(help="candidate: model file, artifact folder, bundle, stored profile JSON[:NAME], or a device report (device_report.json or its bundle)")],
-    baseline: Annotated[str, typer.Option("--baseline", help="baseline: model file, artifact folder, bundle, stored profile JSON[:NAME], or a device report (device_report.json or its bundle)")],
+    candidate: Annotated[str, typer.Argument(help="candidate: model file, artifact folder, bundle (folder or .tar.gz), stored profile JSON[:NAME], or a device report (device_report.json or its bundle)")],
+    baseline: Annotated[str, typer.Option("--baseline", help="baseline: model file, artifact folder, bundle (folder or .tar.gz), stored profile JSON[:NAME], or a device report (device_report.json or its bundle)")],
     max_slowdown: Annotated[Optional[str], typer.Option("--max-slowdown", help="allowed slowdown of the median, percent (default 5% in-job, 30% with stored JSON)")] = None,
     max_accuracy_drop: Annotated[float, typer.Option("--max-accuracy-drop", help="allowed top-1 drop, percentage points (checked when both record accuracy)")] = 0.5,
     alpha: Annotated[float, typer.Option("--alpha", help="significance level of the one-sided Mann-Whitney U test")] = 0.01,
