@@ -81,15 +81,22 @@ def stable_hash(obj: Any) -> str:
 
 
 def extract_tar(path: str | os.PathLike[str], into: str | os.PathLike[str], what: str = "archive") -> None:
-    """Unpack a tar(.gz) with the safe 'data' filter; a broken archive is one clear InputError."""
+    """Unpack a tar(.gz) with the safe 'data' filter; a broken archive is one clear InputError.
+
+    The compressed stream is read to its end: tarfile stops at the end-of-archive blocks, before gzip's CRC, so a
+    damaged archive could otherwise unpack without an error and with wrong content."""
     import tarfile
+    import zlib
 
     from kdtoolkit.errors import InputError
 
     try:
         with tarfile.open(path) as tf:
             tf.extractall(into, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as exc:
+            if tf.fileobj is not None:
+                while tf.fileobj.read(1 << 20):
+                    pass
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         shutil.rmtree(into, ignore_errors=True)
         raise InputError(f"{path}: cannot unpack {what} ({exc})") from None
 

@@ -98,7 +98,12 @@ def resolve_side(spec: str, role: str) -> Side:
     """A model/artifact to measure, or stored numbers: FILE.json[:NAME], a profile artifact folder[:NAME], or a
     device report (device_report.json, or a bundle folder holding one) measured on the target by the bundle's script."""
     from kdtoolkit.backends.device_report import device_report_as_profile, is_device_report, load_device_report
+    from kdtoolkit.bundle.common import unpacked_bundle
 
+    unpacked = unpacked_bundle(spec)  # a bundle archive: read as the folder it unpacks to
+    if unpacked is not None and is_device_report(unpacked):
+        doc = device_report_as_profile(load_device_report(unpacked), path=spec)
+        return Side(spec, role, stored=doc, name="device")
     if is_device_report(spec):
         doc = device_report_as_profile(load_device_report(spec), path=spec)
         return Side(spec, role, stored=doc, name="device")
@@ -238,7 +243,7 @@ def run_gate(candidate: str, baseline: str, settings: GateSettings | None = None
         elif slower > thr:
             why = f"{100 * slower:.1f} % slower but not significant (p = {c['p_slower']:.2g} >= {s.alpha:g})"
         else:
-            why = f"{100 * slower:+.1f} % (limit +{100 * thr:g} %)"
+            why = f"{round(100 * slower, 1) + 0.0:+.1f} % (limit +{100 * thr:g} %)"
         checks.append({"check": f"latency b{b}", "kind": "latency", "batch": b, "status": "fail" if fail else "pass",
                        "slowdown": slower, "threshold": thr, "significant": significant, "message": why, **c})
 
@@ -254,7 +259,7 @@ def run_gate(candidate: str, baseline: str, settings: GateSettings | None = None
             fail = drop > s.max_accuracy_drop
             checks.append({"check": "accuracy", "kind": "accuracy", "status": "fail" if fail else "pass", "baseline": acc_b,
                            "candidate": acc_c, "drop_points": drop, "threshold_points": s.max_accuracy_drop,
-                           "message": f"{100 * acc_b:.2f} % -> {100 * acc_c:.2f} % ({-drop + 0.0:+.2f} points, limit -{s.max_accuracy_drop:g})"})
+                           "message": f"{100 * acc_b:.2f} % -> {100 * acc_c:.2f} % ({round(-drop, 2) + 0.0:+.2f} points, limit -{s.max_accuracy_drop:g})"})
 
     verdict = "regression" if any(c["status"] == "fail" for c in checks) else "pass"
     used = {"mode": mode, "max_slowdown": thr, "max_accuracy_drop_points": s.max_accuracy_drop, "alpha": s.alpha, "quantile": s.quantile,
@@ -302,8 +307,8 @@ def markdown_summary(r: GateResult) -> str:
     for c in r.checks:
         if c["kind"] != "latency":
             continue
-        lines.append(f"| {c['check']} | {c['baseline_q']:.3f} | {c['candidate_q']:.3f} | {100 * c['slowdown']:+.1f} % | "
-                     f"{100 * (c['ratio_p50'] - 1):+.1f} % | "
+        lines.append(f"| {c['check']} | {c['baseline_q']:.3f} | {c['candidate_q']:.3f} | {round(100 * c['slowdown'], 1) + 0.0:+.1f} % | "
+                     f"{round(100 * (c['ratio_p50'] - 1), 1) + 0.0:+.1f} % | "
                      f"{c['p_slower']:.2g} | {c['n_baseline']} / {c['n_candidate']} | {'**FAIL**' if c['status'] == 'fail' else 'pass'} |")
     for c in r.checks:
         if c["kind"] == "accuracy":

@@ -270,8 +270,9 @@ def test_engine_bundle_names_missing_tensorrt(run_dir, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_gate_and_profile_take_a_bundle_as_users_ship_it(bundle, tmp_path):
+def test_gate_and_profile_take_a_bundle_as_users_ship_it(bundle, tmp_path, monkeypatch):
     """The bundle is what users ship, so CI gates on it: its model is timed and its recorded top-1 is compared."""
+    monkeypatch.setenv("KDTOOLKIT_CACHE", str(tmp_path / "cache"))  # the CLI subprocesses unpack archives here
     worse = _copy(bundle, tmp_path)
     man = json.loads((worse / "manifest.json").read_text())
     acc = man["metrics"]["accuracy"]["value"]
@@ -294,6 +295,7 @@ def test_gate_and_profile_take_a_bundle_as_users_ship_it(bundle, tmp_path):
     tarred = run_cli("gate", str(tmp_path / "worse.tar.gz"), "--baseline", str(bundle), *fast)
     assert tarred.returncode == 1 and "(-5.00 points, limit -0.5)" in tarred.stderr, tarred.stdout[-800:] + tarred.stderr[-800:]
     assert "(+0.00 points" in same.stdout  # no negative zero
+    assert len(list((tmp_path / "cache" / "extracted").iterdir())) == 1  # unpacked once, read by both gate and profile
     prof = run_cli("profile", str(bundle), "--iters", "5", "--batch", "1", "--json", str(tmp_path / "p.json"))
     assert prof.returncode == 0, prof.stderr[-800:]
     assert json.loads((tmp_path / "p.json").read_text())["results"]
@@ -340,3 +342,39 @@ def test_a_bundle_serves_its_engine_only_where_tensorrt_runs_and_check_takes_it(
     r = run_cli("check", str(bundle), "--profile", "ort-cpu")
     assert r.returncode == 0, r.stdout[-800:] + r.stderr[-800:]
     assert "model.onnx" in r.stdout
+
+
+def test_a_damaged_or_foreign_archive_is_one_line_and_leaves_no_cache_behind(bundle, tmp_path, monkeypatch):
+    import tarfile
+
+    from kdtoolkit.bundle.common import unpacked_bundle
+    from kdtoolkit.errors import InputError
+
+    monkeypatch.setenv("KDTOOLKIT_CACHE", str(tmp_path / "cache"))
+    good = tmp_path / "good.tar.gz"
+    with tarfile.open(good, "w:gz") as tf:
+        tf.add(bundle, arcname="b")
+    assert (unpacked_bundle(good) / "manifest.json").is_file()
+    # a stream cut short or damaged: tarfile alone may unpack it without an error; we read gzip to its CRC
+    data = good.read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="cut.tar.gz: cannot"):
+        unpacked_bundle(tmp_path / "cut.tar.gz")
+    # an archive of something else (a dataset): named for what it is, nothing unpacked
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    (tmp_path / "imgs" / "a" / "x.png").write_bytes(b"x")
+    with tarfile.open(tmp_path / "data.tar.gz", "w:gz") as tf:
+        tf.add(tmp_path / "imgs", arcname="imgs")
+    with pytest.raises(InputError, match="data.tar.gz: not a kdtoolkit bundle archive"):
+        unpacked_bundle(tmp_path / "data.tar.gz")
+    # a member changed inside an otherwise good archive: its manifest hash says so
+    b = _copy(bundle, tmp_path)
+    (b / "labels.txt").write_text("tampered\n")
+    with tarfile.open(tmp_path / "tampered.tar.gz", "w:gz") as tf:
+        tf.add(b, arcname="b")
+    with pytest.raises(InputError, match="damaged bundle: labels.txt does not match its manifest hash"):
+        unpacked_bundle(tmp_path / "tampered.tar.gz")
+    left = sorted(p.name for p in (tmp_path / "cache" / "extracted").iterdir())
+    assert not any(n.startswith(".extract-") for n in left) and len(left) == 2  # good + tampered (kept, refused each time)
+    r = run_cli("gate", str(tmp_path / "cut.tar.gz"), "--baseline", str(bundle))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "cannot" in r.stderr, r.stderr[-600:]

@@ -43,29 +43,48 @@ BUNDLE_ARCHIVES = (".tar.gz", ".tgz", ".tar")
 
 
 def unpacked_bundle(path: str | os.PathLike[str]) -> Path | None:
-    """A bundle archive (``bundle --tar``) unpacked once into the kdtoolkit cache, keyed by its sha256, so gate and
-    profile can time it as users ship it; None for anything that is not a bundle archive."""
-    import shutil
-    import tempfile
-
+    """A bundle archive (``bundle --tar``) unpacked once into the kdtoolkit cache (the same cached, atomic unpacking
+    as a dataset archive), its files checked once against the manifest's hashes, so gate and profile time it as
+    users ship it. None for anything that is not an archive; an archive that is not a bundle, or is damaged, is
+    one InputError."""
     from kdtoolkit import fsutil
-    from kdtoolkit.data.datasets import cache_dir
+    from kdtoolkit.data.datasets import extract_archive
+    from kdtoolkit.errors import InputError
 
     p = Path(path)
-    if not (p.is_file() and p.name.endswith(BUNDLE_ARCHIVES)):
+    if not (p.is_file() and p.name.lower().endswith(BUNDLE_ARCHIVES)):
         return None
-    dest = cache_dir() / "bundles" / fsutil.sha256_file(p)[:16]
-    if not dest.is_dir():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest.parent))
-        fsutil.extract_tar(p, tmp, "bundle")
-        try:
-            os.replace(tmp, dest)  # whole or not at all; a concurrent unpack of the same archive wins the same way
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    subs = [d for d in dest.iterdir() if d.is_dir()]
+    if not _archive_has_manifest(p):
+        raise InputError(f"{p}: not a kdtoolkit bundle archive (no {MANIFEST} at its top or in its one top folder)")
+    dest = extract_archive(p)
+    subs = [d for d in dest.iterdir() if d.is_dir() and not d.name.startswith((".", "__MACOSX"))]
     root = subs[0] if len(subs) == 1 and not (dest / MANIFEST).exists() else dest
-    return root if bundle_manifest(root) is not None else None
+    manifest = bundle_manifest(root)
+    if manifest is None:
+        raise InputError(f"{p}: not a kdtoolkit bundle archive (its {MANIFEST} has no {BUNDLE_SCHEMA}/N schema)")
+    checked = dest / ".hashes-checked"
+    if not checked.exists():
+        for rel, entry in (manifest.get("files") or {}).items():
+            want = entry.get("sha256") if isinstance(entry, dict) else None
+            f = root / rel
+            if want and (not f.is_file() or fsutil.sha256_file(f) != want):
+                raise InputError(f"{p}: damaged bundle: {rel} does not match its manifest hash (kdtoolkit verify {p} says more)")
+        checked.write_text("ok\n")
+    return root
+
+
+def _archive_has_manifest(p: Path) -> bool:
+    """Whether the archive holds manifest.json at its top or one folder down, read from its member list."""
+    import tarfile
+
+    from kdtoolkit.errors import InputError
+
+    try:
+        with tarfile.open(p) as tf:
+            names = tf.getnames()
+    except Exception as exc:  # tarfile, gzip and zlib raise several types for a damaged archive
+        raise InputError(f"{p}: cannot read archive ({type(exc).__name__}: {exc})") from None
+    return any(n.lstrip("./").count("/") <= 1 and n.rsplit("/", 1)[-1] == MANIFEST for n in names)
 
 
 def bundle_model_file(root: str | os.PathLike[str], manifest: dict[str, Any], *, engines: bool) -> Path:

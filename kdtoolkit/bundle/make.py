@@ -63,7 +63,8 @@ def _report_files(run_dir: Path) -> list[Path]:
     return out
 
 def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, tar: bool = False, splits: Any = None,
-                data: str | None = None, samples: int = 16, name: str | None = None, test_subset: int = 0) -> Path:
+                data: str | None = None, samples: int = 16, name: str | None = None, test_subset: int = 0,
+                on_bad_image: str | None = None) -> Path:
     """Write the bundle for a finished compress run; atomically (a temp folder or file renamed into place).
 
     ``test_subset`` > 0 also packs that many seeded test images (raw uint8 + labels, ``testset/test.npz``) with
@@ -103,7 +104,7 @@ def make_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
         splits = load_data(data or d.source, input_size=given.input_size, channels=given.channels,
                            mean=given.mean, std=given.std, class_names=given.classes,
                            val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed,
-                           on_bad_image=d.on_bad_image, train_limit=d.train_limit, test_limit=d.test_limit)
+                           on_bad_image=on_bad_image or d.on_bad_image, train_limit=d.train_limit, test_limit=d.test_limit)
         if given.classes:
             splits.spec.classes = list(given.classes)
     spec = splits.spec

@@ -20,11 +20,12 @@ def bundle_cmd(
     name: Annotated[Optional[str], typer.Option("--name", help="model name (Triton entry); default ARCH-PROFILE")] = None,
     test_subset: Annotated[int, typer.Option("--test-subset", min=0, help="also pack N seeded test images with their ONNX Runtime top-1, "
                                                                          "for device_report.py on a device without the data (1000 or more)")] = 0,
+    on_bad_image: Annotated[Optional[str], typer.Option("--on-bad-image", help="fail or skip on unreadable images (default: the run's)")] = None,
 ) -> None:
     """Bundle the run's deployable model with its manifest, reference batch, Triton entry, report and deploy scripts."""
     from kdtoolkit.bundle import make_bundle
 
-    path = make_bundle(run_dir, out, tar=tar, data=data, samples=samples, name=name, test_subset=test_subset)
+    path = make_bundle(run_dir, out, tar=tar, data=data, samples=samples, name=name, test_subset=test_subset, on_bad_image=on_bad_image)
     typer.echo(f"bundle written: {path}")
     typer.echo(f"check it with: kdtoolkit verify {path}")
 

@@ -89,8 +89,10 @@ def config_option(model: type, name: str, *flags: str, note: str | None = None, 
 def validation_line(exc: Any) -> str:
     """A pydantic ValidationError as the one line users see: the field, the value a flag or file gave it, why."""
     e = exc.errors()[0]
-    where = ".".join(map(str, e["loc"]))
-    return f"{where}={e.get('input')!r}: {e['msg'].removeprefix('Value error, ')}" if where else e["msg"]
+    where, msg = ".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, ")
+    if not where:
+        return msg
+    return f"{where}: required" if e["type"] == "missing" else f"{where}={e.get('input')!r}: {msg}"
 
 
 def _bad_image_option() -> Any:

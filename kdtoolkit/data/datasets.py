@@ -97,8 +97,12 @@ def extract_archive(path: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
     from kdtoolkit.fsutil import extract_tar, replace_dir
 
-    extract_tar(path, tmp)
-    (tmp / ".complete").write_text("ok\n")
+    try:
+        extract_tar(path, tmp)
+        (tmp / ".complete").write_text("ok\n")
+    except BaseException:  # Ctrl-C included: no half-unpacked folder is left in the cache
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.replace(tmp, dest)  # atomic, and refused while another run's folder is in place
         return dest
@@ -154,8 +158,12 @@ def _decode_folder(root: Path, classes: list[str], items: list[tuple[str, int]],
     # every file's size and mtime are in the key: an image replaced under the same name must not come back from the cache
     h = hashlib.sha256(repr((str(root.resolve()), len(items), size, channels, on_bad_image)).encode())
     for path, label in items:
-        st = os.stat(path)
-        h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(path)
+            stamp = f"{st.st_size}\0{st.st_mtime_ns}"
+        except OSError:  # gone since the listing: decoding it fails (or skips) with its name, like any bad file
+            stamp = "missing"
+        h.update(f"{path}\0{label}\0{stamp}\n".encode())
     key = h.hexdigest()[:16]
     cache = cache_dir() / "decoded" / f"{root.name}-{key}.npz"
     if cache.exists():
