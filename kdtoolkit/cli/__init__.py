@@ -53,9 +53,12 @@ _register()
 RESUMABLE = ("compress", "distill", "finetune", "demo")  # the commands that keep stages or training checkpoints
 
 
+def _command() -> str:
+    return next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+
+
 def _interrupted() -> None:
-    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
-    more = ": what finished is kept (stages, training checkpoints); rerun the same command to resume" if command in RESUMABLE else ""
+    more = ": what finished is kept (stages, training checkpoints); rerun the same command to resume" if _command() in RESUMABLE else ""
     typer.echo(f"interrupted{more}", err=True)
     sys.exit(130)
 
@@ -92,4 +95,4 @@ def main() -> None:
             sys.exit(2)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         typer.echo(f"error: unexpected {type(exc).__name__}: {first[:400]} (rerun with --debug for the traceback)", err=True)
-        sys.exit(1)
+        sys.exit(2 if _command() == "gate" else 1)  # gate's 1 means "regression": a failure to measure is not one
