@@ -84,10 +84,15 @@ def test_to_meta_does_not_pass_measured_statistics_on_as_the_models_own():
     assert full["mean"] == [0.4] * 3 and full["input_source"]["mean"] == "data"
 
 
+def test_one_size_is_a_square_input():
+    f = parse_input_flags(input_shape="64")
+    assert f.input_size == (64, 64) and f.channels is None
+
+
 @pytest.mark.parametrize("kwargs,needle", [
     ({"input_shape": "3,32,32", "mean": "0.5,0.5"}, "--mean has 2 value(s) but the input has 3 channel(s)"),
     ({"input_shape": "3,32"}, None),  # H,W is the --input-size alias: fine
-    ({"input_shape": "1,2,3,4"}, "--input-shape must be C,H,W"),
+    ({"input_shape": "1,2,3,4"}, "--input-shape must be C,H,W, H,W or one size S for S,S"),
     ({"input_shape": "3,0,32"}, "--input-shape values must be positive"),
     ({"input_shape": "3,a,32"}, "--input-shape must be comma-separated integers"),
     ({"input_shape": "3,32,32", "channels": 1}, "--channels 1 contradicts --input-shape"),

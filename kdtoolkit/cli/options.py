@@ -151,7 +151,7 @@ KeepBlocks = Annotated[Optional[str], typer.Option(
 # the spelling compress used first. Resolution order: these flags, the model's metadata, the zoo
 # entry, the data (kdtoolkit.data.inputspec.resolve_input).
 InputShape = Annotated[Optional[str], typer.Option("--input-shape", "--input-size",
-                                                   help="model input C,H,W (or H,W with --channels); default: the model's metadata, its zoo entry, else the data")]
+                                                   help="model input C,H,W (or H,W, or one size S for S,S, with --channels); default: the model's metadata, its zoo entry, else the data")]
 Channels = Annotated[Optional[int], typer.Option("--channels", help="model input channels (part of --input-shape)")]
 Mean = Annotated[Optional[str], typer.Option("--mean", help="normalisation mean per channel, e.g. 0.485,0.456,0.406 (default: the model's metadata, else measured from the data)")]
 Std = Annotated[Optional[str], typer.Option("--std", help="normalisation std per channel, e.g. 0.229,0.224,0.225")]
@@ -162,7 +162,7 @@ def parse_input_flags(input_shape: str | None = None, channels: int | None = Non
                       std: str | None = None, class_names: str | None = None):
     """Parse the input flags into ``InputFlags``, failing in one line that names the flag at fault.
 
-    ``input_shape`` is C,H,W (or H,W when it came as --input-size/with --channels); ``x`` also separates.
+    ``input_shape`` is C,H,W (or H,W, or S for a square S,S: --input-size 224); ``x`` also separates.
     """
     from kdtoolkit.data.inputspec import InputFlags
     from kdtoolkit.errors import InputError
@@ -177,8 +177,10 @@ def parse_input_flags(input_shape: str | None = None, channels: int | None = Non
             ch, size = dims[0], (dims[1], dims[2])
         elif len(dims) == 2:
             size = (dims[0], dims[1])
+        elif len(dims) == 1:  # one size is a square input, as timm's --img-size 224 and torchvision's resize mean it
+            size = (dims[0], dims[0])
         else:
-            raise InputError(f"--input-shape must be C,H,W (or H,W), got {input_shape!r}")
+            raise InputError(f"--input-shape must be C,H,W, H,W or one size S for S,S, got {input_shape!r}")
         if min(dims) < 1:
             raise InputError(f"--input-shape values must be positive, got {input_shape!r}")
     if ch is not None and ch < 1:
