@@ -57,7 +57,8 @@ def load_runner(
         if bundle is not None:  # a shipped bundle: the model it serves (its ONNX where TensorRT cannot run)
             import importlib.util
 
-            engines = importlib.util.find_spec("tensorrt") is not None
+            spec = importlib.util.find_spec("tensorrt")
+            engines = spec is not None and spec.origin is not None  # tensorrt-stubs alone is a namespace with no origin
             return load_runner(bundle_model_file(path, bundle, engines=engines), name=label, threads=threads, providers=providers)
 
         art = Artifact.load(path)
