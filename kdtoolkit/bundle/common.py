@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -47,13 +48,22 @@ def unpacked_bundle(path: str | os.PathLike[str]) -> Path | None:
     as a dataset archive), its files checked once against the manifest's hashes, so gate and profile time it as
     users ship it. None for anything that is not an archive; an archive that is not a bundle, or is damaged, is
     one InputError."""
+    p = Path(path)
+    if not (p.is_file() and p.name.lower().endswith(BUNDLE_ARCHIVES)):
+        return None
+    st = p.stat()
+    return _unpacked(str(p.resolve()), st.st_size, st.st_mtime_ns, str(p))
+
+
+@functools.lru_cache(maxsize=8)
+def _unpacked(resolved: str, size: int, mtime_ns: int, shown: str) -> Path:
+    """unpacked_bundle's work, once per archive version per process: gate resolves a side, times it and reads its
+    accuracy, each through unpacked_bundle, and the member listing alone reads the whole compressed stream."""
     from kdtoolkit import fsutil
     from kdtoolkit.data.datasets import extract_archive
     from kdtoolkit.errors import InputError
 
-    p = Path(path)
-    if not (p.is_file() and p.name.lower().endswith(BUNDLE_ARCHIVES)):
-        return None
+    p = Path(shown)
     if not _archive_has_manifest(p):
         raise InputError(f"{p}: not a kdtoolkit bundle archive (no {MANIFEST} at its top or in its one top folder)")
     dest = extract_archive(p)
